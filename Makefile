@@ -1,0 +1,25 @@
+# The two commands a newcomer runs: `make demo` (the main job end to end) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv test test-fast demo
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+venv: $(BIN)/activate
+	$(BIN)/pip install --quiet -e ".[test]"
+
+test: venv
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+demo: venv
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+		(echo "Install Debian's dataset-fashion-mnist (needs root) or pass --data-dir" && exit 1)
+	$(BIN)/optimum-isoprune demo

@@ -1,0 +1,140 @@
+"""`IsomorphicPruningConfig`: what to prune, how much, and how to rank it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CONFIG_NAME = "pruning_config.json"
+
+IMPORTANCE_CHOICES = ("taylor", "magnitude", "random")
+GROUPING_CHOICES = ("isomorphic", "global", "uniform")
+BUDGET_POLICY_CHOICES = ("shared", "allocate")
+
+
+@dataclass
+class IsomorphicPruningConfig:
+    """Configuration of one pruning run; exactly one of `target_macs`, `target_params`, `pruning_ratio`."""
+
+    target_macs: float | None = field(
+        default=None, metadata={"help": "MACs of the pruned model for one image (e.g. 1.2e9)."}
+    )
+    target_params: float | None = field(
+        default=None, metadata={"help": "Parameter count of the pruned model (e.g. 5e6)."}
+    )
+    pruning_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of channels removed in every isomorphic class, in [0, 1)."},
+    )
+    prune_heads: bool = field(
+        default=True, metadata={"help": "Remove whole attention heads (ranked against all heads)."}
+    )
+    prune_head_dims: bool = field(
+        default=True, metadata={"help": "Remove dimensions inside heads (same count in every head of a layer)."}
+    )
+    head_pruning_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of heads removed; defaults to the solved channel ratio."}
+    )
+    head_dim_pruning_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of head dims removed; defaults to the solved channel ratio."}
+    )
+    importance: str = field(
+        default="taylor", metadata={"help": f"Importance criterion, one of {IMPORTANCE_CHOICES}."}
+    )
+    grouping: str = field(
+        default="isomorphic",
+        metadata={
+            "help": "Ranking scope: 'isomorphic' (the paper), 'global' (all groups ranked together) "
+            "or 'uniform' (every layer pruned by the same ratio)."
+        },
+    )
+    budget_policy: str = field(
+        default="shared",
+        metadata={
+            "help": "How a MACs/params target is split across classes: 'shared' (one ratio for every "
+            "class, the paper's behaviour) or 'allocate' (per-class amounts by normalised importance per MAC)."
+        },
+    )
+    round_to: int = field(
+        default=8, metadata={"help": "Kept widths are multiples of this (hardware-friendly); 1 disables."}
+    )
+    min_heads: int = field(default=1, metadata={"help": "Heads kept at least in every attention layer."})
+    num_calibration_batches: int = field(
+        default=8, metadata={"help": "Calibration batches used to estimate Taylor importance."}
+    )
+    calibration_batch_size: int = field(
+        default=16, metadata={"help": "Batch size when the calibration data is a dataset or tensor."}
+    )
+    ignored_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Names (or name suffixes) of modules whose output channels must stay whole."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for data order and random importance."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Input resolution; taken from the model config when omitted."}
+    )
+
+    def __post_init__(self) -> None:
+        targets = {k: getattr(self, k) for k in ("target_macs", "target_params", "pruning_ratio")}
+        given = [k for k, v in targets.items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"Set exactly one of target_macs, target_params, pruning_ratio (got {given or 'none'}); "
+                "e.g. IsomorphicPruningConfig(target_macs=1.2e9)."
+            )
+        for name in ("target_macs", "target_params"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        for name in ("pruning_ratio", "head_pruning_ratio", "head_dim_pruning_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+        _check_choice("importance", self.importance, IMPORTANCE_CHOICES)
+        _check_choice("grouping", self.grouping, GROUPING_CHOICES)
+        _check_choice("budget_policy", self.budget_policy, BUDGET_POLICY_CHOICES)
+        for name in ("round_to", "min_heads", "num_calibration_batches", "calibration_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size!r}.")
+        self.ignored_modules = list(self.ignored_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IsomorphicPruningConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown IsomorphicPruningConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write `pruning_config.json` into `save_directory` and return its path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "IsomorphicPruningConfig":
+        """Read a config from a directory holding `pruning_config.json`, or from the JSON file itself."""
+        file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else str(path)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"No {CONFIG_NAME} found at {path!s}.")
+        with open(file, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")

@@ -1,0 +1,120 @@
+"""`PruningReport`: what a pruning run did, measured (MACs, params, widths, time)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPORT_NAME = "pruning_report.json"
+
+
+@dataclass
+class LayerWidth:
+    """Width of one prunable structure before and after pruning.
+
+    `kind` is one of "heads", "head_dim", "mlp", "channels", "residual"; `name` is the module
+    that holds it (e.g. "vit.encoder.layer.3.attention").
+    """
+
+    name: str
+    kind: str
+    before: int
+    after: int
+
+
+@dataclass
+class ClassAmount:
+    """How much one isomorphic class lost: channels (or heads) before and after, over all its groups."""
+
+    name: str
+    num_groups: int
+    before: int
+    after: int
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 - self.after / self.before if self.before else 0.0
+
+
+@dataclass
+class PruningReport:
+    """Before/after numbers of one pruning run; saved as `pruning_report.json` beside the checkpoint."""
+
+    base_model: str | None
+    architecture: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    image_size: int
+    target_macs: float | None = None
+    target_params: float | None = None
+    pruning_ratio: float = 0.0
+    head_pruning_ratio: float = 0.0
+    head_dim_pruning_ratio: float = 0.0
+    classes: list[ClassAmount] = field(default_factory=list)
+    layers: list[LayerWidth] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before
+
+    @property
+    def target_error(self) -> float | None:
+        """Relative distance of the achieved MACs/params from the target (None for a plain ratio)."""
+        if self.target_macs is not None:
+            return abs(self.macs_after - self.target_macs) / self.target_macs
+        if self.target_params is not None:
+            return abs(self.params_after - self.target_params) / self.target_params
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruningReport":
+        data = dict(data)
+        data["classes"] = [ClassAmount(**c) for c in data.get("classes", [])]
+        data["layers"] = [LayerWidth(**w) for w in data.get("layers", [])]
+        return cls(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, REPORT_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "PruningReport":
+        file = os.path.join(path, REPORT_NAME) if os.path.isdir(path) else str(path)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"No {REPORT_NAME} found at {path!s}.")
+        with open(file, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def summary(self) -> str:
+        """A short human-readable table of the run."""
+        rows = [
+            ("MACs", f"{self.macs_before / 1e9:.3f} G", f"{self.macs_after / 1e9:.3f} G", f"{self.macs_ratio:.3f}"),
+            ("Params", f"{self.params_before / 1e6:.3f} M", f"{self.params_after / 1e6:.3f} M", f"{self.params_ratio:.3f}"),
+        ]
+        lines = [f"{'':8}{'before':>14}{'after':>14}{'ratio':>8}"]
+        lines += [f"{n:8}{b:>14}{a:>14}{r:>8}" for n, b, a, r in rows]
+        for c in self.classes:
+            lines.append(f"  class {c.name}: {c.before} -> {c.after} ({c.ratio:.1%} removed, {c.num_groups} groups)")
+        if self.target_error is not None:
+            lines.append(f"  target error: {self.target_error:.2%}")
+        if self.timings:
+            lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)

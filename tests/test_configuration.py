@@ -1,0 +1,34 @@
+import pytest
+
+from optimum_isoprune import IsomorphicPruningConfig
+
+
+def test_round_trip_through_json(tmp_path):
+    config = IsomorphicPruningConfig(target_macs=1.2e9, importance="magnitude", ignored_modules=["classifier"])
+    config.save_pretrained(tmp_path)
+    assert IsomorphicPruningConfig.from_pretrained(tmp_path) == config
+    assert IsomorphicPruningConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one"),
+        ({"target_macs": 1e9, "pruning_ratio": 0.5}, "exactly one"),
+        ({"pruning_ratio": -0.1}, "pruning_ratio"),
+        ({"pruning_ratio": 1.0}, "pruning_ratio"),
+        ({"target_macs": -5}, "target_macs"),
+        ({"pruning_ratio": 0.5, "importance": "hessian"}, "importance"),
+        ({"pruning_ratio": 0.5, "grouping": "local"}, "grouping"),
+        ({"pruning_ratio": 0.5, "round_to": 0}, "round_to"),
+        ({"pruning_ratio": 0.5, "head_pruning_ratio": 1.5}, "head_pruning_ratio"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_field_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IsomorphicPruningConfig(**kwargs)
+
+
+def test_unknown_fields_are_named(tmp_path):
+    with pytest.raises(ValueError, match="ratio_typo"):
+        IsomorphicPruningConfig.from_dict({"pruning_ratio": 0.5, "ratio_typo": 1})
