@@ -1,0 +1,245 @@
+"""Image-classification data: Fashion-MNIST from Debian's IDX files, Hub / imagefolder datasets, lazy transforms."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INDEX_COLUMN = "idx"
+_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+_IDX_MAGIC = {3: 2051, 1: 2049}  # IDX magic numbers of uint8 tensors with 3 dims (images) and 1 dim (labels)
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read one gzip-compressed uint8 IDX file (the MNIST format) into a numpy array."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    magic = int.from_bytes(data[0:4], "big")
+    if magic != _IDX_MAGIC[ndim]:
+        raise ValueError(f"{path} is not a uint8 IDX file with {ndim} dimension(s) (magic number {magic}).")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None) -> Dataset:
+    """Load Fashion-MNIST from local gzip IDX files (no network) as a `Dataset` with `image` and `label` features.
+
+    `data_dir` defaults to Debian's `/usr/share/datasets/fashion-mnist`; `limit` keeps the first examples only.
+    """
+    if split not in _SPLIT_PREFIX:
+        raise ValueError(f"split={split!r} is not a Fashion-MNIST split; use 'train' (60,000 images) or 'test' (10,000).")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit={limit} must be a positive number of examples, or None for the whole split.")
+    directory = Path(data_dir if data_dir is not None else FASHION_MNIST_DIR)
+    prefix = _SPLIT_PREFIX[split]
+    images_path = directory / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = directory / f"{prefix}-labels-idx1-ubyte.gz"
+    missing = [str(p) for p in (images_path, labels_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "
+            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass data_dir= a folder holding "
+            f"{prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz."
+        )
+    images = _read_idx(images_path, 3)
+    labels = _read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels.")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
+    logger.info("Loaded %d Fashion-MNIST %s examples from %s", len(labels), split, directory)
+    return Dataset.from_dict({"image": list(images), "label": labels.astype(np.int64)}, features=features)
+
+
+def load_image_dataset(
+    name_or_dir: str | os.PathLike,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    **load_kwargs: Any,
+) -> Dataset:
+    """Load an image-classification split with `datasets.load_dataset`: a Hub id, or a local `imagefolder` directory.
+
+    The image and label columns are renamed to `image` and `label` so the rest of the pipeline sees one layout.
+    """
+    if os.path.isdir(name_or_dir) and not any(Path(name_or_dir).glob("*.py")):
+        dataset = load_dataset("imagefolder", data_dir=str(name_or_dir), split=split, **load_kwargs)
+    else:
+        dataset = load_dataset(str(name_or_dir), split=split, **load_kwargs)
+    for column, wanted in ((image_column, "image"), (label_column, "label")):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"{name_or_dir!r} split {split!r} has no column {column!r} (columns: {dataset.column_names}); "
+                f"pass {'image' if wanted == 'image' else 'label'}_column= the right name."
+            )
+        if column != wanted:
+            dataset = dataset.rename_column(column, wanted)
+    return dataset
+
+
+def add_index_column(dataset: Dataset, name: str = INDEX_COLUMN) -> Dataset:
+    """Add a column holding each example's position, the key of `DistillationTrainer`'s teacher-logit cache.
+
+    Call it before `prepare_dataset` (a transform set on a dataset is kept by `add_column`).
+    """
+    if name in dataset.column_names:
+        raise ValueError(f"The dataset already has a column named {name!r}; pass another name=.")
+    return dataset.add_column(name, list(range(len(dataset))))
+
+
+class ImageClassificationTransform:
+    """Turn a batch of `image` / `label` rows into `pixel_values` (C, H, W) float tensors and integer `labels`.
+
+    Images are converted to `num_channels` (grey images are repeated to 3 channels when needed), resized to
+    `image_size` when they differ, scaled to [0, 1], normalised, and flipped left-right at random when
+    `random_flip` is set (training). An index column, if present, passes through for the teacher-logit cache.
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 28,
+        num_channels: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        random_flip: bool = False,
+        image_column: str = "image",
+        label_column: str = "label",
+        index_column: str = INDEX_COLUMN,
+    ) -> None:
+        if num_channels not in (1, 3):
+            raise ValueError(f"num_channels={num_channels}; expected 1 (grey) or 3 (RGB).")
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.num_channels = num_channels
+        default_mean, default_std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if num_channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+        mean = tuple(default_mean if mean is None else mean)
+        std = tuple(default_std if std is None else std)
+        for name, values in (("mean", mean), ("std", std)):
+            if len(values) not in (1, num_channels):
+                raise ValueError(f"{name} has {len(values)} values; expected 1 or num_channels={num_channels}.")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std={std} must be positive.")
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.random_flip = random_flip
+        self.image_column = image_column
+        self.label_column = label_column
+        self.index_column = index_column
+
+    @property
+    def is_random(self) -> bool:
+        """Whether the same example can give different pixels twice (then cached teacher logits would be wrong)."""
+        return self.random_flip
+
+    def image_to_tensor(self, image: Any) -> torch.Tensor:
+        """Convert one PIL image or array to a normalised (C, H, W) float tensor."""
+        if hasattr(image, "convert"):
+            image = image.convert("L" if self.num_channels == 1 else "RGB")
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array)
+        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        if tensor.shape[0] == 1 and self.num_channels == 3:
+            tensor = tensor.expand(3, -1, -1)
+        elif tensor.shape[0] != self.num_channels:
+            tensor = tensor.mean(0, keepdim=True) if self.num_channels == 1 else tensor[:3]
+        if tuple(tensor.shape[1:]) != self.image_size:
+            tensor = F.interpolate(tensor.unsqueeze(0), size=self.image_size, mode="bilinear", antialias=True, align_corners=False)[0]
+        tensor = (tensor - self.mean) / self.std
+        if self.random_flip and torch.rand(()) < 0.5:
+            tensor = tensor.flip(-1)
+        return tensor.contiguous()
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.image_column not in batch:
+            raise KeyError(f"The dataset has no {self.image_column!r} column (columns: {list(batch)}); set image_column=.")
+        out: dict[str, list] = {"pixel_values": [self.image_to_tensor(image) for image in batch[self.image_column]]}
+        if self.label_column in batch:
+            out["labels"] = [int(label) for label in batch[self.label_column]]
+        if self.index_column in batch:
+            out[self.index_column] = [int(i) for i in batch[self.index_column]]
+        return out
+
+
+def model_input_spec(model: torch.nn.Module) -> tuple[int | None, int | None]:
+    """Return (image_size, num_channels) a transformers or timm image model expects, None where unknown."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", None)
+    patch_embed = getattr(model, "patch_embed", None)
+    if size is None and patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        size = patch_embed.img_size
+    if channels is None:
+        first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        channels = first_conv.in_channels if first_conv is not None else None
+    # timm's pretrained_cfg describes the pretrained weights; the built modules above win when they say otherwise,
+    # and its input size binds only models with a fixed input size (CNNs take any).
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in pretrained_cfg:
+        if size is None and pretrained_cfg.get("fixed_input_size", False):
+            size = tuple(pretrained_cfg["input_size"][1:])
+        if channels is None:
+            channels = pretrained_cfg["input_size"][0]
+    if isinstance(size, (tuple, list)):
+        size = int(size[0]) if len(set(size)) == 1 else tuple(int(s) for s in size)
+    return size, channels
+
+
+def prepare_dataset(dataset: Dataset, train: bool = False, model: torch.nn.Module | None = None, **transform_kwargs: Any) -> Dataset:
+    """Attach an `ImageClassificationTransform` lazily (`with_transform`); `train=True` turns on random flips.
+
+    With `model`, image size and channel count default to what the model expects.
+    """
+    if model is not None:
+        size, channels = model_input_spec(model)
+        if size is not None:
+            transform_kwargs.setdefault("image_size", size)
+        if channels is not None:
+            transform_kwargs.setdefault("num_channels", channels)
+    transform_kwargs.setdefault("random_flip", train)
+    return dataset.with_transform(ImageClassificationTransform(**transform_kwargs))
+
+
+def dataset_transform(dataset: Any) -> Any:
+    """The transform set on a `datasets.Dataset` with `with_transform` / `set_transform`, or None."""
+    fmt = getattr(dataset, "format", None) or {}
+    return (fmt.get("format_kwargs") or {}).get("transform")
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack transformed examples into a batch: `pixel_values` (B, C, H, W), `labels` and index as int64 tensors."""
+    if not examples:
+        raise ValueError("collate_fn got an empty list of examples.")
+    batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
+    for key in examples[0]:
+        if key != "pixel_values":
+            batch[key] = torch.tensor([e[key] for e in examples])
+    return batch

@@ -1,0 +1,361 @@
+"""Knowledge distillation for pruned students: `DistillationTrainingArguments` and `DistillationTrainer`.
+
+The trainer extends `transformers.Trainer` through its documented hooks (`compute_loss`, `prediction_step`):
+
+    loss = (1 - alpha) * CE(student, labels) + alpha * distill(student, teacher)
+
+with `distill` the temperature-scaled KL divergence (`"soft"`, times T^2) or the cross-entropy against the teacher's
+argmax (`"hard"`, as in DeiT). Students with a distillation token (transformers `DeiTForImageClassificationWithTeacher`,
+timm `*_distilled` models) learn the labels with their class head and the teacher with their distillation head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .data import INDEX_COLUMN, collate_fn, dataset_transform, model_input_spec
+from .metrics import IGNORE_INDEX, _accepts_keyword, call_classifier, output_logits
+
+logger = logging.getLogger(__name__)
+
+DISTILLATION_TYPES = ("soft", "hard", "none")
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus how to learn from a teacher (checked in `__post_init__`)."""
+
+    distillation_type: str = field(
+        default="hard",
+        metadata={
+            "help": "'soft': KL divergence to the teacher's temperature-softened probabilities (scaled by T^2); "
+            "'hard': cross-entropy to the teacher's top class (DeiT); 'none': labels only, no teacher.",
+            "choices": list(DISTILLATION_TYPES),
+        },
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the distillation term in [0, 1]: loss = (1 - alpha) * CE(labels) + alpha * distill."},
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature (> 0) of 'soft' distillation; ignored by 'hard'."}
+    )
+    cache_teacher_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the teacher's training-set logits in memory, keyed by the `teacher_cache_column` index, so the "
+            "teacher runs once per example. Only valid without random augmentation (the same index must give the same "
+            "pixels every epoch)."
+        },
+    )
+    teacher_cache_column: str = field(
+        default=INDEX_COLUMN,
+        metadata={"help": "Dataset column holding each training example's position (see `data.add_index_column`)."},
+    )
+    # Distillation batches carry extra keys (an index column) the student's forward does not take.
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: the trainer itself picks the inputs the student and teacher need."},
+    )
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["labels"],
+        metadata={"help": "The keys of the batch holding the labels."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.distillation_type not in DISTILLATION_TYPES:
+            raise ValueError(
+                f"distillation_type={self.distillation_type!r} is not one of {DISTILLATION_TYPES}; use 'soft' (KL with "
+                "temperature), 'hard' (teacher's top class, DeiT) or 'none' (labels only)."
+            )
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha!r} must be a number in [0, 1] (the weight of the distillation term).")
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or self.temperature <= 0
+        ):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0 (1.0 leaves the logits as they are).")
+        if self.cache_teacher_logits and self.distillation_type == "none":
+            raise ValueError("cache_teacher_logits=True needs a teacher, but distillation_type='none' uses none; drop one.")
+        if self.distillation_type == "hard" and self.temperature != 1.0:
+            logger.warning("temperature=%s is ignored by distillation_type='hard'.", self.temperature)
+        if self.distillation_type == "none" and self.alpha not in (0.0, 0.5):
+            logger.warning("alpha=%s is ignored by distillation_type='none' (labels only).", self.alpha)
+        if self.label_names is not None and list(self.label_names) != ["labels"]:
+            raise ValueError(f"label_names={self.label_names!r}: DistillationTrainer reads the labels from 'labels' only.")
+        super().__post_init__()
+
+
+def _num_labels(model: nn.Module) -> int | None:
+    """Number of classes of a transformers (`config.num_labels`) or timm (`num_classes`) classifier."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "num_labels", None) is not None:
+        return int(config.num_labels)
+    num_classes = getattr(model, "num_classes", None)
+    return int(num_classes) if isinstance(num_classes, int) else None
+
+
+def _check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Fail early when the teacher cannot teach this student: other classes or other input images."""
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher_model is a {type(teacher).__name__}; pass a torch.nn.Module classifier (transformers or timm).")
+    student_labels, teacher_labels = _num_labels(student), _num_labels(teacher)
+    if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
+        raise ValueError(
+            f"The teacher predicts {teacher_labels} classes but the student {student_labels}; distillation needs the same "
+            "label set (fine-tune the teacher's head on the student's labels first)."
+        )
+    (student_size, student_channels), (teacher_size, teacher_channels) = model_input_spec(student), model_input_spec(teacher)
+    if student_size is not None and teacher_size is not None and student_size != teacher_size:
+        raise ValueError(
+            f"The student expects {student_size}-pixel images but the teacher {teacher_size}: both see the same batch. "
+            "Use a teacher built for the student's image size."
+        )
+    if student_channels is not None and teacher_channels is not None and student_channels != teacher_channels:
+        raise ValueError(f"The student expects {student_channels}-channel images but the teacher {teacher_channels}.")
+
+
+def split_heads(outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(class-head logits, distillation-head logits or None) of a student's output."""
+    cls_logits = getattr(outputs, "cls_logits", None)
+    dist_logits = getattr(outputs, "distillation_logits", None)
+    if cls_logits is not None and dist_logits is not None:
+        return cls_logits, dist_logits
+    if isinstance(outputs, (tuple, list)) and len(outputs) == 2 and all(isinstance(o, torch.Tensor) for o in outputs):
+        return outputs[0], outputs[1]  # timm distilled model in training mode with distilled_training=True
+    return output_logits(outputs), None
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """Per-example distillation term: T^2-scaled KL (`soft`) or cross-entropy to the teacher's argmax (`hard`)."""
+    if kind == "soft":
+        t = temperature
+        log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+        log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+        return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1) * (t * t)
+    if kind == "hard":
+        return F.cross_entropy(student_logits.float(), teacher_logits.argmax(-1), reduction="none")
+    raise ValueError(f"Unknown distillation kind {kind!r}; expected 'soft' or 'hard'.")
+
+
+class DistillationTrainer(Trainer):
+    """`Trainer` whose loss mixes the labels with a frozen teacher's predictions (see the module docstring).
+
+    The teacher is any transformers (`.logits`) or timm (tensor) classifier with the student's labels and input size.
+    It is frozen, kept in eval mode on the student's device, and is not part of the student's checkpoints.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: DistillationTrainingArguments | None = None,
+        teacher_model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = DistillationTrainingArguments(output_dir="trainer_output", distillation_type="hard" if teacher_model is not None else "none")
+        if not isinstance(args, DistillationTrainingArguments):
+            raise TypeError(
+                f"args is a {type(args).__name__}; DistillationTrainer needs DistillationTrainingArguments (same fields "
+                "plus distillation_type, alpha, temperature, cache_teacher_logits)."
+            )
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("DistillationTrainer computes its own loss; do not pass compute_loss_func.")
+        if model is None:
+            raise ValueError("DistillationTrainer needs the student model (model_init is not supported).")
+        if args.distillation_type != "none" and teacher_model is None:
+            raise ValueError(
+                f"distillation_type={args.distillation_type!r} needs teacher_model=; pass one, or set distillation_type='none'."
+            )
+        if args.distillation_type == "none" and teacher_model is not None:
+            logger.warning("distillation_type='none': the teacher model is not used.")
+            teacher_model = None
+        if teacher_model is not None:
+            _check_teacher(model, teacher_model)
+        kwargs.setdefault("data_collator", collate_fn)
+        super().__init__(model=model, args=args, **kwargs)
+
+        # compute_loss normalises by `num_items_in_batch` when the Trainer passes it (it then counts the labels of the
+        # whole accumulated batch), so the Trainer must compute it and must not divide the loss again; without it
+        # (no labels) compute_loss returns a per-batch mean, which the Trainer divides by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = None
+
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            teacher_model.requires_grad_(False)
+            teacher_model.eval()
+            teacher_model.to(self._student_device())
+        if args.distillation_type != "none" and hasattr(self.model, "set_distilled_training"):
+            self.model.set_distilled_training(True)  # timm: train mode returns (cls, dist) logits
+            logger.info("timm distilled student: the distillation head learns from the teacher.")
+        self._teacher_cache: torch.Tensor | None = None
+        self._teacher_cached: torch.Tensor | None = None
+        self._check_dataset(self.train_dataset)
+
+    # ---- checks before training -------------------------------------------------------------------------------
+
+    def _student_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _check_dataset(self, dataset: Any) -> None:
+        """Fail before training when a batch lacks what the loss needs, or when caching would be wrong."""
+        if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+            return
+        args = self.args
+        if args.cache_teacher_logits:
+            transform = dataset_transform(dataset)
+            if getattr(transform, "is_random", False):
+                raise ValueError(
+                    "cache_teacher_logits=True with a randomly augmented training set: the cached logits would be those "
+                    "of another augmentation. Turn random augmentation off (prepare_dataset(..., train=False)) or the cache off."
+                )
+        batch = self.data_collator([dataset[0]])
+        if "pixel_values" not in batch:
+            raise ValueError(f"Training batches have no 'pixel_values' (keys: {sorted(batch)}); use data.prepare_dataset.")
+        needs_labels = args.distillation_type == "none" or args.alpha < 1
+        if needs_labels and "labels" not in batch:
+            raise ValueError(
+                f"Training batches have no 'labels' (keys: {sorted(batch)}) but alpha={args.alpha} < 1 weights the label "
+                "loss; add labels, or set alpha=1.0 to learn from the teacher only."
+            )
+        if args.cache_teacher_logits and args.teacher_cache_column not in batch:
+            raise ValueError(
+                f"cache_teacher_logits=True needs a {args.teacher_cache_column!r} index column in the training set (keys: "
+                f"{sorted(batch)}); add it with data.add_index_column(dataset) before prepare_dataset."
+            )
+        size, channels = model_input_spec(self.model)
+        shape = tuple(batch["pixel_values"].shape[1:])
+        expected = (channels, *((size, size) if isinstance(size, int) else size)) if size and channels else None
+        if expected is not None and shape != expected:
+            raise ValueError(f"Training images are {shape} (C, H, W) but the student expects {expected}; resize them "
+                             "with prepare_dataset(..., image_size=, num_channels=).")
+
+    # ---- teacher -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _teacher_logits(self, pixel_values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """Teacher logits (float32), from the cache when every example of the batch is in it."""
+        use_cache = self.args.cache_teacher_logits and index is not None
+        if use_cache:
+            self._ensure_cache(index)
+            index_cpu = index.cpu()
+            if bool(self._teacher_cached[index_cpu].all()):
+                return self._teacher_cache[index_cpu].to(pixel_values.device)
+        teacher = self.teacher_model
+        if teacher.training:
+            teacher.eval()
+        if next(teacher.parameters()).device != pixel_values.device:
+            teacher.to(pixel_values.device)
+        logits = output_logits(call_classifier(teacher, pixel_values)).float()
+        if use_cache:
+            self._teacher_cache[index_cpu] = logits.cpu()
+            self._teacher_cached[index_cpu] = True
+        return logits
+
+    def _ensure_cache(self, index: torch.Tensor) -> None:
+        size = len(self.train_dataset)
+        if self._teacher_cache is None:
+            num_labels = _num_labels(self.teacher_model) or _num_labels(self.model)
+            if num_labels is None:
+                raise ValueError("cache_teacher_logits=True needs the number of classes (config.num_labels or num_classes).")
+            self._teacher_cache = torch.zeros(size, num_labels, dtype=torch.float32)
+            self._teacher_cached = torch.zeros(size, dtype=torch.bool)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise ValueError(
+                f"Index column {self.args.teacher_cache_column!r} holds {int(index.min())}..{int(index.max())}, outside "
+                f"0..{size - 1}: it must hold positions in the training set (data.add_index_column)."
+            )
+
+    # ---- Trainer hooks -------------------------------------------------------------------------------------------
+
+    def _student_outputs(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        unwrapped = self.accelerator.unwrap_model(model)
+        if _accepts_keyword(unwrapped, "pixel_values"):
+            return model(**inputs)
+        return model(inputs["pixel_values"])
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ImageClassifierOutput]:
+        """(1 - alpha) * CE(class head, labels) + alpha * distill(distillation head, teacher), per example, then reduced.
+
+        With `num_items_in_batch` (the labelled examples of the whole accumulated batch, all processes) the sum is
+        divided by it, so gradient accumulation equals one larger batch; otherwise the batch mean is returned.
+        """
+        args = self.args
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        index = inputs.pop(args.teacher_cache_column, None)
+        outputs = self._student_outputs(model, inputs)
+        cls_logits, dist_logits = split_heads(outputs)
+        eval_logits = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
+
+        if args.distillation_type == "none":
+            if labels is None:
+                raise ValueError("distillation_type='none' trains on labels, but the batch has no 'labels'.")
+            per_example = F.cross_entropy(cls_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            if dist_logits is not None:
+                dist_ce = F.cross_entropy(dist_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+                per_example = (per_example + dist_ce) / 2
+        else:
+            teacher_logits = self._teacher_logits(inputs["pixel_values"], index if model.training else None)
+            student_logits = cls_logits if dist_logits is None else dist_logits
+            per_example = args.alpha * distillation_loss(student_logits, teacher_logits, args.distillation_type, args.temperature)
+            if args.alpha < 1:
+                if labels is None:
+                    raise ValueError(f"alpha={args.alpha} < 1 weights the label loss, but the batch has no 'labels'.")
+                ce = F.cross_entropy(cls_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+                per_example = per_example + (1 - args.alpha) * ce
+
+        if labels is None:
+            loss = per_example.mean()
+        else:
+            mask = labels.ne(IGNORE_INDEX)
+            total = per_example.masked_fill(~mask, 0.0).sum()
+            if num_items_in_batch is not None:
+                loss = total / num_items_in_batch
+                if args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    # num_items_in_batch counts every process's labels while DDP averages the gradients.
+                    loss = loss * self.accelerator.num_processes
+            else:
+                loss = total / mask.sum().clamp(min=1)
+        if return_outputs:
+            return loss, ImageClassifierOutput(loss=loss, logits=eval_logits)
+        return loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Evaluation: the training loss when labels are present, and the student's (head-averaged) logits."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if labels is not None:
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+                loss, logits = loss.detach(), outputs.logits.detach()
+            else:
+                student_inputs = {k: v for k, v in inputs.items() if k != self.args.teacher_cache_column}
+                loss, logits = None, output_logits(self._student_outputs(model, student_inputs)).detach()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits, labels
