@@ -11,7 +11,7 @@ CONFIG_NAME = "pruning_config.json"
 
 IMPORTANCE_CHOICES = ("taylor", "magnitude", "random")
 GROUPING_CHOICES = ("isomorphic", "global", "uniform")
-BUDGET_POLICY_CHOICES = ("shared", "allocate")
+BUDGET_POLICY_CHOICES = ("shared",)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class IsomorphicPruningConfig:
         default="shared",
         metadata={
             "help": "How a MACs/params target is split across classes: 'shared' (one ratio for every "
-            "class, the paper's behaviour) or 'allocate' (per-class amounts by normalised importance per MAC)."
+            "class, the paper's behaviour)."
         },
     )
     round_to: int = field(

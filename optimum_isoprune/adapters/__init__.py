@@ -1,0 +1,28 @@
+"""Architecture adapters: the only place that knows model families."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .base import Attention, AttentionLayout, ModelAdapter
+from .timm_models import TimmAdapter
+from .transformers_models import TimmWrapperAdapter, TransformersAdapter
+
+ADAPTERS: list[type[ModelAdapter]] = [TransformersAdapter, TimmWrapperAdapter, TimmAdapter]
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Return the adapter for `model`, or raise `UnsupportedModelError` naming what is supported."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
+    for adapter_cls in ADAPTERS:
+        if adapter_cls.supports(model):
+            return adapter_cls(model)
+    supported = "; ".join(a.describe_supported() for a in ADAPTERS)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not supported by the isomorphic pruner. Supported: {supported}."
+    )
+
+
+__all__ = ["ADAPTERS", "Attention", "AttentionLayout", "ModelAdapter", "get_adapter"]

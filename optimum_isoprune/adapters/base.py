@@ -1,0 +1,130 @@
+"""What the algorithm needs to know about an architecture, and nothing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionLayout:
+    """How one library lays out multi-head attention: projection names and the metadata attributes."""
+
+    projections: tuple[str, ...]  # ("q_proj", "k_proj", "v_proj") or a fused ("qkv",)
+    output: str  # the output projection, whose input channels are the heads' concatenation
+    num_heads_attr: str
+    head_dim_attr: str
+    inner_dim_attr: str | None = None  # attribute caching num_heads * head_dim, when the library keeps one
+
+
+@dataclass
+class Attention:
+    """One multi-head attention module found in a model."""
+
+    name: str
+    module: nn.Module
+    layout: AttentionLayout
+    num_heads: int
+    head_dim: int
+
+    @property
+    def projections(self) -> list[nn.Linear]:
+        return [getattr(self.module, p) for p in self.layout.projections]
+
+    @property
+    def output(self) -> nn.Linear:
+        return getattr(self.module, self.layout.output)
+
+    @property
+    def fused(self) -> int:
+        """How many of q, k, v one projection module holds (3 for a fused qkv, 1 otherwise)."""
+        return 3 if len(self.layout.projections) == 1 else 1
+
+    def set_shape(self, num_heads: int, head_dim: int) -> None:
+        """Write new head count and head dim into the module (its scaling is kept on purpose)."""
+        setattr(self.module, self.layout.num_heads_attr, num_heads)
+        setattr(self.module, self.layout.head_dim_attr, head_dim)
+        if self.layout.inner_dim_attr:
+            setattr(self.module, self.layout.inner_dim_attr, num_heads * head_dim)
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+
+def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> list[Attention]:
+    """Find attention modules by role: a module that has all projections of a layout and its metadata."""
+    found = []
+    for name, module in model.named_modules():
+        for layout in layouts:
+            names = (*layout.projections, layout.output, layout.num_heads_attr, layout.head_dim_attr)
+            if all(hasattr(module, a) for a in names) and all(
+                isinstance(getattr(module, p), nn.Linear) for p in layout.projections
+            ):
+                found.append(
+                    Attention(
+                        name=name,
+                        module=module,
+                        layout=layout,
+                        num_heads=int(getattr(module, layout.num_heads_attr)),
+                        head_dim=int(getattr(module, layout.head_dim_attr)),
+                    )
+                )
+                break
+    return found
+
+
+class ModelAdapter:
+    """Per-architecture knowledge; subclasses fill the class attributes and override what differs.
+
+    The algorithm only talks to this interface: logits, input shape, modules to keep whole,
+    attention modules, and the switches that make the model traceable (eager attention).
+    """
+
+    attention_layouts: tuple[AttentionLayout, ...] = ()
+    classifier_names: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def describe_supported(cls) -> str:
+        raise NotImplementedError
+
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    def image_size(self) -> int:
+        raise NotImplementedError
+
+    def num_channels(self) -> int:
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values)
+
+    def classifiers(self, model: nn.Module) -> list[nn.Module]:
+        """Output heads: their output channels are the classes and must stay whole."""
+        found = []
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in self.classifier_names and any(
+                isinstance(m, (nn.Linear, nn.Conv2d)) for m in module.modules()
+            ):
+                found.extend(m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+        return found
+
+    def attentions(self, model: nn.Module) -> list[Attention]:
+        return find_attentions(model, self.attention_layouts)
+
+    def make_traceable(self, model: nn.Module) -> None:
+        """Switch the copy being pruned to code paths whose every matmul autograd can see."""
+
+    def restore(self, model: nn.Module, reference: nn.Module) -> None:
+        """Undo `make_traceable` on the pruned copy, following the user's original model."""
+
+    def base_model_name(self) -> str | None:
+        return None

@@ -1,0 +1,75 @@
+"""Adapters for timm models (vit / deit incl. distilled, convnext, resnet)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import AttentionLayout, ModelAdapter
+
+TIMM_ATTENTION = AttentionLayout(
+    projections=("qkv",),
+    output="proj",
+    num_heads_attr="num_heads",
+    head_dim_attr="head_dim",
+    inner_dim_attr="attn_dim",
+)
+
+# timm model classes (by module and name) that the pruner handles.
+SUPPORTED_TIMM_CLASSES = {
+    "timm.models.vision_transformer.VisionTransformer": "vit_*, deit_*",
+    "timm.models.deit.VisionTransformerDistilled": "deit_*_distilled_*",
+    "timm.models.convnext.ConvNeXt": "convnext_*",
+    "timm.models.resnet.ResNet": "resnet*",
+}
+
+
+def _qualname(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__name__}"
+
+
+class TimmAdapter(ModelAdapter):
+    """timm models whose class is in `SUPPORTED_TIMM_CLASSES`."""
+
+    attention_layouts = (TIMM_ATTENTION,)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return _qualname(model) in SUPPORTED_TIMM_CLASSES
+
+    @classmethod
+    def describe_supported(cls) -> str:
+        return "timm: " + ", ".join(SUPPORTED_TIMM_CLASSES.values())
+
+    def _input_size(self) -> tuple[int, int, int]:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return tuple(cfg.get("input_size", (3, 224, 224)))
+
+    def image_size(self) -> int:
+        patch_embed = getattr(self.model, "patch_embed", None)
+        if patch_embed is not None and getattr(patch_embed, "img_size", None):
+            return int(patch_embed.img_size[0])
+        return int(self._input_size()[-1])
+
+    def num_channels(self) -> int:
+        for module in self.model.modules():
+            if isinstance(module, nn.Conv2d):
+                return module.in_channels
+        return int(self._input_size()[0])
+
+    def classifiers(self, model: nn.Module) -> list[nn.Module]:
+        heads = [model.get_classifier()]
+        if hasattr(model, "head_dist"):
+            heads.append(model.head_dist)
+        return [m for head in heads for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    def make_traceable(self, model: nn.Module) -> None:
+        for attention in self.attentions(model):
+            attention.module.fused_attn = False
+
+    def restore(self, model: nn.Module, reference: nn.Module) -> None:
+        for pruned, original in zip(self.attentions(model), self.attentions(reference)):
+            pruned.module.fused_attn = original.module.fused_attn
+
+    def base_model_name(self) -> str | None:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return cfg.get("hf_hub_id") or cfg.get("architecture")

@@ -1,0 +1,105 @@
+"""Adapters for transformers image classifiers (and timm models wrapped by `TimmWrapperForImageClassification`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import AttentionLayout, ModelAdapter
+from .timm_models import TIMM_ATTENTION, TimmAdapter
+
+TRANSFORMERS_ATTENTION = AttentionLayout(
+    projections=("q_proj", "k_proj", "v_proj"),
+    output="o_proj",
+    num_heads_attr="num_attention_heads",
+    head_dim_attr="head_dim",
+)
+
+# model_type -> what the model is, for error messages and the README's support table.
+SUPPORTED_MODEL_TYPES = {
+    "vit": "ViTForImageClassification",
+    "deit": "DeiTForImageClassification, DeiTForImageClassificationWithTeacher",
+    "convnext": "ConvNextForImageClassification",
+    "convnextv2": "ConvNextV2ForImageClassification",
+    "resnet": "ResNetForImageClassification",
+    "mobilenet_v2": "MobileNetV2ForImageClassification",
+}
+
+
+def _is_pretrained_model(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+class TransformersAdapter(ModelAdapter):
+    """transformers `*ForImageClassification` models listed in `SUPPORTED_MODEL_TYPES`."""
+
+    attention_layouts = (TRANSFORMERS_ATTENTION,)
+    classifier_names = ("classifier", "cls_classifier", "distillation_classifier")
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return _is_pretrained_model(model) and model.config.model_type in SUPPORTED_MODEL_TYPES
+
+    @classmethod
+    def describe_supported(cls) -> str:
+        return "transformers: " + ", ".join(SUPPORTED_MODEL_TYPES.values())
+
+    def image_size(self) -> int:
+        size = getattr(self.model.config, "image_size", None) or 224
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    def num_channels(self) -> int:
+        return int(getattr(self.model.config, "num_channels", 3))
+
+    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=pixel_values).logits
+
+    def make_traceable(self, model: nn.Module) -> None:
+        if self.attentions(model):
+            model.set_attn_implementation("eager")
+
+    def restore(self, model: nn.Module, reference: nn.Module) -> None:
+        original = reference.config._attn_implementation
+        if self.attentions(model) and original and original != "eager":
+            model.set_attn_implementation(original)
+
+    def base_model_name(self) -> str | None:
+        return getattr(self.model.config, "_name_or_path", None) or None
+
+
+class TimmWrapperAdapter(TransformersAdapter):
+    """`TimmWrapperForImageClassification`: a transformers shell around a timm model."""
+
+    attention_layouts = (TIMM_ATTENTION,)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return (
+            _is_pretrained_model(model)
+            and model.config.model_type == "timm_wrapper"
+            and TimmAdapter.supports(model.timm_model)
+        )
+
+    @classmethod
+    def describe_supported(cls) -> str:
+        return "TimmWrapperForImageClassification around a supported timm model"
+
+    def _timm(self) -> TimmAdapter:
+        return TimmAdapter(self.model.timm_model)
+
+    def image_size(self) -> int:
+        return self._timm().image_size()
+
+    def num_channels(self) -> int:
+        return self._timm().num_channels()
+
+    def classifiers(self, model: nn.Module) -> list[nn.Module]:
+        return self._timm().classifiers(model.timm_model)
+
+    def make_traceable(self, model: nn.Module) -> None:
+        self._timm().make_traceable(model.timm_model)
+
+    def restore(self, model: nn.Module, reference: nn.Module) -> None:
+        self._timm().restore(model.timm_model, reference.timm_model)

@@ -1,0 +1,17 @@
+"""The exceptions users can catch."""
+
+
+class IsoPruneError(Exception):
+    """Base class of optimum-isoprune's errors."""
+
+
+class UnsupportedModelError(IsoPruneError, TypeError):
+    """The model's architecture has no adapter."""
+
+
+class BudgetError(IsoPruneError, ValueError):
+    """A MACs / params target that no pruning amount can reach."""
+
+
+class CalibrationDataError(IsoPruneError, ValueError):
+    """Calibration data in a form the pruner cannot use."""

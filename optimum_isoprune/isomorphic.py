@@ -1,0 +1,150 @@
+"""Dependency groups and their isomorphic classes (steps 1-2 of the method).
+
+A *group* is a set of coupled channels that must be removed together (torch-pruning finds them).
+Two groups are *isomorphic* when their sub-graphs match: the same layer types touched in the same
+way, with the same width. Only isomorphic groups are ranked against each other.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch_pruning as tp
+from torch import nn
+
+from .adapters.base import Attention
+
+@dataclass(eq=False)
+class GroupTarget:
+    """One layer (or bare parameter) touched by a group, with the group's root channel of each index."""
+
+    target: nn.Module | nn.Parameter
+    is_out: bool
+    root_idxs: np.ndarray
+
+    @property
+    def key(self) -> tuple[int, bool]:
+        return id(self.target), self.is_out
+
+
+@dataclass(eq=False)
+class PrunableGroup:
+    """Coupled channels rooted at one layer; attention groups are rooted at the output projection."""
+
+    name: str
+    root: nn.Module
+    root_fn: Callable
+    width: int
+    kind: str  # "attention", "residual" or "channels"
+    signature: tuple
+    targets: list[GroupTarget]
+    tp_group: tp.dependency.Group
+    attention: Attention | None = None
+
+
+@dataclass(eq=False)
+class IsomorphicClass:
+    """Groups whose units (channels, heads or head dims) are ranked against each other."""
+
+    name: str
+    groups: list[PrunableGroup] = field(default_factory=list)
+    heads: bool = False  # units are whole heads; otherwise channels (head dims in attention groups)
+
+    def unit_count(self, group: PrunableGroup) -> int:
+        if group.attention is None:
+            return group.width
+        return group.attention.num_heads if self.heads else group.attention.head_dim
+
+
+def collect_groups(
+    graph: tp.DependencyGraph,
+    model: nn.Module,
+    attentions: list[Attention],
+    ignored: list[nn.Module],
+) -> list[PrunableGroup]:
+    """Every prunable group of `model`, skipping groups that would change an ignored layer's outputs."""
+    names = {module: name for name, module in model.named_modules()}
+    by_projection = {id(p): a for a in attentions for p in a.projections}
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        attention = next(
+            (by_projection[id(d.target.module)] for d, _ in group
+             if id(d.target.module) in by_projection and graph.is_out_channel_pruning_fn(d.handler)),
+            None,
+        )
+        if attention is not None:
+            out = attention.output
+            group = graph.get_pruning_group(out, graph.get_pruner_of_module(out).prune_in_channels,
+                                            list(range(out.in_features)))
+        groups.append(_describe(graph, group, names, attention))
+    return groups
+
+
+def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup:
+    targets, signature, producers = [], [], 0
+    for item in group:
+        target, is_out = item.dep.target.module, graph.is_out_channel_pruning_fn(item.dep.handler)
+        if not (isinstance(target, nn.Parameter) or target in names):
+            continue  # torch-pruning's internal ops (reshape, add, ...) hold no weights
+        targets.append(GroupTarget(target, is_out, np.asarray(item.root_idxs, dtype=np.int64)))
+        signature.append((type(target).__name__, is_out, len(item.root_idxs)))
+        producers += int(is_out and isinstance(target, (nn.Linear, nn.Conv2d)))
+    root, root_fn = group[0].dep.target.module, group[0].dep.handler
+    width = len(group[0].idxs)
+    kind = "attention" if attention is not None else ("residual" if producers > 1 else "channels")
+    return PrunableGroup(
+        name=names[root],
+        root=root,
+        root_fn=root_fn,
+        width=width,
+        kind=kind,
+        signature=(kind, width, tuple(signature)),
+        targets=targets,
+        tp_group=group,
+        attention=attention,
+    )
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def _class_name(prefix: str, groups: list[PrunableGroup]) -> str:
+    patterns = sorted({_pattern(g.attention.name if g.attention else g.name) for g in groups})
+    return f"{prefix}:{patterns[0]}" + (f" (+{len(patterns) - 1})" if len(patterns) > 1 else "")
+
+
+def _kind(group: PrunableGroup) -> str:
+    return "head_dim" if group.attention is not None else group.kind
+
+
+def build_classes(
+    groups: list[PrunableGroup], grouping: str, prune_heads: bool, prune_head_dims: bool
+) -> list[IsomorphicClass]:
+    """Partition groups into ranking classes.
+
+    "isomorphic": one class per signature (the paper); "global": all channel groups in one class;
+    "uniform": one class per group (every layer by the same ratio). Heads are always a class of their own.
+    """
+    channel_groups = [g for g in groups if g.attention is None or prune_head_dims]
+    attention_groups = [g for g in groups if g.attention is not None]
+    if grouping == "isomorphic":
+        buckets: dict[tuple, list[PrunableGroup]] = {}
+        for g in channel_groups:
+            buckets.setdefault(g.signature, []).append(g)
+        partitions = list(buckets.values())
+    elif grouping == "global":
+        partitions = [channel_groups] if channel_groups else []
+    else:
+        partitions = [[g] for g in channel_groups]
+    classes = [
+        IsomorphicClass("global" if grouping == "global" else _class_name(_kind(p[0]), p), p)
+        for p in partitions
+    ]
+    if prune_heads and attention_groups:
+        head_partitions = [[g] for g in attention_groups] if grouping == "uniform" else [attention_groups]
+        classes += [IsomorphicClass(_class_name("heads", p), p, heads=True) for p in head_partitions]
+    return classes

@@ -1,0 +1,239 @@
+"""`IsomorphicPruner`: the front door. Prunes a copy of a model to a MACs / params budget."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .adapters import ModelAdapter, get_adapter
+from .budget import Budget, ClassRanking, Plan, shared_ratios, solve
+from .calibration import calibration_batches, check_batch
+from .configuration import IsomorphicPruningConfig
+from .counting import CostModel, count_params
+from .errors import CalibrationDataError
+from .importance import accumulate_gradients, channel_scores
+from .isomorphic import PrunableGroup, build_classes, collect_groups
+from .report import ClassAmount, LayerWidth, PruningReport
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
+    """A classifier from a Hub id or local directory (transformers), or a `timm/` name."""
+    if name_or_path.startswith("timm/") or name_or_path.startswith("hf-hub:"):
+        import timm
+
+        return timm.create_model(name_or_path.replace("timm/", "hf-hub:timm/", 1)
+                                 if name_or_path.startswith("timm/") else name_or_path, pretrained=True, **kwargs)
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+
+
+class IsomorphicPruner:
+    """Isomorphic structural pruning of an image classifier.
+
+    ```python
+    pruner = IsomorphicPruner.from_pretrained("facebook/deit-small-distilled-patch16-224")
+    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=1.2e9), calibration_dataset=ds)
+    print(pruner.report.summary())
+    ```
+    """
+
+    def __init__(self, model: nn.Module, base_model_name_or_path: str | None = None):
+        self.adapter: ModelAdapter = get_adapter(model)
+        self.model = model
+        self.base_model_name_or_path = base_model_name_or_path or self.adapter.base_model_name()
+        self.pruned_model: nn.Module | None = None
+        self.config: IsomorphicPruningConfig | None = None
+        self._report: PruningReport | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "IsomorphicPruner":
+        """Load a transformers classifier (Hub id or local dir) or a timm model (`timm/<name>`)."""
+        name = str(name_or_path)
+        return cls(load_model(name, **kwargs), base_model_name_or_path=name)
+
+    @property
+    def report(self) -> PruningReport:
+        if self._report is None:
+            raise RuntimeError("No pruning has run yet: call pruner.prune(config) first.")
+        return self._report
+
+    def prune(self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None,
+              **config_kwargs: Any) -> nn.Module:
+        """Return a pruned copy of the model (the original is never modified)."""
+        config = config or IsomorphicPruningConfig(**config_kwargs)
+        self._check_model()
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        torch.manual_seed(config.seed)
+        adapter = self.adapter
+        image_size = config.image_size or adapter.image_size()
+        example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
+
+        criterion = config.importance
+        if criterion == "taylor" and calibration_dataset is None:
+            logger.warning("No calibration data given: Taylor importance needs gradients, using magnitude instead.")
+            criterion = "magnitude"
+        batches = self._calibration(config, calibration_dataset, image_size) if criterion == "taylor" else []
+
+        model = copy.deepcopy(self.model)
+        model.eval()
+        adapter.make_traceable(model)
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(True)
+        attentions = adapter.attentions(model)
+        cost = CostModel(model, example, attentions, adapter.logits)
+        macs_before, params_before = cost.macs(), count_params(model)
+
+        tick = time.perf_counter()
+        graph = tp.DependencyGraph().build_dependency(
+            model, example, forward_fn=adapter.logits, verbose=False
+        )
+        groups = collect_groups(graph, model, attentions, self._ignored(model, config))
+        classes = build_classes(groups, config.grouping, config.prune_heads and bool(attentions),
+                                config.prune_head_dims)
+        timings["graph"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        if criterion == "taylor":
+            count = accumulate_gradients(model, batches, adapter.logits, total=config.num_calibration_batches)
+            logger.info("Taylor importance from %d calibration batches.", count)
+        scores = channel_scores(groups, criterion, config.seed)
+        model.zero_grad(set_to_none=True)
+        timings["importance"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
+        budget = Budget(rankings, groups, cost)
+        plan = self._solve(budget, rankings, config)
+        timings["budget"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        layers = self._layer_widths(plan)
+        self._apply(graph, plan)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, True))
+        adapter.restore(model, self.model)
+        timings["surgery"] = time.perf_counter() - tick
+
+        macs_after = CostModel(model, example, adapter.attentions(model), adapter.logits).macs()
+        timings["total"] = time.perf_counter() - started
+        self._report = PruningReport(
+            base_model=self.base_model_name_or_path,
+            architecture=adapter.architecture,
+            macs_before=macs_before,
+            macs_after=macs_after,
+            params_before=params_before,
+            params_after=count_params(model),
+            image_size=image_size,
+            target_macs=config.target_macs,
+            target_params=config.target_params,
+            pruning_ratio=self._main_ratio(plan),
+            classes=[ClassAmount(r.cls.name, len(r.cls.groups), int(r.counts.sum()), int(plan.kept_units[r.cls].sum()))
+                     for r in rankings],
+            layers=layers,
+            timings=timings,
+            config=config.to_dict(),
+        )
+        self.config, self.pruned_model = config, model
+        logger.info("Pruned %s:\n%s", adapter.architecture, self._report.summary())
+        return model
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _check_model(self) -> None:
+        params = list(self.model.parameters())
+        if not params:
+            raise ValueError("The model has no parameters to prune.")
+        if any(p.is_meta for p in params):
+            raise ValueError("The model is on the meta device (weights not loaded); load real weights first, "
+                             "e.g. from_pretrained(..., device_map=None).")
+        dtypes = {p.dtype for p in params}
+        if dtypes != {torch.float32}:
+            raise ValueError(f"The model has parameters of dtype {sorted(map(str, dtypes))}; prune in float32 "
+                             "(model.float()) and cast the pruned model afterwards.")
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int) -> list:
+        batches = list(calibration_batches(data, config.calibration_batch_size, config.num_calibration_batches,
+                                           config.seed))
+        if not batches:
+            raise CalibrationDataError("The calibration data is empty.")
+        device = self._device()
+        for batch in batches:
+            check_batch(batch, self.adapter.num_channels(), image_size)
+        return [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
+
+    def _ignored(self, model: nn.Module, config: IsomorphicPruningConfig) -> list[nn.Module]:
+        ignored = list(self.adapter.classifiers(model))
+        names = dict(model.named_modules())
+        for wanted in config.ignored_modules:
+            matches = [m for n, m in names.items() if n == wanted or n.endswith("." + wanted)]
+            if not matches:
+                raise ValueError(f"ignored_modules entry {wanted!r} matches no module of {type(model).__name__}.")
+            ignored += [sub for m in matches for sub in m.modules()]
+        return ignored
+
+    def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig) -> Plan:
+        def ratios_at(ratio: float):
+            return shared_ratios(rankings, ratio, config.head_pruning_ratio, config.head_dim_pruning_ratio)
+
+        if config.pruning_ratio is not None:
+            return budget.plan(ratios_at(config.pruning_ratio))
+        if config.target_macs is not None:
+            return solve(budget, budget.macs, config.target_macs, ratios_at, "macs")
+        return solve(budget, budget.params, config.target_params, ratios_at, "params")
+
+    @staticmethod
+    def _apply(graph: tp.DependencyGraph, plan: Plan) -> None:
+        """Physically remove the planned channels, then write new head shapes into attention modules."""
+        for group, idxs in plan.removed.items():
+            if len(idxs) == 0:
+                continue
+            pruning_group = graph.get_pruning_group(group.root, group.root_fn, idxs.tolist())
+            if not graph.check_pruning_group(pruning_group):
+                raise RuntimeError(f"torch-pruning refused to prune group {group.name} (it would empty a layer).")
+            pruning_group.prune()
+        for group in plan.removed:
+            attention = group.attention
+            if attention is not None:
+                kept = attention.projections[0].out_features // attention.fused
+                heads = _kept_heads(group, plan)
+                attention.set_shape(heads, kept // heads)
+
+    @staticmethod
+    def _layer_widths(plan: Plan) -> list[LayerWidth]:
+        layers = []
+        for group, idxs in plan.removed.items():
+            if group.attention is None:
+                layers.append(LayerWidth(group.name, group.kind, group.width, group.width - len(idxs)))
+                continue
+            a = group.attention
+            heads = _kept_heads(group, plan)
+            dims = (group.width - len(idxs)) // heads
+            layers.append(LayerWidth(a.name, "heads", a.num_heads, heads))
+            layers.append(LayerWidth(a.name, "head_dim", a.head_dim, dims))
+        return layers
+
+    @staticmethod
+    def _main_ratio(plan: Plan) -> float:
+        channel = [r for c, r in plan.ratios.items() if not c.heads]
+        return float(max(channel)) if channel else 0.0
+
+
+def _kept_heads(group: PrunableGroup, plan: Plan) -> int:
+    for cls, kept in plan.kept_units.items():
+        if cls.heads and group in cls.groups:
+            return int(kept[cls.groups.index(group)])
+    return group.attention.num_heads
