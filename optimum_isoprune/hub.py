@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -203,11 +204,9 @@ def _eval_context(eval_results: Mapping[str, Any] | None) -> dict[str, Any] | No
         values = {s: (eval_results.get(s) or {}).get(metric) for s in _EVAL_STAGES}
         if all(v is None for v in values.values()):
             continue
-        delta = None
-        if values["before"] is not None and (values["after"] if values["after"] is not None else values["pruned_no_finetune"]) is not None:
-            final = values["after"] if values["after"] is not None else values["pruned_no_finetune"]
-            delta = f"{100 * (final - values['before']):+.2f}"
-        rows.append({"metric": label, **{s: _fmt_pct(values[s]) for s in _EVAL_STAGES}, "delta": delta or "—"})
+        final = values["after"] if values["after"] is not None else values["pruned_no_finetune"]
+        delta = f"{100 * (final - values['before']):+.2f}" if None not in (final, values["before"]) else "—"
+        rows.append({"metric": label, **{s: _fmt_pct(values[s]) for s in _EVAL_STAGES}, "delta": delta})
     dataset = eval_results["dataset"]
     return {
         "dataset": dataset,
@@ -402,7 +401,9 @@ def create_model_card(
         "paper_url": PAPER_URL,
         "citation": CITATION,
     }
-    return ModelCard.from_template(card_data, template_path=str(template_path or _template_path()), **template_vars)
+    card = ModelCard.from_template(card_data, template_path=str(template_path or _template_path()), **template_vars)
+    # Optional sections leave runs of blank lines behind; Markdown ignores them, readers of README.md do not.
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
 
 
 def save_model_card(
