@@ -387,3 +387,9 @@ def test_base_model_info_from_hub_reads_card_and_sizes():
 
 def test_base_model_info_offline_is_empty():
     assert base_model_info_from_hub("a/b", api=FakeInfoApi(error=httpx2.ConnectError("offline"))) == {}
+
+
+def test_latency_of_the_pruned_model_alone():
+    text = str(create_model_card(make_report(), latency=LATENCY["after"]))
+    assert "| Median latency (ms / batch) | — | 5.00 | — |" in text
+    assert "Speed-up" not in text and MACHINE in text
