@@ -258,11 +258,11 @@ def _finetuning_context(finetuning: Mapping[str, Any] | None) -> dict[str, Any] 
         split = f" ({finetuning['split']} split)" if finetuning.get("split") else ""
         parts.append(f"on `{finetuning['dataset']}`{split}")
     distillation = finetuning.get("distillation")
-    if distillation and distillation != "none":
+    if distillation == "none":
+        parts.append("with the labels only (no distillation)")
+    elif distillation:
         teacher = f" from teacher `{finetuning['teacher']}`" if finetuning.get("teacher") else ""
         parts.append(f"with {distillation} knowledge distillation{teacher}")
-    else:
-        parts.append("with the labels only (no distillation)")
     return {
         "sentence": " ".join(parts) + ".",
         "items": [{"key": k, "value": v} for k, v in finetuning.items() if v is not None],
