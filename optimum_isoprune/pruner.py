@@ -105,7 +105,7 @@ class IsomorphicPruner:
 
         tick = time.perf_counter()
         if criterion == "taylor":
-            count = accumulate_gradients(model, batches, adapter.logits, total=config.num_calibration_batches)
+            count = accumulate_gradients(model, batches, adapter.logits, total=len(batches))
             logger.info("Taylor importance from %d calibration batches.", count)
         scores = channel_scores(groups, criterion, config.seed)
         model.zero_grad(set_to_none=True)

@@ -57,9 +57,8 @@ class TimmAdapter(ModelAdapter):
         return int(self._input_size()[0])
 
     def classifiers(self, model: nn.Module) -> list[nn.Module]:
-        heads = [model.get_classifier()]
-        if hasattr(model, "head_dist"):
-            heads.append(model.head_dist)
+        heads = model.get_classifier()  # a tuple (head, head_dist) for distilled models
+        heads = list(heads) if isinstance(heads, tuple) else [heads]
         return [m for head in heads for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
     def make_traceable(self, model: nn.Module) -> None:

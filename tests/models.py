@@ -1,0 +1,68 @@
+"""Tiny random models, one per row of the support matrix (no downloads)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ConvNextV2Config,
+    ConvNextV2ForImageClassification,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+IMAGE_SIZE = 32
+VIT_KWARGS = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
+                  image_size=IMAGE_SIZE, patch_size=8, num_labels=10)
+CONVNEXT_KWARGS = dict(hidden_sizes=[32, 64], depths=[2, 2], num_stages=2, image_size=IMAGE_SIZE, num_labels=10)
+TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
+
+
+def _timm_wrapper() -> torch.nn.Module:
+    model_args = {k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"}
+    config = TimmWrapperConfig(architecture="vit_tiny_patch16_224", num_labels=10, model_args=model_args,
+                               pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "num_classes": 10})
+    return TimmWrapperForImageClassification(config)
+
+
+BUILDERS = {
+    "vit": lambda: ViTForImageClassification(ViTConfig(**VIT_KWARGS)),
+    "deit": lambda: DeiTForImageClassification(DeiTConfig(**VIT_KWARGS)),
+    "deit_teacher": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_KWARGS)),
+    "convnext": lambda: ConvNextForImageClassification(ConvNextConfig(**CONVNEXT_KWARGS)),
+    "convnextv2": lambda: ConvNextV2ForImageClassification(ConvNextV2Config(**CONVNEXT_KWARGS)),
+    "resnet": lambda: ResNetForImageClassification(
+        ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], layer_type="bottleneck", num_labels=10)
+    ),
+    "mobilenet_v2": lambda: MobileNetV2ForImageClassification(
+        MobileNetV2Config(image_size=IMAGE_SIZE, depth_multiplier=0.35, num_labels=10)
+    ),
+    "timm_vit": lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
+    "timm_deit_distilled": lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False,
+                                                     **TIMM_VIT_KWARGS),
+    "timm_convnext": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10,
+                                               dims=(32, 64, 96, 128), depths=(1, 1, 2, 1)),
+    "timm_resnet": lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
+    "timm_wrapper": _timm_wrapper,
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return BUILDERS[name]().eval()
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x) if not hasattr(model, "config") or not hasattr(model.config, "model_type") else model(pixel_values=x)
+    return out.logits if hasattr(out, "logits") else out
