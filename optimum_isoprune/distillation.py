@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .data import INDEX_COLUMN, collate_fn, dataset_transform, model_input_spec
@@ -359,3 +361,35 @@ class DistillationTrainer(Trainer):
         if prediction_loss_only:
             return loss, None, None
         return loss, logits, labels
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------------
+    # transformers 5.24 saves checkpoints in the original layout (`save_original_format=True`: e.g. ViT's
+    # `encoder.layer.*.attention.attention.query`), but `Trainer._load_from_checkpoint` / `_load_best_model` read them
+    # back with `load_state_dict(strict=False)`, which silently skips every renamed weight: a resumed ViT restarts
+    # its encoder from the initial weights. These overrides load through `from_pretrained`, which maps the names.
+
+    def _load_student_weights(self, checkpoint: str, model: nn.Module | None = None) -> bool:
+        """Load a transformers student from `checkpoint` with every weight matched; False when not applicable."""
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        weights_file = os.path.join(checkpoint, "model.safetensors")
+        if (
+            not isinstance(unwrapped, PreTrainedModel)
+            or not os.path.isfile(weights_file)
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
+            return False
+        state_dict = load_file(weights_file, device="cpu")
+        if set(state_dict) != set(unwrapped.state_dict()):
+            state_dict = type(unwrapped).from_pretrained(checkpoint, config=unwrapped.config).state_dict()
+        unwrapped.load_state_dict(state_dict, strict=True)
+        logger.info("Loaded the student's weights from %s.", checkpoint)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._load_student_weights(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_student_weights(self.state.best_model_checkpoint):
+            super()._load_best_model()
