@@ -1,0 +1,324 @@
+"""`to_pruned_model`: turn a physically pruned model into one that can be saved and loaded.
+
+The generic part compares the pruned model with the stock model its config (or timm name and
+arguments) builds, and records every tensor shape and plain attribute that differs (the *shape
+manifest*). Per family there is only a table row: which pruned class to use and how to summarise
+widths for people reading ``config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_pruned import PrunedConfigMixin
+from .modeling_pruned import (
+    PrunedConvNextForImageClassification,
+    PrunedConvNextV2ForImageClassification,
+    PrunedDeiTForImageClassification,
+    PrunedDeiTForImageClassificationWithTeacher,
+    PrunedMobileNetV2ForImageClassification,
+    PrunedModelMixin,
+    PrunedResNetForImageClassification,
+    PrunedTimmWrapperForImageClassification,
+    PrunedViTForImageClassification,
+    apply_shape_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+TIMM_MANIFEST_ATTRIBUTE = "pruned_manifest"
+_SKIPPED_ATTRIBUTES = frozenset({"training"})
+
+ShapeManifest = dict[str, dict[str, list[int]]]
+AttributeManifest = dict[str, dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The generic manifest
+# ----------------------------------------------------------------------------------------------
+
+
+def _plain_attributes(module: nn.Module) -> Iterator[tuple[str, Any]]:
+    """Public int/float/bool attributes (and tuples/lists of them): the metadata pruning may rewrite."""
+    for name, value in vars(module).items():
+        if name.startswith("_") or name in _SKIPPED_ATTRIBUTES:
+            continue
+        if isinstance(value, (bool, int, float)) or (
+            isinstance(value, (tuple, list)) and value and all(isinstance(v, (bool, int, float)) for v in value)
+        ):
+            yield name, value
+
+
+def compute_shape_manifest(model: nn.Module, reference: nn.Module) -> tuple[ShapeManifest, AttributeManifest]:
+    """Every tensor shape and plain attribute of `model` that differs from the stock `reference`.
+
+    Raises `ValueError` when the two do not have the same modules and tensors (blocks removed,
+    modules swapped): the manifest only records widths, not topology.
+    """
+    modules, ref_modules = dict(model.named_modules()), dict(reference.named_modules())
+    extra, missing = sorted(set(modules) - set(ref_modules)), sorted(set(ref_modules) - set(modules))
+    if extra or missing:
+        raise ValueError(
+            f"The pruned {type(model).__name__} does not have the stock module layout its config describes "
+            f"(modules only in the pruned model: {extra[:5]}, only in the stock model: {missing[:5]}). Removing "
+            "whole blocks must also update the config's depth fields before saving."
+        )
+    shapes: ShapeManifest = {}
+    attributes: AttributeManifest = {}
+    for name, module in modules.items():
+        ref = ref_modules[name]
+        if type(module) is not type(ref):
+            raise ValueError(
+                f"Module {name!r} is a {type(module).__name__} but the stock model has a {type(ref).__name__}; "
+                "only widths can change when saving a pruned model."
+            )
+        for kind, own, stock in (("parameter", module._parameters, ref._parameters), ("buffer", module._buffers, ref._buffers)):
+            if set(own) != set(stock) or any((own[k] is None) != (stock[k] is None) for k in own):
+                raise ValueError(
+                    f"Module {name!r} has {kind}s {sorted(k for k, v in own.items() if v is not None)}, the stock "
+                    f"model {sorted(k for k, v in stock.items() if v is not None)}; only shapes can change."
+                )
+            for tensor_name, tensor in own.items():
+                if tensor is not None and tuple(tensor.shape) != tuple(stock[tensor_name].shape):
+                    shapes.setdefault(name, {})[tensor_name] = list(tensor.shape)
+        stock_attributes = vars(ref)
+        for attribute, value in _plain_attributes(module):
+            if stock_attributes.get(attribute, _MISSING) != value:
+                attributes.setdefault(name, {})[attribute] = list(value) if isinstance(value, tuple) else value
+    return shapes, attributes
+
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------------
+# Readable per-family summaries (never used to build a model)
+# ----------------------------------------------------------------------------------------------
+
+
+def _modules_with(model: nn.Module, *attributes: str) -> list[nn.Module]:
+    return [m for m in model.modules() if all(hasattr(m, a) for a in attributes)]
+
+
+def _vit_widths(model: nn.Module) -> dict[str, Any]:
+    attentions = _modules_with(model, "q_proj", "num_attention_heads")
+    return {
+        "pruned_hidden_size": int(_modules_with(model, "cls_token")[0].cls_token.shape[-1]),
+        "layer_num_heads": [int(a.num_attention_heads) for a in attentions],
+        "layer_head_dims": [int(a.head_dim) for a in attentions],
+        "layer_intermediate_sizes": [_out_width(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+    }
+
+
+def _convnext_widths(model: nn.Module) -> dict[str, Any]:
+    stages = model.base_model.encoder.stages
+    return {
+        "stage_hidden_sizes": [int(s.layers[-1].pwconv2.out_features) for s in stages],
+        "stage_intermediate_sizes": [[int(block.pwconv1.out_features) for block in s.layers] for s in stages],
+    }
+
+
+def _resnet_widths(model: nn.Module) -> dict[str, Any]:
+    base = model.base_model
+    stages = base.encoder.stages
+    return {
+        "pruned_embedding_size": int(base.embedder.embedder.convolution.out_channels),
+        "stage_hidden_sizes": [int(s.layers[-1].layer[-1].convolution.out_channels) for s in stages],
+        "stage_block_widths": [
+            [[int(conv.convolution.out_channels) for conv in block.layer[:-1]] for block in s.layers] for s in stages
+        ],
+    }
+
+
+def _mobilenet_v2_widths(model: nn.Module) -> dict[str, Any]:
+    base = model.base_model
+    return {
+        "block_expanded_channels": [int(b.expand_1x1.convolution.out_channels) for b in base.layer],
+        "block_out_channels": [int(b.reduce_1x1.convolution.out_channels) for b in base.layer],
+        "pruned_last_channels": int(base.conv_1x1.convolution.out_channels),
+    }
+
+
+def timm_widths(model: nn.Module) -> dict[str, Any]:
+    """Heads per timm attention block and hidden width per timm MLP, in module order."""
+    return {
+        "layer_num_heads": [int(m.num_heads) for m in _modules_with(model, "qkv", "num_heads")],
+        "layer_intermediate_sizes": [_out_width(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+    }
+
+
+def _out_width(module: nn.Module) -> int:
+    return int(getattr(module, "out_features", None) or module.out_channels)
+
+
+def stock_class_of(pruned_class: type[PrunedModelMixin]) -> type[PreTrainedModel]:
+    """The stock transformers class a pruned class resizes (e.g. `ViTForImageClassification`)."""
+    return next(c for c in pruned_class.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, PrunedModelMixin))
+
+
+@dataclass(frozen=True)
+class _Family:
+    pruned_class: type[PrunedModelMixin]
+    summarize: Callable[[nn.Module], dict[str, Any]]
+
+
+# Keyed by the stock class name; a pruned class maps to itself so pruned models can be pruned again.
+_FAMILIES: dict[str, _Family] = {}
+for _pruned, _summarize in (
+    (PrunedViTForImageClassification, _vit_widths),
+    (PrunedDeiTForImageClassification, _vit_widths),
+    (PrunedDeiTForImageClassificationWithTeacher, _vit_widths),
+    (PrunedConvNextForImageClassification, _convnext_widths),
+    (PrunedConvNextV2ForImageClassification, _convnext_widths),
+    (PrunedResNetForImageClassification, _resnet_widths),
+    (PrunedMobileNetV2ForImageClassification, _mobilenet_v2_widths),
+    (PrunedTimmWrapperForImageClassification, timm_widths),
+):
+    _FAMILIES[stock_class_of(_pruned).__name__] = _FAMILIES[_pruned.__name__] = _Family(_pruned, _summarize)
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(n for n in _FAMILIES if not n.startswith("Pruned"))
+
+
+# ----------------------------------------------------------------------------------------------
+# to_pruned_model
+# ----------------------------------------------------------------------------------------------
+
+
+def to_pruned_model(
+    model: nn.Module,
+    base_model_name_or_path: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Make a physically pruned model saveable; logits stay bit-identical.
+
+    A transformers model becomes an instance of the matching pruned class (its config records the
+    widths, the weights are the same tensors' values). A timm model is returned as is, with the
+    manifest attached as `model.pruned_manifest` (`model_args` overrides timm's recorded
+    constructor arguments when the model was built by other means).
+    """
+    if isinstance(model, PreTrainedModel):
+        return _to_pruned_transformers_model(model, base_model_name_or_path)
+    if hasattr(model, "pretrained_cfg"):
+        return _attach_timm_manifest(model, base_model_name_or_path, model_args)
+    raise TypeError(
+        f"Cannot save a pruned {type(model).__name__}: expected a transformers model ({', '.join(SUPPORTED_ARCHITECTURES)}) "
+        "or a timm model (built by timm.create_model)."
+    )
+
+
+def _to_pruned_transformers_model(model: PreTrainedModel, base_model_name_or_path: str | None) -> PreTrainedModel:
+    family = _FAMILIES.get(type(model).__name__)
+    if family is None:
+        raise TypeError(
+            f"No pruned checkpoint class for {type(model).__name__}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    pruned_class = family.pruned_class
+    config = model.config
+    base_config = config.to_base_config() if isinstance(config, PrunedConfigMixin) else copy.deepcopy(config)
+    if not isinstance(base_config, pruned_class.config_class.base_config_class):
+        raise TypeError(
+            f"{type(model).__name__} has a {type(config).__name__}; {pruned_class.__name__} expects a "
+            f"{pruned_class.config_class.base_config_class.__name__}."
+        )
+    with torch.device("meta"):
+        reference = stock_class_of(pruned_class)(base_config)
+    shapes, attributes = compute_shape_manifest(model, reference)
+    del reference
+
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(config, "base_model_name_or_path", None) or config.name_or_path or None
+    data = base_config.to_dict()
+    data.pop("model_type", None)
+    data.update(
+        base_model_name_or_path=base_model_name_or_path,
+        pruned_shapes=shapes,
+        pruned_attributes=attributes,
+        architectures=[pruned_class.__name__],
+    )
+    pruned_config = pruned_class.config_class.from_dict(data)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation is not None:
+        pruned_config._attn_implementation = implementation
+
+    first = next(model.parameters(), None)
+    pruned = pruned_class(pruned_config)
+    if first is not None:
+        pruned.to(device=first.device, dtype=first.dtype)
+    pruned.load_state_dict(model.state_dict(), strict=True)
+    # Non-persistent buffers are not in the state dict; copy them too so nothing differs.
+    own_buffers = dict(pruned.named_buffers())
+    for name, buffer in model.named_buffers():
+        if name in own_buffers and own_buffers[name].shape == buffer.shape:
+            own_buffers[name].copy_(buffer)
+    pruned.train(model.training)
+    for name, value in family.summarize(pruned).items():
+        setattr(pruned.config, name, value)
+    logger.info("%s: %d resized modules recorded for %s", pruned_class.__name__, len(shapes), base_model_name_or_path)
+    return pruned
+
+
+def timm_reference_args(model: nn.Module, model_args: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The timm architecture name and the `create_model` keyword arguments that rebuild `model`'s stock form."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    architecture = cfg.get("architecture")
+    if not architecture:
+        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['architecture']; build it with timm.create_model.")
+    manifest = getattr(model, TIMM_MANIFEST_ATTRIBUTE, None) or {}
+    args = dict(manifest.get("model_args") or getattr(model, "_model_args", None) or {})
+    args.update(model_args or {})
+    args.setdefault("num_classes", getattr(model, "num_classes", None))
+    args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items() if v is not None}
+    return architecture, args
+
+
+def build_timm_model(architecture: str, model_args: dict[str, Any], device: str | torch.device | None = None) -> nn.Module:
+    """The stock timm model, with random weights and never downloading anything."""
+    import timm
+
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()}
+    if device is None:
+        return timm.create_model(architecture, pretrained=False, **args)
+    with torch.device(device):
+        return timm.create_model(architecture, pretrained=False, **args)
+
+
+def _attach_timm_manifest(model: nn.Module, base_model_name_or_path: str | None, model_args: dict[str, Any] | None) -> nn.Module:
+    architecture, args = timm_reference_args(model, model_args)
+    try:
+        reference = build_timm_model(architecture, args, device="meta")
+    except Exception as err:
+        raise ValueError(
+            f"Could not rebuild the stock timm model {architecture!r} with {args}: {err}. Pass model_args= with the "
+            "timm.create_model keyword arguments the model was built with."
+        ) from err
+    shapes, attributes = compute_shape_manifest(model, reference)
+    previous = getattr(model, TIMM_MANIFEST_ATTRIBUTE, None) or {}
+    setattr(
+        model,
+        TIMM_MANIFEST_ATTRIBUTE,
+        {
+            "architecture": architecture,
+            "model_args": args,
+            "base_model_name_or_path": base_model_name_or_path or previous.get("base_model_name_or_path"),
+            "pruned_shapes": shapes,
+            "pruned_attributes": attributes,
+            **timm_widths(model),
+        },
+    )
+    return model
+
+
+def rebuild_timm_model(manifest: dict[str, Any]) -> nn.Module:
+    """A timm model with the widths of `manifest` (random placeholder weights) and the manifest attached."""
+    model = build_timm_model(manifest["architecture"], manifest.get("model_args") or {})
+    apply_shape_manifest(model, manifest.get("pruned_shapes"), manifest.get("pruned_attributes"))
+    setattr(model, TIMM_MANIFEST_ATTRIBUTE, dict(manifest))
+    return model
