@@ -51,7 +51,9 @@ class ClassRanking:
         )
 
     def kept(self, ratio: float) -> np.ndarray:
-        removed = np.bincount(self.group_of_rank[: int(ratio * len(self.group_of_rank))], minlength=len(self.counts))
+        total = len(self.group_of_rank)
+        count = total - int(total * (1.0 - ratio))  # torch-pruning's convention, so the paper's ratios carry over
+        removed = np.bincount(self.group_of_rank[:count], minlength=len(self.counts))
         kept = self.counts - removed
         if self.round_to > 1:
             kept = np.where(removed > 0, kept - kept % self.round_to, kept)

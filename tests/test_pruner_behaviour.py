@@ -1,0 +1,190 @@
+"""Ranking scopes, guards and bad input: what the pruner promises beyond the support matrix."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from models import IMAGE_SIZE, build, logits
+from optimum_isoprune import (
+    BudgetError,
+    CalibrationDataError,
+    IsomorphicPruner,
+    IsomorphicPruningConfig,
+    UnsupportedModelError,
+    count_macs,
+)
+from optimum_isoprune.adapters import get_adapter
+
+
+def _calibration(n: int = 8, channels: int = 3, size: int = IMAGE_SIZE) -> datasets.Dataset:
+    rng = np.random.default_rng(0)
+    return datasets.Dataset.from_dict(
+        {"pixel_values": rng.standard_normal((n, channels, size, size)).astype("float32"),
+         "labels": rng.integers(0, 10, n)}
+    ).with_format("torch")
+
+
+def _mlp_widths(model) -> list[int]:
+    return [layer.mlp.fc1.out_features for layer in model.vit.layers]
+
+
+def test_isomorphic_classes_of_a_vit():
+    pruner = IsomorphicPruner(build("vit"))
+    pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude"))
+    names = sorted(c.name.split(":")[0] for c in pruner.report.classes)
+    assert names == ["channels", "head_dim", "heads", "residual"]
+    mlp = next(c for c in pruner.report.classes if c.name.startswith("channels"))
+    assert mlp.num_groups == 3 and mlp.before == 3 * 256
+
+
+def test_uniform_grouping_prunes_every_layer_alike_and_isomorphic_does_not():
+    uniform = IsomorphicPruner(build("vit")).prune(
+        IsomorphicPruningConfig(pruning_ratio=0.5, grouping="uniform", importance="taylor"), _calibration())
+    assert _mlp_widths(uniform) == [128, 128, 128]
+    # Taylor scores differ per layer, so a class-wide ranking gives layers different widths.
+    isomorphic = IsomorphicPruner(build("vit")).prune(
+        IsomorphicPruningConfig(pruning_ratio=0.5, importance="taylor"), _calibration())
+    assert sum(_mlp_widths(isomorphic)) == pytest.approx(3 * 128, abs=3 * 8)
+    assert len(set(_mlp_widths(isomorphic))) > 1
+
+
+def test_global_grouping_ranks_everything_in_one_class():
+    pruner = IsomorphicPruner(build("vit"))
+    pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.4, grouping="global", importance="magnitude"))
+    assert sorted(c.name.split(":")[0] for c in pruner.report.classes) == ["global", "heads"]
+
+
+def test_widths_are_multiples_of_round_to():
+    pruned = IsomorphicPruner(build("vit")).prune(
+        IsomorphicPruningConfig(pruning_ratio=0.37, round_to=16, importance="magnitude"))
+    assert all(w % 16 == 0 for w in _mlp_widths(pruned))
+    assert pruned.vit.layers[0].layernorm_before.normalized_shape[0] % 16 == 0
+
+
+@pytest.mark.parametrize("min_heads", [1, 3])
+def test_min_heads_is_kept_in_every_layer(min_heads):
+    pruned = IsomorphicPruner(build("vit")).prune(
+        IsomorphicPruningConfig(pruning_ratio=0.5, head_pruning_ratio=0.95, min_heads=min_heads,
+                                importance="magnitude"))
+    heads = [a.num_heads for a in get_adapter(pruned).attentions(pruned)]
+    assert min(heads) == min_heads
+
+
+def test_heads_and_head_dims_follow_their_own_ratios():
+    pruner = IsomorphicPruner(build("timm_vit"))
+    pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.25, head_pruning_ratio=0.5, head_dim_pruning_ratio=0.0,
+                                         round_to=1, importance="magnitude"))
+    classes = {c.name.split(":")[0]: c for c in pruner.report.classes}
+    assert classes["heads"].after == 6  # 12 heads, half removed
+    assert classes["head_dim"].after == classes["head_dim"].before
+
+
+def test_same_seed_same_model():
+    config = IsomorphicPruningConfig(target_macs=count_macs(build("vit")) * 0.6, importance="random", seed=3)
+    a = IsomorphicPruner(build("vit")).prune(config).state_dict()
+    b = IsomorphicPruner(build("vit")).prune(config).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_target_params_is_hit():
+    model = build("convnext")
+    target = sum(p.numel() for p in model.parameters()) * 0.5
+    pruner = IsomorphicPruner(model)
+    pruned = pruner.prune(IsomorphicPruningConfig(target_params=target, importance="magnitude"))
+    assert abs(sum(p.numel() for p in pruned.parameters()) - target) / target <= 0.01
+
+
+def test_taylor_accepts_dataset_dataloader_and_tensor():
+    x = torch.randn(8, 3, IMAGE_SIZE, IMAGE_SIZE)
+    y = torch.randint(0, 10, (8,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    for data in (_calibration(), loader, x):
+        pruned = IsomorphicPruner(build("vit")).prune(IsomorphicPruningConfig(pruning_ratio=0.3), data)
+        assert logits(pruned, x).shape == (8, 10)
+
+
+def test_taylor_without_data_falls_back_to_magnitude(caplog):
+    IsomorphicPruner(build("vit")).prune(IsomorphicPruningConfig(pruning_ratio=0.3))
+    assert "magnitude" in caplog.text
+
+
+# -- bad input: a clear error, and the original model is never modified ----------------------------
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "config, data, error, message",
+    [
+        (dict(target_macs=1e15), None, BudgetError, "above the model"),
+        (dict(target_macs=10), None, BudgetError, "smallest reachable"),
+        (dict(pruning_ratio=0.5), datasets.Dataset.from_dict({"image": [[0.0]]}), CalibrationDataError, "pixel_values"),
+        (dict(pruning_ratio=0.5), torch.randn(4, 3, 64, 64), CalibrationDataError, "expected"),
+        (dict(pruning_ratio=0.5), torch.randn(4, 64, 64), CalibrationDataError, r"\(N, C, H, W\)"),
+        (dict(pruning_ratio=0.5), [1, 2, 3], CalibrationDataError, "Unsupported calibration data"),
+        (dict(pruning_ratio=0.5, ignored_modules=["no_such_layer"]), None, ValueError, "no_such_layer"),
+    ],
+)
+def test_bad_input_is_rejected_and_the_model_kept(config, data, error, message):
+    model = build("vit")
+    before = _state(model)
+    with pytest.raises(error, match=message):
+        IsomorphicPruner(model).prune(IsomorphicPruningConfig(**config), calibration_dataset=data)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_half_precision_and_meta_models_are_rejected():
+    with pytest.raises(ValueError, match="float32"):
+        IsomorphicPruner(build("vit").half()).prune(pruning_ratio=0.5)
+    with torch.device("meta"):
+        meta = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    with pytest.raises(ValueError, match="meta device"):
+        IsomorphicPruner(meta).prune(pruning_ratio=0.5)
+
+
+def test_unsupported_model_names_itself_and_the_supported_list():
+    with pytest.raises(UnsupportedModelError, match=r"Sequential.*Supported: transformers: ViT"):
+        IsomorphicPruner(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_ignored_modules_keep_their_width():
+    pruned = IsomorphicPruner(build("vit")).prune(
+        IsomorphicPruningConfig(pruning_ratio=0.5, ignored_modules=["layers.1.mlp.fc1"], importance="magnitude"))
+    assert pruned.vit.layers[1].mlp.fc1.out_features == 256
+    assert pruned.vit.layers[0].mlp.fc1.out_features < 256
+
+
+def test_from_pretrained_loads_a_local_directory(tmp_path):
+    build("deit").save_pretrained(tmp_path)
+    pruner = IsomorphicPruner.from_pretrained(tmp_path)
+    assert pruner.base_model_name_or_path == str(tmp_path)
+    pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.25, importance="magnitude"))
+    assert pruner.report.base_model == str(tmp_path)
+
+
+# The paper's Table 2 shapes (random weights, magnitude importance; MACs counted with attention).
+PAPER_SHAPES = [
+    ("deit_base_distilled_patch16_224", 0.5, 0.5, 0.25, 4.16e9, 20.69e6),
+    ("deit_base_distilled_patch16_224", 0.6, 0.6, 0.3, 2.61e9, 13.07e6),
+    ("deit_small_distilled_patch16_224", 0.5, 0.5, 0.1, 1.21e9, 5.74e6),
+    ("deit_tiny_distilled_patch16_224", 0.25, 0.3, 0.3, 0.62e9, 3.08e6),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, ratio, head_ratio, head_dim_ratio, macs, params", PAPER_SHAPES)
+def test_paper_deit_shapes(name, ratio, head_ratio, head_dim_ratio, macs, params):
+    torch.manual_seed(0)
+    pruner = IsomorphicPruner(timm.create_model(name, pretrained=False))
+    pruner.prune(IsomorphicPruningConfig(pruning_ratio=ratio, head_pruning_ratio=head_ratio,
+                                         head_dim_pruning_ratio=head_dim_ratio, round_to=2, importance="magnitude"))
+    assert abs(pruner.report.macs_after - macs) / macs <= 0.015
+    assert abs(pruner.report.params_after - params) / params <= 0.015
