@@ -372,3 +372,31 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
     assert len(load_file(out / "model.safetensors")) == len(tiny_vit().state_dict())
+
+
+# ---- the example script ---------------------------------------------------------------------------------------------
+
+
+def _load_example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "distill.py"
+    spec = importlib.util.spec_from_file_location("distill_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra", [["--distillation-type", "hard"], ["--distillation-type", "soft", "--cache-teacher-logits"]])
+def test_example_smoke_run_trains_and_saves(tmp_path, extra):
+    results = _load_example().main(["--smoke", "--output-dir", str(tmp_path), *extra])
+    assert results["steps"] == 4 and 0.0 <= results["student"]["top1"] <= 1.0
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "distillation_results.json").is_file()
+    reloaded = ViTForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.config.hidden_size == 32  # the student, not the 48-wide teacher
+
+
+def test_example_needs_a_teacher_to_distill():
+    with pytest.raises(SystemExit):
+        _load_example().parse_args(["--student", "some/dir", "--distillation-type", "soft"])
