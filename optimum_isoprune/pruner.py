@@ -20,6 +20,7 @@ from .counting import CostModel, count_params
 from .errors import CalibrationDataError
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import PrunableGroup, build_classes, collect_groups
+from .modeling import to_pruned_model
 from .report import ClassAmount, LayerWidth, PruningReport
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class IsomorphicPruner:
         adapter.restore(model, self.model)
         timings["surgery"] = time.perf_counter() - tick
 
+        model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path)
         macs_after = CostModel(model, example, adapter.attentions(model), adapter.logits).macs()
         timings["total"] = time.perf_counter() - started
         self._report = PruningReport(
@@ -147,6 +149,59 @@ class IsomorphicPruner:
         self.config, self.pruned_model = config, model
         logger.info("Pruned %s:\n%s", adapter.architecture, self._report.summary())
         return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, image_processor: Any = None,
+                        **card_kwargs: Any) -> str:
+        """Save the pruned model, `pruning_config.json`, `pruning_report.json`, the model card and its width plot.
+
+        `card_kwargs` go to `hub.create_model_card` (eval_results, finetuning, latency, ...).
+        """
+        from .checkpoint import save_pruned_model
+        from .hub import save_model_card
+
+        model = self._require_pruned()
+        if image_processor is None:
+            image_processor = self._base_image_processor()
+        save_pruned_model(model, save_directory, pruning_config=self.config, report=self.report,
+                          image_processor=image_processor, base_model_name_or_path=self.base_model_name_or_path)
+        save_model_card(save_directory, self.report, **card_kwargs)
+        return str(save_directory)
+
+    def create_model_card(self, **card_kwargs: Any):
+        """The model card (a `huggingface_hub.ModelCard`) built from this run's measured numbers."""
+        from .hub import create_model_card
+
+        self._require_pruned()
+        return create_model_card(self.report, **card_kwargs)
+
+    def push_to_hub(self, repo_id: str, save_directory: str | os.PathLike | None = None, *, token: str | None = None,
+                    private: bool | None = None, revision: str | None = None, commit_message: str | None = None,
+                    create_pr: bool = False, api: Any = None, **card_kwargs: Any):
+        """Save everything locally (kept on failure), then upload it to `repo_id` in one commit."""
+        from .hub import push_to_hub, validate_repo_id
+
+        validate_repo_id(repo_id)
+        folder = save_directory or os.path.join(os.getcwd(), repo_id.split("/")[-1])
+        self.save_pretrained(folder, repo_id=repo_id, **card_kwargs)
+        return push_to_hub(folder, repo_id, token=token, private=private, revision=revision,
+                           commit_message=commit_message, create_pr=create_pr, api=api)
+
+    def _require_pruned(self) -> nn.Module:
+        if self.pruned_model is None:
+            raise RuntimeError("Nothing to save yet: call pruner.prune(config) first.")
+        return self.pruned_model
+
+    def _base_image_processor(self) -> Any:
+        """The base model's image processor when it can be found locally or on the Hub, else None."""
+        if not self.base_model_name_or_path or self.base_model_name_or_path.startswith("timm/"):
+            return None
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(self.base_model_name_or_path)
+        except (OSError, ValueError) as error:
+            logger.info("No image processor for %s (%s); saving without one.", self.base_model_name_or_path, error)
+            return None
 
     # -- steps -----------------------------------------------------------------------------------
 

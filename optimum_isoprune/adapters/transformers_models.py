@@ -32,6 +32,11 @@ def _is_pretrained_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def model_type(model: nn.Module) -> str:
+    """The architecture's model_type; a pruned checkpoint reports the type it was pruned from."""
+    return getattr(model.config, "base_model_type", None) or model.config.model_type
+
+
 class TransformersAdapter(ModelAdapter):
     """transformers `*ForImageClassification` models listed in `SUPPORTED_MODEL_TYPES`."""
 
@@ -40,7 +45,7 @@ class TransformersAdapter(ModelAdapter):
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return _is_pretrained_model(model) and model.config.model_type in SUPPORTED_MODEL_TYPES
+        return _is_pretrained_model(model) and model_type(model) in SUPPORTED_MODEL_TYPES
 
     @classmethod
     def describe_supported(cls) -> str:
@@ -78,7 +83,7 @@ class TimmWrapperAdapter(TransformersAdapter):
     def supports(cls, model: nn.Module) -> bool:
         return (
             _is_pretrained_model(model)
-            and model.config.model_type == "timm_wrapper"
+            and model_type(model) == "timm_wrapper"
             and TimmAdapter.supports(model.timm_model)
         )
 
