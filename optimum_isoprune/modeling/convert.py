@@ -57,7 +57,11 @@ def _plain_attributes(module: nn.Module) -> Iterator[tuple[str, Any]]:
             yield name, value
 
 
-def compute_shape_manifest(model: nn.Module, reference: nn.Module) -> tuple[ShapeManifest, AttributeManifest]:
+def compute_shape_manifest(
+    model: nn.Module,
+    reference: nn.Module,
+    layout_hint: str = "Removing whole blocks must also update the config's depth fields before saving.",
+) -> tuple[ShapeManifest, AttributeManifest]:
     """Every tensor shape and plain attribute of `model` that differs from the stock `reference`.
 
     Raises `ValueError` when the two do not have the same modules and tensors (blocks removed,
@@ -68,8 +72,7 @@ def compute_shape_manifest(model: nn.Module, reference: nn.Module) -> tuple[Shap
     if extra or missing:
         raise ValueError(
             f"The pruned {type(model).__name__} does not have the stock module layout its config describes "
-            f"(modules only in the pruned model: {extra[:5]}, only in the stock model: {missing[:5]}). Removing "
-            "whole blocks must also update the config's depth fields before saving."
+            f"(modules only in the pruned model: {extra[:5]}, only in the stock model: {missing[:5]}). {layout_hint}"
         )
     shapes: ShapeManifest = {}
     attributes: AttributeManifest = {}
@@ -300,7 +303,10 @@ def _attach_timm_manifest(model: nn.Module, base_model_name_or_path: str | None,
             f"Could not rebuild the stock timm model {architecture!r} with {args}: {err}. Pass model_args= with the "
             "timm.create_model keyword arguments the model was built with."
         ) from err
-    shapes, attributes = compute_shape_manifest(model, reference)
+    shapes, attributes = compute_shape_manifest(
+        model, reference, f"Rebuilt with timm.create_model({architecture!r}, **{args}); if the model was built with "
+        "other keyword arguments, pass them as model_args=.",
+    )
     previous = getattr(model, TIMM_MANIFEST_ATTRIBUTE, None) or {}
     setattr(
         model,
