@@ -270,8 +270,9 @@ class PrunedModelMixin:
             )
         output_loading_info = kwargs.pop("output_loading_info", False)
         path = os.fspath(pretrained_model_name_or_path)
-        if os.path.isdir(path):
-            cls._check_local_checkpoint(path, kwargs)
+        local = os.path.join(path, kwargs.get("subfolder") or "")
+        if os.path.isdir(local):
+            cls._check_local_checkpoint(local, kwargs)
         try:
             model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
         except (PrunedCheckpointError, FileNotFoundError):
