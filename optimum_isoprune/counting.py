@@ -1,6 +1,8 @@
 """MACs and parameter counts: the one place that counts.
 
-MACs are those of every Linear and Conv2d plus both attention matmuls (QK^T and AV), for one image.
+MACs are those of every Linear and Conv2d plus both attention matmuls (QK^T and AV), for one image:
+2 x queries x keys per query x inner width, where keys per query is the sequence length the query
+projection sees (all tokens for global attention, the window's tokens for windowed attention).
 Counts are analytic (positions measured once by a forward pass, times layer widths), so the budget
 can evaluate thousands of candidate widths without touching the model; `torch.utils.flop_counter`
 with eager attention is the independent check used in the tests.
@@ -23,6 +25,7 @@ Removed = Mapping[tuple[int, bool], int]  # (id(layer or parameter), is_out_dim)
 class _LayerCost:
     module: nn.Module
     positions: int  # output positions per image (tokens for Linear, H*W for Conv2d)
+    sequence: int  # length of the token axis a Linear sees (a window's tokens under windowed attention)
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -54,17 +57,19 @@ class CostModel:
             for h in handles:
                 h.remove()
         positions = {id(c.module): c.positions for c in self.layers}
-        self.attentions = [(a, positions[id(a.projections[0])]) for a in attentions]
+        sequences = {id(c.module): c.sequence for c in self.layers}
+        self.attentions = [(a, positions[id(a.projections[0])], sequences[id(a.projections[0])]) for a in attentions]
         self._param_sizes = {id(p): p.numel() for p in model.parameters()}
         self.objects: dict[int, nn.Module | nn.Parameter] = {id(m): m for m in model.modules()}
         self.objects.update({id(p): p for p in model.parameters()})
 
     def _record(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        # The batch is one image, but windowed models fold windows into the leading dim: count every row.
         if isinstance(module, nn.Conv2d):
-            positions = output.shape[-2] * output.shape[-1]
+            positions, sequence = output.shape[-2] * output.shape[-1], 1
         else:
-            positions = output.numel() // output.shape[-1] // output.shape[0]
-        self.layers.append(_LayerCost(module, positions))
+            positions, sequence = output.numel() // output.shape[-1], (output.shape[-2] if output.dim() > 2 else 1)
+        self.layers.append(_LayerCost(module, positions, sequence))
 
     def macs(self, removed: Removed | None = None) -> int:
         removed = removed or {}
@@ -80,10 +85,10 @@ class CostModel:
             else:
                 fan_in = (m.in_channels - r_in) // m.groups * m.kernel_size[0] * m.kernel_size[1]
                 total += layer.positions * (m.out_channels - r_out) * fan_in
-        for attention, tokens in self.attentions:
+        for attention, tokens, keys in self.attentions:
             q = attention.projections[0]
             inner = (q.out_features - removed.get((id(q), True), 0)) // attention.fused
-            total += 2 * tokens * tokens * inner
+            total += 2 * tokens * keys * inner
         return int(total)
 
     def params(self, removed: Removed | None = None, sizes: Mapping[tuple[int, bool], int] | None = None) -> int:

@@ -89,9 +89,13 @@ def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup
         target, is_out = item.dep.target.module, graph.is_out_channel_pruning_fn(item.dep.handler)
         if not (isinstance(target, nn.Parameter) or target in names):
             continue  # torch-pruning's internal ops (reshape, add, ...) hold no weights
-        targets.append(GroupTarget(target, is_out, np.asarray(item.root_idxs, dtype=np.int64)))
-        signature.append((type(target).__name__, is_out, len(item.root_idxs)))
-        producers += int(is_out and isinstance(target, (nn.Linear, nn.Conv2d)))
+        root_idxs = np.asarray(item.root_idxs, dtype=np.int64)
+        # A customized pruner (an adapter's, for a block torch-pruning cannot trace) may list the layers it changes.
+        expand = None if isinstance(target, nn.Parameter) else getattr(graph.get_pruner_of_module(target), "layers_changed", None)
+        for layer, layer_is_out, layer_idxs in expand(target, root_idxs, is_out) if expand else [(target, is_out, root_idxs)]:
+            targets.append(GroupTarget(layer, layer_is_out, layer_idxs))
+            signature.append((type(layer).__name__, layer_is_out, len(layer_idxs)))
+            producers += int(layer_is_out and isinstance(layer, (nn.Linear, nn.Conv2d)))
     root, root_fn = group[0].dep.target.module, group[0].dep.handler
     width = len(group[0].idxs)
     kind = "attention" if attention is not None else ("residual" if producers > 1 else "channels")

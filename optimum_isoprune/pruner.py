@@ -97,7 +97,7 @@ class IsomorphicPruner:
 
         tick = time.perf_counter()
         graph = tp.DependencyGraph().build_dependency(
-            model, example, forward_fn=adapter.logits, verbose=False
+            model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
         )
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))
         classes = build_classes(groups, config.grouping, config.prune_heads and bool(attentions),
@@ -260,12 +260,12 @@ class IsomorphicPruner:
             if not graph.check_pruning_group(pruning_group):
                 raise RuntimeError(f"torch-pruning refused to prune group {group.name} (it would empty a layer).")
             pruning_group.prune()
-        for group in plan.removed:
+        for group, idxs in plan.removed.items():
             attention = group.attention
             if attention is not None:
                 kept = attention.projections[0].out_features // attention.fused
                 heads = _kept_heads(group, plan)
-                attention.set_shape(heads, kept // heads)
+                attention.set_shape(heads, kept // heads, kept_heads=_kept_head_indices(group, idxs))
 
     @staticmethod
     def _layer_widths(plan: Plan) -> list[LayerWidth]:
@@ -285,6 +285,12 @@ class IsomorphicPruner:
     def _main_ratio(plan: Plan) -> float:
         channel = [r for c, r in plan.ratios.items() if not c.heads]
         return float(max(channel)) if channel else 0.0
+
+
+def _kept_head_indices(group: PrunableGroup, removed) -> list[int]:
+    """Original indices of the heads that keep at least one channel."""
+    a, gone = group.attention, {int(i) for i in removed}
+    return [h for h in range(a.num_heads) if any(h * a.head_dim + d not in gone for d in range(a.head_dim))]
 
 
 def _kept_heads(group: PrunableGroup, plan: Plan) -> int:

@@ -6,10 +6,11 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Attention, AttentionLayout, ModelAdapter
+from .swin import SwinTimmAdapter, SwinTransformersAdapter
 from .timm_models import TimmAdapter
 from .transformers_models import TimmWrapperAdapter, TransformersAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [TransformersAdapter, TimmWrapperAdapter, TimmAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [TransformersAdapter, TimmWrapperAdapter, TimmAdapter, SwinTransformersAdapter, SwinTimmAdapter]
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -15,8 +16,9 @@ class AttentionLayout:
     projections: tuple[str, ...]  # ("q_proj", "k_proj", "v_proj") or a fused ("qkv",)
     output: str  # the output projection, whose input channels are the heads' concatenation
     num_heads_attr: str
-    head_dim_attr: str
+    head_dim_attr: str | None  # None when the library infers the head dim from the projection width
     inner_dim_attr: str | None = None  # attribute caching num_heads * head_dim, when the library keeps one
+    head_params: tuple[str, ...] = ()  # per-head parameters (dotted paths, heads on the last dim), e.g. a bias table
 
 
 @dataclass
@@ -42,10 +44,26 @@ class Attention:
         """How many of q, k, v one projection module holds (3 for a fused qkv, 1 otherwise)."""
         return 3 if len(self.layout.projections) == 1 else 1
 
-    def set_shape(self, num_heads: int, head_dim: int) -> None:
-        """Write new head count and head dim into the module (its scaling is kept on purpose)."""
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters indexed by head on their last dim; torch-pruning cannot map them, we slice them."""
+        return [self.module.get_parameter(path) for path in self.layout.head_params]
+
+    def set_shape(self, num_heads: int, head_dim: int, kept_heads: Sequence[int] | None = None) -> None:
+        """Write new head count and head dim into the module (its scaling is kept on purpose), and keep
+        the `kept_heads` (original head indices) of its per-head parameters."""
+        if self.layout.head_params and num_heads != self.num_heads:
+            if kept_heads is None or len(kept_heads) != num_heads:
+                raise ValueError(f"{self.name}: {num_heads} heads kept, but kept_heads={kept_heads}.")
+            index = torch.as_tensor(list(kept_heads), dtype=torch.long)
+            for path in self.layout.head_params:
+                owner_path, _, attribute = path.rpartition(".")
+                owner = self.module.get_submodule(owner_path)
+                old = getattr(owner, attribute)
+                kept = old.detach().index_select(-1, index.to(old.device)).clone()
+                setattr(owner, attribute, nn.Parameter(kept, requires_grad=old.requires_grad))
         setattr(self.module, self.layout.num_heads_attr, num_heads)
-        setattr(self.module, self.layout.head_dim_attr, head_dim)
+        if self.layout.head_dim_attr:
+            setattr(self.module, self.layout.head_dim_attr, head_dim)
         if self.layout.inner_dim_attr:
             setattr(self.module, self.layout.inner_dim_attr, num_heads * head_dim)
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -56,21 +74,26 @@ def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> l
     found = []
     for name, module in model.named_modules():
         for layout in layouts:
-            names = (*layout.projections, layout.output, layout.num_heads_attr, layout.head_dim_attr)
+            names = (*layout.projections, layout.output, layout.num_heads_attr, layout.head_dim_attr or layout.output)
             if all(hasattr(module, a) for a in names) and all(
                 isinstance(getattr(module, p), nn.Linear) for p in layout.projections
-            ):
-                found.append(
-                    Attention(
-                        name=name,
-                        module=module,
-                        layout=layout,
-                        num_heads=int(getattr(module, layout.num_heads_attr)),
-                        head_dim=int(getattr(module, layout.head_dim_attr)),
-                    )
+            ) and all(_has_parameter(module, p) for p in layout.head_params):
+                attention = Attention(name, module, layout, int(getattr(module, layout.num_heads_attr)), 0)
+                attention.head_dim = (
+                    int(getattr(module, layout.head_dim_attr)) if layout.head_dim_attr
+                    else attention.projections[0].out_features // attention.fused // attention.num_heads
                 )
+                found.append(attention)
                 break
     return found
+
+
+def _has_parameter(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_parameter(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class ModelAdapter:
@@ -119,6 +142,11 @@ class ModelAdapter:
 
     def attentions(self, model: nn.Module) -> list[Attention]:
         return find_attentions(model, self.attention_layouts)
+
+    def graph_options(self, model: nn.Module) -> dict[str, Any]:
+        """Extra `DependencyGraph.build_dependency` arguments (e.g. `customized_pruners` for layers torch-pruning
+        cannot trace); per-head parameters are kept out of the graph and sliced by `Attention.set_shape`."""
+        return {"ignored_params": [p for a in self.attentions(model) for p in a.head_parameters()]}
 
     def make_traceable(self, model: nn.Module) -> None:
         """Switch the copy being pruned to code paths whose every matmul autograd can see."""
