@@ -193,6 +193,18 @@ def check_loading_info(info: Mapping[str, Any], where: str) -> None:
         )
 
 
+def _own_aligned_memory(model: nn.Module, alignment: int = 64) -> None:
+    """Copy tensors left inside the memory-mapped safetensors file (at unaligned offsets) into own memory.
+
+    CPU matmul kernels pick code paths by alignment, so a mapped weight can give logits that differ
+    in the last bit from the same weight in freshly allocated memory; this keeps loading exact.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.numel() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -280,6 +292,7 @@ class PrunedModelMixin:
         except Exception as err:
             raise PrunedCheckpointError(f"Could not load the pruned checkpoint at {path}: {err}") from err
         check_loading_info(info, f"The checkpoint at {path}")
+        _own_aligned_memory(model)
         return (model, info) if output_loading_info else model
 
     @classmethod
