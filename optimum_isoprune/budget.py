@@ -19,6 +19,7 @@ from .importance import unit_scores
 from .isomorphic import IsomorphicClass, PrunableGroup
 
 BISECTION_STEPS = 40
+REFINEMENT_ROUNDS = 3
 MAX_RATIO = 0.9999
 
 
@@ -32,6 +33,7 @@ class ClassRanking:
     round_to: int
     group_of_rank: np.ndarray  # group index of the k-th least important unit of the class
     local_order: list[np.ndarray]  # per group: its units from least to most important
+    normalized: np.ndarray  # the class's scores divided by its median, ascending
 
     @classmethod
     def build(cls, iso_class: IsomorphicClass, scores: dict[PrunableGroup, torch.Tensor], round_to: int,
@@ -41,6 +43,8 @@ class ClassRanking:
         floor = min_heads if iso_class.heads else round_to
         concat = np.concatenate(per_group)
         owner = np.repeat(np.arange(len(per_group)), counts)
+        median = float(np.median(concat))
+        scale = median if median > 0 else float(np.mean(np.abs(concat))) or 1.0
         return cls(
             cls=iso_class,
             counts=counts,
@@ -48,6 +52,7 @@ class ClassRanking:
             round_to=1 if iso_class.heads else round_to,
             group_of_rank=owner[np.argsort(concat, kind="stable")],
             local_order=[np.argsort(s, kind="stable") for s in per_group],
+            normalized=np.sort(concat / scale) + np.arange(len(concat)) * 1e-9,  # strictly increasing
         )
 
     def kept(self, ratio: float) -> np.ndarray:
@@ -126,18 +131,53 @@ def shared_ratios(rankings: list[ClassRanking], ratio: float, head_ratio: float 
     return ratios
 
 
+class Allocation:
+    """Per-class ratios from one threshold on importance per unit of cost (the "allocate" policy).
+
+    Scores are made comparable across classes by dividing each class by its median; a unit goes when
+    its normalised score is below `threshold * cost`, where `cost` is the MACs (or params) one unit
+    of its class saves. Classes whose units are cheap to keep and unimportant lose the most; ranking
+    inside each class is unchanged. `ratios_at(t)` sweeps the threshold from nothing (t=0) to
+    everything (t=1), so `solve` can bisect it like a shared ratio.
+    """
+
+    def __init__(self, budget: Budget, metric: Callable[[Plan], int], fixed: dict[IsomorphicClass, float]):
+        self.rankings = [r for r in budget.rankings if r.cls not in fixed]
+        self.fixed = fixed
+        zero = {r.cls: 0.0 for r in budget.rankings} | fixed
+        full = metric(budget.plan(zero))
+        self.cost = {}
+        for r in self.rankings:
+            plan = budget.plan({**zero, r.cls: 0.5})
+            units = int(r.counts.sum() - plan.kept_units[r.cls].sum())
+            self.cost[r.cls] = max(full - metric(plan), 1) / max(units, 1)
+        self.ranks = {r.cls: np.arange(1, len(r.normalized) + 1, dtype=float) for r in self.rankings}
+        self.top = max((r.normalized[-1] / self.cost[r.cls] for r in self.rankings), default=0.0) * 1.001
+
+    def ratios_at(self, t: float) -> dict[IsomorphicClass, float]:
+        threshold = t * self.top
+        ratios = dict(self.fixed)
+        for r in self.rankings:
+            # Units in rank order along the normalised scores (ties spread by rank): a continuous sweep.
+            removed = np.interp(threshold * self.cost[r.cls], r.normalized, self.ranks[r.cls], left=0.0)
+            ratios[r.cls] = min(float(removed) / len(r.normalized), MAX_RATIO)
+        return ratios
+
+
 def solve(
     budget: Budget,
     metric: Callable[[Plan], int],
     target: float,
     ratios_at: Callable[[float], dict[IsomorphicClass, float]],
     name: str,
+    pinned: frozenset[IsomorphicClass] = frozenset(),
     tolerance: float = 0.005,
 ) -> Plan:
     """The plan whose `metric` (MACs or params) is closest to `target`.
 
-    Bisection on the shared ratio first; when the steps of rounded widths leave it further than
-    `tolerance` away, one class at a time is pushed a little further and the closest result kept.
+    Bisection along `ratios_at` first; when the steps of rounded widths leave it further than
+    `tolerance` away, one class at a time moves to where it crosses the target (a few rounds of
+    coordinate descent) and the closest result is kept. `pinned` classes (ratios the user fixed) never move.
     """
     start, end = budget.plan(ratios_at(0.0)), budget.plan(ratios_at(MAX_RATIO))
     before, smallest = metric(start), metric(end)
@@ -147,28 +187,48 @@ def solve(
     if target < smallest:
         raise BudgetError(f"target_{name}={target:.4g} is below the smallest reachable {name} ({smallest:.4g}) "
                           "with every layer kept at its minimum width; raise the target or lower round_to/min_heads.")
-    lo, hi = 0.0, MAX_RATIO  # metric(lo) >= target >= metric(hi)
+    lo, hi = _crossing(lambda r: metric(budget.plan(ratios_at(r))), target)
+    above = budget.plan(ratios_at(lo))  # metric(above) >= target: approach the target from above
+    best = min((above, budget.plan(ratios_at(hi))), key=lambda p: abs(metric(p) - target))
+    free = [c for c in above.ratios if c not in pinned]
+
+    def close_enough(plan: Plan) -> bool:
+        return abs(metric(plan) - target) / target <= tolerance
+
+    # Coarse classes can jump over the target; let one of them step back and the others close the gap.
+    starts = [above] + [budget.plan({**above.ratios, c: r}) for c in free for r in (above.ratios[c] / 2, 0.0)
+                        if above.ratios[c] > 0]
+    for start in starts:
+        best = min((best, _descend(budget, metric, target, start, free)), key=lambda p: abs(metric(p) - target))
+        if close_enough(best):
+            break
+    return best
+
+
+def _descend(budget: Budget, metric: Callable[[Plan], int], target: float, above: Plan,
+             free: list[IsomorphicClass]) -> Plan:
+    """Coordinate descent from a plan at or above the target: each class in turn prunes up to its crossing."""
+    best = above
+    for _ in range(REFINEMENT_ROUNDS):
+        for cls in free:
+            base = above.ratios
+            lo_c, hi_c = _crossing(lambda r: metric(budget.plan({**base, cls: r})), target)
+            closer = budget.plan({**base, cls: lo_c})
+            if target <= metric(closer) < metric(above):
+                above = closer
+            best = min((best, above, budget.plan({**base, cls: hi_c})), key=lambda p: abs(metric(p) - target))
+    return best
+
+
+def _crossing(f: Callable[[float], int], target: float) -> tuple[float, float]:
+    """Bisection on a non-increasing step function: the ratios just before and after it passes `target`."""
+    lo, hi = 0.0, MAX_RATIO
+    if f(lo) < target:
+        return lo, lo
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2
-        if metric(budget.plan(ratios_at(mid))) >= target:
+        if f(mid) >= target:
             lo = mid
         else:
             hi = mid
-    candidates = [budget.plan(ratios_at(lo)), budget.plan(ratios_at(hi))]
-    best = min(candidates, key=lambda p: abs(metric(p) - target))
-    if abs(metric(best) - target) / target <= tolerance:
-        return best
-    base = candidates[0].ratios
-    for cls in base:
-        lo_c, hi_c = base[cls], MAX_RATIO
-        for _ in range(BISECTION_STEPS):
-            mid = (lo_c + hi_c) / 2
-            if metric(budget.plan({**base, cls: mid})) >= target:
-                lo_c = mid
-            else:
-                hi_c = mid
-        for ratio in (lo_c, hi_c):
-            plan = budget.plan({**base, cls: ratio})
-            if abs(metric(plan) - target) < abs(metric(best) - target):
-                best = plan
-    return best
+    return lo, hi

@@ -11,7 +11,7 @@ CONFIG_NAME = "pruning_config.json"
 
 IMPORTANCE_CHOICES = ("taylor", "magnitude", "random")
 GROUPING_CHOICES = ("isomorphic", "global", "uniform")
-BUDGET_POLICY_CHOICES = ("shared",)
+BUDGET_POLICY_CHOICES = ("shared", "allocate")
 
 
 @dataclass
@@ -54,7 +54,8 @@ class IsomorphicPruningConfig:
         default="shared",
         metadata={
             "help": "How a MACs/params target is split across classes: 'shared' (one ratio for every "
-            "class, the paper's behaviour)."
+            "class, the paper's behaviour) or 'allocate' (per-class amounts: units go in order of "
+            "importance, normalised by their class median, per MAC saved). Ranking stays within classes."
         },
     )
     round_to: int = field(

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
-from .budget import Budget, ClassRanking, Plan, shared_ratios, solve
+from .budget import Allocation, Budget, ClassRanking, Plan, shared_ratios, solve
 from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
@@ -241,14 +241,19 @@ class IsomorphicPruner:
         return ignored
 
     def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig) -> Plan:
-        def ratios_at(ratio: float):
+        def shared(ratio: float) -> dict:
             return shared_ratios(rankings, ratio, config.head_pruning_ratio, config.head_dim_pruning_ratio)
 
         if config.pruning_ratio is not None:
-            return budget.plan(ratios_at(config.pruning_ratio))
-        if config.target_macs is not None:
-            return solve(budget, budget.macs, config.target_macs, ratios_at, "macs")
-        return solve(budget, budget.params, config.target_params, ratios_at, "params")
+            return budget.plan(shared(config.pruning_ratio))
+        name, target = ("macs", config.target_macs) if config.target_macs is not None else ("params", config.target_params)
+        metric = budget.macs if name == "macs" else budget.params
+        low, high = shared(0.0), shared(0.5)
+        pinned = {c: r for c, r in low.items() if high[c] == r}  # head ratios the user fixed
+        ratios_at = shared
+        if config.budget_policy == "allocate":
+            ratios_at = Allocation(budget, metric, pinned).ratios_at
+        return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned))
 
     @staticmethod
     def _apply(graph: tp.DependencyGraph, plan: Plan) -> None:
