@@ -35,21 +35,6 @@ def build(name: str) -> torch.nn.Module:
     return model
 
 
-def _skip_checkpoint_class(patch: pytest.MonkeyPatch) -> None:
-    """transformers Swin has no pruned checkpoint class yet (see `test_hf_swin_pruned_checkpoint_class`, which
-    fails loudly once it exists): return the pruned model itself, to test the pruning."""
-    from optimum_isoprune.modeling import convert
-
-    original = convert._to_pruned_transformers_model
-    patch.setattr(convert, "_to_pruned_transformers_model",
-                  lambda model, base: model if type(model) is SwinForImageClassification else original(model, base))
-
-
-@pytest.fixture
-def no_checkpoint_class(monkeypatch):
-    _skip_checkpoint_class(monkeypatch)
-
-
 def _inputs(batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
 
@@ -69,7 +54,6 @@ def test_adapter_is_found(name):
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-@pytest.mark.usefixtures("no_checkpoint_class")
 def test_ratio_zero_gives_identical_logits(name):
     model = build(name)
     pruner = IsomorphicPruner(model)
@@ -90,13 +74,11 @@ def test_windowed_attention_is_counted_per_window(name):
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def pruned_half(request):
-    with pytest.MonkeyPatch.context() as patch:
-        _skip_checkpoint_class(patch)
-        model = build(request.param)
-        reference = {k: v.clone() for k, v in model.state_dict().items()}
-        pruner = IsomorphicPruner(model)
-        target = count_macs(model) * 0.5
-        pruned = pruner.prune(IsomorphicPruningConfig(target_macs=target), calibration_dataset=_inputs(8))
+    model = build(request.param)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = IsomorphicPruner(model)
+    target = count_macs(model) * 0.5
+    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=target), calibration_dataset=_inputs(8))
     return request.param, model, reference, pruner, pruned, target
 
 
@@ -158,7 +140,6 @@ def test_stage_widths_are_pruned_through_patch_merging(pruned_half):
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-@pytest.mark.usefixtures("no_checkpoint_class")
 def test_bias_table_keeps_the_columns_of_the_kept_heads(name):
     model = build(name)
     pruner = IsomorphicPruner(model)
@@ -175,7 +156,6 @@ def test_bias_table_keeps_the_columns_of_the_kept_heads(name):
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 @pytest.mark.parametrize("min_heads", [1, 2])
-@pytest.mark.usefixtures("no_checkpoint_class")
 def test_min_heads_is_kept_in_every_layer(name, min_heads):
     pruner = IsomorphicPruner(build(name))
     pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, head_pruning_ratio=0.95, min_heads=min_heads,
@@ -197,10 +177,15 @@ def test_patch_merging_pruner_maps_each_channel_to_its_four_copies():
     assert merge(torch.randn(1, 4, 4, 2)).shape == (1, 2, 2, 5)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="modeling has no PrunedSwinForImageClassification yet: to_pruned_model refuses Swin")
-def test_hf_swin_pruned_checkpoint_class():
-    IsomorphicPruner(build("hf_swin")).prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_pruned_swin_saves_and_loads_bit_identical(name, tmp_path):
+    from optimum_isoprune.checkpoint import load_pruned_model
+
+    pruner = IsomorphicPruner(build(name))
+    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude"))
+    pruner.save_pretrained(tmp_path)
+    x = _inputs()
+    assert torch.equal(logits(load_pruned_model(tmp_path), x), logits(pruned, x))
 
 
 @pytest.mark.slow

@@ -22,8 +22,8 @@ import torch_pruning as tp
 from torch import nn
 
 from .base import AttentionLayout
-from .timm_models import TimmAdapter, _qualname
-from .transformers_models import TRANSFORMERS_ATTENTION, TransformersAdapter, _is_pretrained_model
+from .timm_models import TimmAdapter
+from .transformers_models import TRANSFORMERS_ATTENTION, TransformersAdapter
 
 HF_SWIN_ATTENTION = AttentionLayout(
     projections=TRANSFORMERS_ATTENTION.projections,
@@ -117,14 +117,7 @@ class SwinTransformersAdapter(TransformersAdapter):
     """transformers `SwinForImageClassification`: heads (with their bias table), head dims, MLPs and stage widths."""
 
     attention_layouts = (HF_SWIN_ATTENTION,)
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return _is_pretrained_model(model) and model.config.model_type in SWIN_MODEL_TYPES
-
-    @classmethod
-    def describe_supported(cls) -> str:
-        return "transformers: " + ", ".join(SWIN_MODEL_TYPES.values())
+    model_types = SWIN_MODEL_TYPES
 
     def graph_options(self, model: nn.Module) -> dict[str, Any]:
         return _patch_merging_options(model, super().graph_options(model))
@@ -144,14 +137,7 @@ class SwinTimmAdapter(TimmAdapter):
     """timm `swin_*` (`SwinTransformer`): heads (with their bias table), head dims, MLPs and stage widths."""
 
     attention_layouts = (TIMM_SWIN_ATTENTION,)
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return _qualname(model) in SWIN_TIMM_CLASSES
-
-    @classmethod
-    def describe_supported(cls) -> str:
-        return "timm: " + ", ".join(SWIN_TIMM_CLASSES.values())
+    timm_classes = SWIN_TIMM_CLASSES
 
     def graph_options(self, model: nn.Module) -> dict[str, Any]:
         return _patch_merging_options(model, super().graph_options(model))

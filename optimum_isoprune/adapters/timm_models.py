@@ -31,14 +31,15 @@ class TimmAdapter(ModelAdapter):
     """timm models whose class is in `SUPPORTED_TIMM_CLASSES`."""
 
     attention_layouts = (TIMM_ATTENTION,)
+    timm_classes: dict[str, str] = SUPPORTED_TIMM_CLASSES
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return _qualname(model) in SUPPORTED_TIMM_CLASSES
+        return _qualname(model) in cls.timm_classes
 
     @classmethod
     def describe_supported(cls) -> str:
-        return "timm: " + ", ".join(SUPPORTED_TIMM_CLASSES.values())
+        return "timm: " + ", ".join(cls.timm_classes.values())
 
     def _input_size(self) -> tuple[int, int, int]:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}

@@ -42,14 +42,15 @@ class TransformersAdapter(ModelAdapter):
 
     attention_layouts = (TRANSFORMERS_ATTENTION,)
     classifier_names = ("classifier", "cls_classifier", "distillation_classifier")
+    model_types: dict[str, str] = SUPPORTED_MODEL_TYPES
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return _is_pretrained_model(model) and model_type(model) in SUPPORTED_MODEL_TYPES
+        return _is_pretrained_model(model) and model_type(model) in cls.model_types
 
     @classmethod
     def describe_supported(cls) -> str:
-        return "transformers: " + ", ".join(SUPPORTED_MODEL_TYPES.values())
+        return "transformers: " + ", ".join(cls.model_types.values())
 
     def image_size(self) -> int:
         size = getattr(self.model.config, "image_size", None) or 224

@@ -16,6 +16,7 @@ from .configuration_pruned import (
     PrunedDeiTWithTeacherConfig,
     PrunedMobileNetV2Config,
     PrunedResNetConfig,
+    PrunedSwinConfig,
     PrunedTimmWrapperConfig,
     PrunedViTConfig,
 )
@@ -28,6 +29,7 @@ from .modeling_pruned import (
     PrunedDeiTForImageClassification,
     PrunedDeiTForImageClassificationWithTeacher,
     PrunedMobileNetV2ForImageClassification,
+    PrunedSwinForImageClassification,
     PrunedModelMixin,
     PrunedResNetForImageClassification,
     PrunedTimmWrapperForImageClassification,
@@ -56,6 +58,7 @@ __all__ = [
     "PrunedConvNextConfig",
     "PrunedConvNextV2Config",
     "PrunedResNetConfig",
+    "PrunedSwinConfig",
     "PrunedMobileNetV2Config",
     "PrunedTimmWrapperConfig",
     "PrunedViTForImageClassification",
@@ -65,5 +68,6 @@ __all__ = [
     "PrunedConvNextV2ForImageClassification",
     "PrunedResNetForImageClassification",
     "PrunedMobileNetV2ForImageClassification",
+    "PrunedSwinForImageClassification",
     "PrunedTimmWrapperForImageClassification",
 ]

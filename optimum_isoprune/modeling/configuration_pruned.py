@@ -26,6 +26,7 @@ from transformers import (
     MobileNetV2Config,
     PreTrainedConfig,
     ResNetConfig,
+    SwinConfig,
     TimmWrapperConfig,
     ViTConfig,
 )
@@ -171,6 +172,17 @@ class PrunedMobileNetV2Config(PrunedConfigMixin, MobileNetV2Config):
     pruned_last_channels: int | None = None
 
 
+class PrunedSwinConfig(PrunedConfigMixin, SwinConfig):
+    """A Swin Transformer with per-layer heads and MLP widths (and narrower stages)."""
+
+    model_type = "pruned_swin"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = SwinConfig
+    summary_fields: ClassVar[dict[str, int]] = {"layer_num_heads": 1, "layer_intermediate_sizes": 1}
+
+    layer_num_heads: list[int] | None = None
+    layer_intermediate_sizes: list[int] | None = None
+
+
 class PrunedTimmWrapperConfig(PrunedConfigMixin, TimmWrapperConfig):
     """A timm model wrapped by `TimmWrapperForImageClassification`, with pruned widths."""
 
@@ -192,6 +204,7 @@ PRUNED_CONFIG_CLASSES: tuple[type[PrunedConfigMixin], ...] = (
     PrunedConvNextV2Config,
     PrunedResNetConfig,
     PrunedMobileNetV2Config,
+    PrunedSwinConfig,
     PrunedTimmWrapperConfig,
 )
 

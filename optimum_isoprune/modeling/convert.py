@@ -25,6 +25,7 @@ from .modeling_pruned import (
     PrunedDeiTForImageClassification,
     PrunedDeiTForImageClassificationWithTeacher,
     PrunedMobileNetV2ForImageClassification,
+    PrunedSwinForImageClassification,
     PrunedModelMixin,
     PrunedResNetForImageClassification,
     PrunedTimmWrapperForImageClassification,
@@ -151,6 +152,13 @@ def _mobilenet_v2_widths(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _swin_widths(model: nn.Module) -> dict[str, Any]:
+    return {
+        "layer_num_heads": [int(a.num_attention_heads) for a in _modules_with(model, "q_proj", "num_attention_heads")],
+        "layer_intermediate_sizes": [_out_width(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+    }
+
+
 def timm_widths(model: nn.Module) -> dict[str, Any]:
     """Heads per timm attention block and hidden width per timm MLP, in module order."""
     return {
@@ -184,6 +192,7 @@ for _pruned, _summarize in (
     (PrunedConvNextV2ForImageClassification, _convnext_widths),
     (PrunedResNetForImageClassification, _resnet_widths),
     (PrunedMobileNetV2ForImageClassification, _mobilenet_v2_widths),
+    (PrunedSwinForImageClassification, _swin_widths),
     (PrunedTimmWrapperForImageClassification, timm_widths),
 ):
     _FAMILIES[stock_class_of(_pruned).__name__] = _FAMILIES[_pruned.__name__] = _Family(_pruned, _summarize)

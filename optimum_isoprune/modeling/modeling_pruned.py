@@ -32,6 +32,7 @@ from transformers import (
     DeiTForImageClassificationWithTeacher,
     MobileNetV2ForImageClassification,
     ResNetForImageClassification,
+    SwinForImageClassification,
     TimmWrapperForImageClassification,
     ViTForImageClassification,
 )
@@ -44,6 +45,7 @@ from .configuration_pruned import (
     PrunedDeiTWithTeacherConfig,
     PrunedMobileNetV2Config,
     PrunedResNetConfig,
+    PrunedSwinConfig,
     PrunedTimmWrapperConfig,
     PrunedViTConfig,
 )
@@ -417,6 +419,10 @@ class PrunedMobileNetV2ForImageClassification(PrunedModelMixin, MobileNetV2ForIm
         return kwargs
 
 
+class PrunedSwinForImageClassification(PrunedModelMixin, SwinForImageClassification):
+    config_class = PrunedSwinConfig
+
+
 class PrunedTimmWrapperForImageClassification(PrunedModelMixin, TimmWrapperForImageClassification):
     config_class = PrunedTimmWrapperConfig
 
@@ -432,6 +438,7 @@ PRUNED_MODEL_CLASSES: tuple[type[PrunedModelMixin], ...] = (
     PrunedConvNextV2ForImageClassification,
     PrunedResNetForImageClassification,
     PrunedMobileNetV2ForImageClassification,
+    PrunedSwinForImageClassification,
     PrunedTimmWrapperForImageClassification,
 )
 
