@@ -343,6 +343,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "distill_max_steps": args.distill_steps,
             "target_macs_ratio": args.target_macs_ratio,
             "seed": args.seed,
+            "num_threads": args.threads,
         }.items() if v is not None
     }
     if args.no_cache:
@@ -474,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-macs-ratio", type=float, metavar="R", help="pruned MACs / teacher MACs (0.5)")
     demo.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this Hub repo at the end")
     demo.add_argument("--smoke", action="store_true", help="tiny model and data subset: seconds, for tests")
+    demo.add_argument("--threads", type=_positive_int, metavar="N",
+                      help="torch CPU threads (default: one per core; 1 is faster on a machine busy with other work)")
     demo.add_argument("--seed", type=int)
     demo.set_defaults(func=cmd_demo)
     return parser
