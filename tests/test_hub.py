@@ -1,7 +1,6 @@
 """Model cards, the width picture and push_to_hub, offline: the Hub is replaced by a recording fake."""
 
 import hashlib
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
