@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .configuration import IsomorphicPruningConfig
 from .counting import count_macs, count_params
@@ -417,7 +418,7 @@ def run_demo(
     with _step(timings, "latency"):
         latency: dict[str, dict[str, float]] = {}
         card_latency: dict[str, Any] = {}
-        for batch in config.latency_batch_sizes:
+        for batch in tqdm(config.latency_batch_sizes, desc="Latency (teacher, student)", leave=False):
             kwargs = dict(image_size=config.image_size, num_channels=1, batch_size=batch,
                           repeats=config.latency_repeats, warmup=max(1, config.latency_repeats // 10))
             before, after = measure_latency(teacher, **kwargs), measure_latency(student, **kwargs)

@@ -44,7 +44,6 @@ def smoke_run(data_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
 def test_demo_smoke_writes_everything(smoke_run):
     for name in ("config.json", "model.safetensors", "README.md", "layer_widths.png", "pruning_config.json",
                  "pruning_report.json", "preprocessor_config.json", SUMMARY_NAME):
@@ -52,7 +51,6 @@ def test_demo_smoke_writes_everything(smoke_run):
     assert (smoke_run / "layer_widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
 def test_demo_summary_is_consistent(smoke_run):
     from optimum_isoprune import PruningReport
     from optimum_isoprune.checkpoint import load_pruned_model
@@ -114,7 +112,6 @@ def test_bad_settings_fail_before_any_work(tmp_path):
         run_demo(tmp_path, config=DemoConfig.smoke(), push_to_hub="not a repo")
 
 
-@pytest.mark.slow
 def test_push_failure_keeps_the_output(data_dir, tmp_path, monkeypatch, capsys):
     import optimum_isoprune.hub as hub
 
