@@ -489,6 +489,8 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity(logging.INFO if debug else logging.WARNING)
+    # Offline, every Hub retry logs a warning; the one-line error at the end says what happened.
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
