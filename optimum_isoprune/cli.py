@@ -208,10 +208,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .checkpoint import save_pruned_model
     from .configuration import IsomorphicPruningConfig
     from .counting import count_macs, count_params
-    from .hub import save_model_card
     from .pruner import IsomorphicPruner
 
     model = load_any_model(args.model, random_weights=args.random_weights)
@@ -245,11 +243,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration = prepare_for(model, dataset, processor)
     elif config.importance == "taylor":
         logger.warning("No --calibration-dataset: Taylor importance needs data, using magnitude importance instead.")
-    pruned = pruner.prune(config, calibration_dataset=calibration)
-    report = pruner.report
-    save_pruned_model(pruned, args.output, pruning_config=config, report=report, image_processor=processor)
-    save_model_card(args.output, report)
-    print(report.summary())
+    pruner.prune(config, calibration_dataset=calibration)
+    pruner.save_pretrained(args.output, image_processor=processor)
+    print(pruner.report.summary())
     print(f"Saved the pruned model to {args.output}")
     return 0
 

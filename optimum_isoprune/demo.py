@@ -351,8 +351,7 @@ def run_demo(
     With `push_to_hub`, the saved folder is uploaded at the end; a failed upload is recorded in
     `result.push_error` (the local folder stays complete) instead of raising.
     """
-    from .checkpoint import save_pruned_model
-    from .hub import HubPublishError, save_model_card, validate_repo_id
+    from .hub import HubPublishError, validate_repo_id
     from .hub import push_to_hub as hub_push
     from .latency import describe_machine, measure_latency
 
@@ -429,8 +428,6 @@ def run_demo(
     with _step(timings, "save"):
         if output.joinpath("config.json").exists():
             logger.info("Overwriting the checkpoint in %s.", output)
-        save_pruned_model(student, output, pruning_config=pruning_config, report=report,
-                          image_processor=build_image_processor(config), base_model_name_or_path=TEACHER_NAME)
         eval_results = {
             "dataset": DATASET_ID,
             "dataset_name": DATASET_NAME,
@@ -440,9 +437,10 @@ def run_demo(
             "pruned_no_finetune": accuracy["pruned"],
             "after": accuracy["student"],
         }
-        save_model_card(
+        # `student` is the pruner's own pruned model, distilled in place: save_pretrained writes its weights.
+        pruner.save_pretrained(
             output,
-            report,
+            image_processor=build_image_processor(config),
             eval_results=eval_results,
             finetuning=finetuning,
             latency=card_latency,
