@@ -22,4 +22,13 @@ demo: venv
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
 		(echo "Install Debian's dataset-fashion-mnist (needs root) or pass --data-dir" && exit 1)
-	$(BIN)/optimum-isoprune demo
+	$(BIN)/optimum-isoprune demo $(DEMO_ARGS)
+
+# Regenerate benchmarks/results (JSON + PNG) and the tables of BENCHMARKS.md (about 75 min on 2 shared cores).
+.PHONY: benchmarks
+benchmarks: venv
+	cd benchmarks && ../$(BIN)/python budget_accuracy.py
+	cd benchmarks && ../$(BIN)/python prune_cost.py --repeats 2 --models vit_b16,convnext_b,vit_l16
+	cd benchmarks && ../$(BIN)/python latency.py --rounds1 7 --rounds32 3
+	cd benchmarks && ../$(BIN)/python ranking_quality.py --fresh --steps 100 --seeds 0,1
+	cd benchmarks && ../$(BIN)/python summarize.py

@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -96,9 +97,13 @@ class IsomorphicPruner:
         macs_before, params_before = cost.macs(), count_params(model)
 
         tick = time.perf_counter()
-        graph = tp.DependencyGraph().build_dependency(
-            model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
-        )
+        with warnings.catch_warnings():
+            # Bare parameters (cls token, position embeddings, layer scales) are pruned on their last
+            # dimension, the channel one in every supported family; the support-matrix tests check it.
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            graph = tp.DependencyGraph().build_dependency(
+                model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
+            )
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))
         classes = build_classes(groups, config.grouping, config.prune_heads and bool(attentions),
                                 config.prune_head_dims)
@@ -139,7 +144,9 @@ class IsomorphicPruner:
             image_size=image_size,
             target_macs=config.target_macs,
             target_params=config.target_params,
-            pruning_ratio=self._main_ratio(plan),
+            pruning_ratio=_removed_fraction(rankings, plan, "channels"),
+            head_pruning_ratio=_removed_fraction(rankings, plan, "heads"),
+            head_dim_pruning_ratio=_removed_fraction(rankings, plan, "head_dims"),
             classes=[ClassAmount(r.cls.name, len(r.cls.groups), int(r.counts.sum()), int(plan.kept_units[r.cls].sum()))
                      for r in rankings],
             layers=layers,
@@ -286,10 +293,20 @@ class IsomorphicPruner:
             layers.append(LayerWidth(a.name, "head_dim", a.head_dim, dims))
         return layers
 
-    @staticmethod
-    def _main_ratio(plan: Plan) -> float:
-        channel = [r for c, r in plan.ratios.items() if not c.heads]
-        return float(max(channel)) if channel else 0.0
+
+
+def _removed_fraction(rankings: list[ClassRanking], plan: Plan, unit: str) -> float:
+    """Fraction of all "channels" (outside attention), "heads" or "head_dims" that the plan removes."""
+    def is_unit(ranking: ClassRanking) -> bool:
+        if ranking.cls.heads:
+            return unit == "heads"
+        attention = all(g.attention is not None for g in ranking.cls.groups)
+        return unit == ("head_dims" if attention else "channels")
+
+    chosen = [r for r in rankings if is_unit(r)]
+    total = sum(int(r.counts.sum()) for r in chosen)
+    kept = sum(int(plan.kept_units[r.cls].sum()) for r in chosen)
+    return 1.0 - kept / total if total else 0.0
 
 
 def _kept_head_indices(group: PrunableGroup, removed) -> list[int]:

@@ -51,6 +51,7 @@ class PruningReport:
     image_size: int
     target_macs: float | None = None
     target_params: float | None = None
+    # Achieved fractions removed: channels outside attention, whole heads, and dims inside heads.
     pruning_ratio: float = 0.0
     head_pruning_ratio: float = 0.0
     head_dim_pruning_ratio: float = 0.0
@@ -106,8 +107,8 @@ class PruningReport:
     def summary(self) -> str:
         """A short human-readable table of the run."""
         rows = [
-            ("MACs", f"{self.macs_before / 1e9:.3f} G", f"{self.macs_after / 1e9:.3f} G", f"{self.macs_ratio:.3f}"),
-            ("Params", f"{self.params_before / 1e6:.3f} M", f"{self.params_after / 1e6:.3f} M", f"{self.params_ratio:.3f}"),
+            ("MACs", _human(self.macs_before), _human(self.macs_after), f"{self.macs_ratio:.3f}"),
+            ("Params", _human(self.params_before), _human(self.params_after), f"{self.params_ratio:.3f}"),
         ]
         lines = [f"{'':8}{'before':>14}{'after':>14}{'ratio':>8}"]
         lines += [f"{n:8}{b:>14}{a:>14}{r:>8}" for n, b, a, r in rows]
@@ -118,3 +119,11 @@ class PruningReport:
         if self.timings:
             lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
+
+
+def _human(count: float) -> str:
+    """1234567 -> '1.235 M'."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale:
+            return f"{count / scale:.3f} {unit}"
+    return f"{count:.0f}"

@@ -82,6 +82,9 @@ def test_heads_and_head_dims_follow_their_own_ratios():
     classes = {c.name.split(":")[0]: c for c in pruner.report.classes}
     assert classes["heads"].after == 6  # 12 heads, half removed
     assert classes["head_dim"].after == classes["head_dim"].before
+    report = pruner.report
+    assert (report.head_pruning_ratio, report.head_dim_pruning_ratio) == (0.5, 0.0)
+    assert report.pruning_ratio == pytest.approx(0.25, abs=0.02)
 
 
 def test_same_seed_same_model():
