@@ -191,3 +191,21 @@ def test_paper_deit_shapes(name, ratio, head_ratio, head_dim_ratio, macs, params
                                          head_dim_pruning_ratio=head_dim_ratio, round_to=2, importance="magnitude"))
     assert abs(pruner.report.macs_after - macs) / macs <= 0.015
     assert abs(pruner.report.params_after - params) / params <= 0.015
+
+
+@pytest.mark.parametrize("grouping", ["uniform", "isomorphic"])
+def test_the_least_important_channels_are_the_ones_removed(grouping):
+    """torch-pruning's local isomorphic mode picks wrong indices; our ranking must keep the strong channels."""
+    model = build("vit")
+    strong = torch.arange(0, 256, 2)  # every even MLP neuron of every layer carries large weights
+    with torch.no_grad():
+        for layer in model.vit.layers:
+            layer.mlp.fc1.weight.mul_(0.01)
+            layer.mlp.fc1.weight[strong] *= 1000
+            layer.mlp.fc2.weight.mul_(0.01)
+            layer.mlp.fc2.weight[:, strong] *= 1000
+    pruned = IsomorphicPruner(model).prune(IsomorphicPruningConfig(
+        pruning_ratio=0.5, grouping=grouping, importance="magnitude", prune_heads=False, prune_head_dims=False))
+    for before, after in zip(model.vit.layers, pruned.vit.layers):
+        assert after.mlp.fc1.out_features == 128
+        assert torch.equal(after.mlp.fc1.bias, before.mlp.fc1.bias[strong])  # exactly the strong neurons, in order
