@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import traceback
-from pathlib import Path
 from typing import Any, Sequence
 
 logger = logging.getLogger("optimum_isoprune.cli")

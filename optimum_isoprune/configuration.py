@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
+
+from .serialization import JsonFile
 
 CONFIG_NAME = "pruning_config.json"
 
@@ -15,8 +15,10 @@ BUDGET_POLICY_CHOICES = ("shared", "allocate")
 
 
 @dataclass
-class IsomorphicPruningConfig:
+class IsomorphicPruningConfig(JsonFile):
     """Configuration of one pruning run; exactly one of `target_macs`, `target_params`, `pruning_ratio`."""
+
+    file_name: ClassVar[str] = CONFIG_NAME
 
     target_macs: float | None = field(
         default=None, metadata={"help": "MACs of the pruned model for one image (e.g. 1.2e9)."}
@@ -114,26 +116,6 @@ class IsomorphicPruningConfig:
         if unknown:
             raise ValueError(f"Unknown IsomorphicPruningConfig fields {unknown}; known fields: {sorted(known)}.")
         return cls(**data)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write `pruning_config.json` into `save_directory` and return its path."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "IsomorphicPruningConfig":
-        """Read a config from a directory holding `pruning_config.json`, or from the JSON file itself."""
-        file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else str(path)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"No {CONFIG_NAME} found at {path!s}.")
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

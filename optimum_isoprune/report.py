@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from .serialization import JsonFile
 
 REPORT_NAME = "pruning_report.json"
 
@@ -39,8 +39,10 @@ class ClassAmount:
 
 
 @dataclass
-class PruningReport:
+class PruningReport(JsonFile):
     """Before/after numbers of one pruning run; saved as `pruning_report.json` beside the checkpoint."""
+
+    file_name: ClassVar[str] = REPORT_NAME
 
     base_model: str | None
     architecture: str
@@ -87,22 +89,6 @@ class PruningReport:
         data["classes"] = [ClassAmount(**c) for c in data.get("classes", [])]
         data["layers"] = [LayerWidth(**w) for w in data.get("layers", [])]
         return cls(**data)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, REPORT_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "PruningReport":
-        file = os.path.join(path, REPORT_NAME) if os.path.isdir(path) else str(path)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"No {REPORT_NAME} found at {path!s}.")
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
 
     def summary(self) -> str:
         """A short human-readable table of the run."""

@@ -16,6 +16,8 @@ from transformers import (
     MobileNetV2ForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
     ViTConfig,
@@ -26,6 +28,7 @@ IMAGE_SIZE = 32
 VIT_KWARGS = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
                   image_size=IMAGE_SIZE, patch_size=8, num_labels=10)
 CONVNEXT_KWARGS = dict(hidden_sizes=[32, 64], depths=[2, 2], num_stages=2, image_size=IMAGE_SIZE, num_labels=10)
+SWIN_KWARGS = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
 
 
@@ -55,12 +58,22 @@ BUILDERS = {
                                                dims=(32, 64, 96, 128), depths=(1, 1, 2, 1)),
     "timm_resnet": lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
     "timm_wrapper": _timm_wrapper,
+    "hf_swin": lambda: SwinForImageClassification(SwinConfig(
+        image_size=IMAGE_SIZE, patch_size=2, num_labels=10,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in SWIN_KWARGS.items()})),
+    "timm_swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=IMAGE_SIZE,
+                                           patch_size=2, num_classes=10, **SWIN_KWARGS),
 }
 
 
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return BUILDERS[name]().eval()
+    model = BUILDERS[name]().eval()
+    with torch.no_grad():  # transformers initialises Swin's bias tables to zero: make every head's column distinct
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("relative_position_bias_table"):
+                param.normal_(std=0.5)
+    return model
 
 
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
