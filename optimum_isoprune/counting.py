@@ -10,8 +10,9 @@ with eager attention is the independent check used in the tests.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -44,18 +45,31 @@ class CostModel:
     ):
         if example_input.shape[0] != 1:
             raise ValueError("CostModel needs an example input with batch size 1.")
-        self.layers: list[_LayerCost] = []
-        handles = [
-            m.register_forward_hook(self._record)
-            for m in model.modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))
-        ]
-        try:
+        with self._hooks(model):
             with torch.no_grad():
                 forward(model, example_input)
+        self._finish(model, attentions)
+
+    @classmethod
+    @contextmanager
+    def recording(cls, model: nn.Module, attentions: list[Attention]) -> Iterator["CostModel"]:
+        """Measure during a forward pass of one image that runs anyway (e.g. tracing the dependency graph)."""
+        cost = cls.__new__(cls)
+        with cost._hooks(model):
+            yield cost
+        cost._finish(model, attentions)
+
+    @contextmanager
+    def _hooks(self, model: nn.Module) -> Iterator[None]:
+        self.layers: list[_LayerCost] = []
+        handles = [m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        try:
+            yield
         finally:
             for h in handles:
                 h.remove()
+
+    def _finish(self, model: nn.Module, attentions: list[Attention]) -> None:
         positions = {id(c.module): c.positions for c in self.layers}
         sequences = {id(c.module): c.sequence for c in self.layers}
         self.attentions = [(a, positions[id(a.projections[0])], sequences[id(a.projections[0])]) for a in attentions]

@@ -93,17 +93,15 @@ class IsomorphicPruner:
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(True)
         attentions = adapter.attentions(model)
-        cost = CostModel(model, example, attentions, adapter.logits)
-        macs_before, params_before = cost.macs(), count_params(model)
-
         tick = time.perf_counter()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), CostModel.recording(model, attentions) as cost:
             # Bare parameters (cls token, position embeddings, layer scales) are pruned on their last
             # dimension, the channel one in every supported family; the support-matrix tests check it.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            graph = tp.DependencyGraph().build_dependency(
+            graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
                 model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
             )
+        macs_before, params_before = cost.macs(), count_params(model)
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))
         classes = build_classes(groups, config.grouping, config.prune_heads and bool(attentions),
                                 config.prune_head_dims)
@@ -121,6 +119,7 @@ class IsomorphicPruner:
         rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
         budget = Budget(rankings, groups, cost)
         plan = self._solve(budget, rankings, config)
+        macs_after = budget.macs(plan)  # counted from the layer shapes before surgery; tests recount the result
         timings["budget"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -131,8 +130,7 @@ class IsomorphicPruner:
         adapter.restore(model, self.model)
         timings["surgery"] = time.perf_counter() - tick
 
-        model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path)
-        macs_after = CostModel(model, example, adapter.attentions(model), adapter.logits).macs()
+        model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
         timings["total"] = time.perf_counter() - started
         self._report = PruningReport(
             base_model=self.base_model_name_or_path,

@@ -209,16 +209,18 @@ def to_pruned_model(
     model: nn.Module,
     base_model_name_or_path: str | None = None,
     model_args: dict[str, Any] | None = None,
+    share_weights: bool = False,
 ) -> nn.Module:
     """Make a physically pruned model saveable; logits stay bit-identical.
 
     A transformers model becomes an instance of the matching pruned class (its config records the
-    widths, the weights are the same tensors' values). A timm model is returned as is, with the
-    manifest attached as `model.pruned_manifest` (`model_args` overrides timm's recorded
-    constructor arguments when the model was built by other means).
+    widths; its weights are copies, or with `share_weights=True` the very same tensors, for a
+    caller that discards `model`). A timm model is returned as is, with the manifest attached as
+    `model.pruned_manifest` (`model_args` overrides timm's recorded constructor arguments when the
+    model was built by other means).
     """
     if isinstance(model, PreTrainedModel):
-        return _to_pruned_transformers_model(model, base_model_name_or_path)
+        return _to_pruned_transformers_model(model, base_model_name_or_path, share_weights)
     if hasattr(model, "pretrained_cfg"):
         return _attach_timm_manifest(model, base_model_name_or_path, model_args)
     raise TypeError(
@@ -227,7 +229,8 @@ def to_pruned_model(
     )
 
 
-def _to_pruned_transformers_model(model: PreTrainedModel, base_model_name_or_path: str | None) -> PreTrainedModel:
+def _to_pruned_transformers_model(model: PreTrainedModel, base_model_name_or_path: str | None,
+                                  share_weights: bool = False) -> PreTrainedModel:
     family = _FAMILIES.get(type(model).__name__)
     if family is None:
         raise TypeError(
@@ -261,16 +264,25 @@ def _to_pruned_transformers_model(model: PreTrainedModel, base_model_name_or_pat
     if implementation is not None:
         pruned_config._attn_implementation = implementation
 
-    first = next(model.parameters(), None)
-    pruned = pruned_class(pruned_config)
-    if first is not None:
-        pruned.to(device=first.device, dtype=first.dtype)
-    pruned.load_state_dict(model.state_dict(), strict=True)
-    # Non-persistent buffers are not in the state dict; copy them too so nothing differs.
+    def take(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach() if share_weights else tensor.detach().clone()
+
+    # Built without memory, then handed the weights: nothing is initialised only to be overwritten.
+    with torch.device("meta"):
+        pruned = pruned_class(pruned_config)
+    pruned.load_state_dict({k: take(v) for k, v in model.state_dict().items()}, strict=True, assign=True)
+    # Non-persistent buffers are not in the state dict; take them over too so nothing differs.
     own_buffers = dict(pruned.named_buffers())
     for name, buffer in model.named_buffers():
         if name in own_buffers and own_buffers[name].shape == buffer.shape:
-            own_buffers[name].copy_(buffer)
+            owner, _, attribute = name.rpartition(".")
+            pruned.get_submodule(owner)._buffers[attribute] = take(buffer)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, parameter in pruned.named_parameters():
+        parameter.requires_grad_(flags.get(name, True))
+    leftovers = [n for n, t in [*pruned.named_parameters(), *pruned.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"{pruned_class.__name__}: no value for {leftovers} in the pruned model.")
     pruned.train(model.training)
     for name, value in family.summarize(pruned).items():
         setattr(pruned.config, name, value)
