@@ -71,7 +71,12 @@ class IsomorphicPruner:
 
     def prune(self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None,
               **config_kwargs: Any) -> nn.Module:
-        """Return a pruned copy of the model (the original is never modified)."""
+        """Return a pruned copy of the model (the original is never modified).
+
+        Pass an `IsomorphicPruningConfig`, or its fields as keyword arguments (`prune(target_macs=1.2e9)`).
+        """
+        if config is not None and config_kwargs:
+            raise TypeError(f"Pass either a config or its fields, not both (got config and {sorted(config_kwargs)}).")
         config = config or IsomorphicPruningConfig(**config_kwargs)
         self._check_model()
         timings: dict[str, float] = {}
