@@ -30,5 +30,7 @@ benchmarks: venv
 	cd benchmarks && ../$(BIN)/python budget_accuracy.py
 	cd benchmarks && ../$(BIN)/python prune_cost.py --repeats 2 --models vit_b16,convnext_b,vit_l16
 	cd benchmarks && ../$(BIN)/python latency.py --rounds1 7 --rounds32 3
-	cd benchmarks && ../$(BIN)/python ranking_quality.py --fresh --steps 100 --seeds 0,1
+	cd benchmarks && ../$(BIN)/python ranking_quality.py --fresh --steps 100 --seeds 0,1,2
+	cd benchmarks && ../$(BIN)/python ranking_quality.py --steps 100 --seeds 0,1 --part5 --part5-steps 400
+	cd benchmarks && ../$(BIN)/python ranking_quality.py --steps 100 --seeds 0,1 --importances magnitude --methods iso-shared,iso-allocate,global,uniform
 	cd benchmarks && ../$(BIN)/python summarize.py

@@ -123,6 +123,9 @@ def train_teacher(name: str, x, y, xt, yt, seconds: float, seed: int = 0):
 
 def distill(student, teacher, train_set, steps: int, seed: int, lr: float = 1e-3) -> float:
     tick = time.perf_counter()
+    # DistillationTrainer freezes the teacher in place, and a model pruned from a frozen teacher may inherit
+    # requires_grad=False (seen with transformers ConvNeXt): the whole student trains.
+    student.requires_grad_(True)
     with tempfile.TemporaryDirectory() as out:
         args = DistillationTrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=64, learning_rate=lr, weight_decay=0.05,

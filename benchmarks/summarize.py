@@ -149,22 +149,27 @@ def part4() -> None:
     emit("|---|---|---|---|" + "---|" * len(methods))
     cells = defaultdict(list)
     for r in rows:
-        cells[(r["teacher"], r["fraction"], r["method"])].append(r)
+        cells[(r["teacher"], r["fraction"], r["method"], r["importance"])].append(r)
+        if r["method"] == "random":  # random importance ignores the criterion: one column for every table
+            cells[(r["teacher"], r["fraction"], r["method"], "magnitude")].append(r)
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
         for fraction in sorted({r["fraction"] for r in rows if r["teacher"] == teacher}, reverse=True):
+          for imp in ("taylor", "magnitude"):
+            if not any(k[0] == teacher and k[1] == fraction and k[3] == imp and k[2] != "random" for k in cells):
+                continue
             for stage, key in (("after pruning", "top1_pruned"), (f"after {d['setup']['distill_steps']} distill steps",
                                                                    "top1_distilled")):
                 vals = []
                 seeds = set()
                 for m in methods:
-                    rs = cells.get((teacher, fraction, m), [])
+                    rs = cells.get((teacher, fraction, m, imp), [])
                     seeds |= {r["seed"] for r in rs}
                     if rs:
                         xs = [100 * r[key] for r in rs]
                         vals.append(f"{statistics.mean(xs):.1f}" + (f" ±{statistics.pstdev(xs):.1f}" if len(xs) > 1 else ""))
                     else:
                         vals.append("-")
-                emit(f"| {teacher} | {int(100 * fraction)}% | taylor, {stage} | {len(seeds)} | " + " | ".join(vals) + " |")
+                emit(f"| {teacher} | {int(100 * fraction)}% | {imp}, {stage} | {len(seeds)} | " + " | ".join(vals) + " |")
     emit()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=False)
     for ax, key, title in ((axes[0], "top1_pruned", "right after pruning"),
@@ -176,7 +181,7 @@ def part4() -> None:
         for i, m in enumerate(methods):
             ys, errs = [], []
             for (teacher, fraction) in xs_labels:
-                rs = cells.get((teacher, fraction, m), [])
+                rs = cells.get((teacher, fraction, m, "taylor"), [])
                 vals = [100 * r[key] for r in rs]
                 ys.append(statistics.mean(vals) if vals else float("nan"))
                 errs.append(statistics.pstdev(vals) if len(vals) > 1 else 0)
