@@ -18,7 +18,8 @@ from .errors import BudgetError
 from .importance import unit_scores
 from .isomorphic import IsomorphicClass, PrunableGroup
 
-BISECTION_STEPS = 40
+BISECTION_STEPS = 40  # the allocate policy's threshold needs the fine resolution
+CLASS_BISECTION_STEPS = 24  # one class's ratio: finer than one unit in 2^24
 REFINEMENT_ROUNDS = 3
 MAX_RATIO = 0.9999
 
@@ -72,6 +73,7 @@ class Plan:
     removed: dict[PrunableGroup, np.ndarray]
     ratios: dict[IsomorphicClass, float]
     kept_units: dict[IsomorphicClass, np.ndarray]
+    removed_channels: dict[tuple[int, bool], int]  # (id(layer or parameter), is_out_dim) -> channels removed
 
 
 class Budget:
@@ -82,6 +84,7 @@ class Budget:
         self.groups = groups
         self.cost = cost
         self.sizes = {t.key: len(t.root_idxs) for g in groups for t in g.targets}
+        self._cache: dict[tuple[int, int, int], tuple[np.ndarray, dict[tuple[int, bool], int]]] = {}
 
     def plan(self, ratios: dict[IsomorphicClass, float]) -> Plan:
         kept_units = {r.cls: r.kept(ratios[r.cls]) for r in self.rankings}
@@ -90,34 +93,36 @@ class Budget:
         for ranking in self.rankings:
             for group, order, kept in zip(ranking.cls.groups, ranking.local_order, kept_units[ranking.cls]):
                 (heads if ranking.cls.heads else channels)[group] = order[: len(order) - kept]
-        removed = {}
+        removed, counts = {}, {}
         for group in self.groups:
+            group_heads, group_channels = heads.get(group, ()), channels.get(group, ())
+            idxs, group_counts = self._removal(group, group_heads, group_channels)
+            removed[group] = idxs
+            for key, count in group_counts.items():
+                counts[key] = counts.get(key, 0) + count
+        return Plan(removed, dict(ratios), kept_units, counts)
+
+    def _removal(self, group: PrunableGroup, heads, channels) -> tuple[np.ndarray, dict[tuple[int, bool], int]]:
+        """Root channels a group loses, and how many each of its layers loses; cached, since a unit's
+        order inside its group is fixed, the removal depends only on how many heads/channels go."""
+        key = (id(group), len(heads), len(channels))
+        if key not in self._cache:
             mask = np.zeros(group.width, dtype=bool)
             if group.attention is None:
-                mask[channels.get(group, [])] = True
+                mask[channels] = True
             else:
                 grid = mask.reshape(group.attention.num_heads, group.attention.head_dim)
-                grid[heads.get(group, []), :] = True
-                grid[:, channels.get(group, [])] = True
-            removed[group] = np.flatnonzero(mask)
-        return Plan(removed, dict(ratios), kept_units)
-
-    def removed_channels(self, plan: Plan) -> dict[tuple[int, bool], int]:
-        counts: dict[tuple[int, bool], int] = {}
-        for group, idxs in plan.removed.items():
-            if len(idxs) == 0:
-                continue
-            mask = np.zeros(group.width, dtype=bool)
-            mask[idxs] = True
-            for target in group.targets:
-                counts[target.key] = counts.get(target.key, 0) + int(mask[target.root_idxs].sum())
-        return counts
+                grid[heads, :] = True
+                grid[:, channels] = True
+            counts = {t.key: int(mask[t.root_idxs].sum()) for t in group.targets} if mask.any() else {}
+            self._cache[key] = (np.flatnonzero(mask), counts)
+        return self._cache[key]
 
     def macs(self, plan: Plan) -> int:
-        return self.cost.macs(self.removed_channels(plan))
+        return self.cost.macs(plan.removed_channels)
 
     def params(self, plan: Plan) -> int:
-        return self.cost.params(self.removed_channels(plan), self.sizes)
+        return self.cost.params(plan.removed_channels, self.sizes)
 
 
 def shared_ratios(rankings: list[ClassRanking], ratio: float, head_ratio: float | None,
@@ -199,20 +204,23 @@ def solve(
     starts = [above] + [budget.plan({**above.ratios, c: r}) for c in free for r in (above.ratios[c] / 2, 0.0)
                         if above.ratios[c] > 0]
     for start in starts:
-        best = min((best, _descend(budget, metric, target, start, free)), key=lambda p: abs(metric(p) - target))
+        best = min((best, _descend(budget, metric, target, start, free, tolerance)),
+                   key=lambda p: abs(metric(p) - target))
         if close_enough(best):
             break
     return best
 
 
 def _descend(budget: Budget, metric: Callable[[Plan], int], target: float, above: Plan,
-             free: list[IsomorphicClass]) -> Plan:
+             free: list[IsomorphicClass], tolerance: float) -> Plan:
     """Coordinate descent from a plan at or above the target: each class in turn prunes up to its crossing."""
     best = above
     for _ in range(REFINEMENT_ROUNDS):
         for cls in free:
+            if abs(metric(best) - target) / target <= tolerance:
+                return best
             base = above.ratios
-            lo_c, hi_c = _crossing(lambda r: metric(budget.plan({**base, cls: r})), target)
+            lo_c, hi_c = _crossing(lambda r: metric(budget.plan({**base, cls: r})), target, CLASS_BISECTION_STEPS)
             closer = budget.plan({**base, cls: lo_c})
             if target <= metric(closer) < metric(above):
                 above = closer
@@ -220,12 +228,12 @@ def _descend(budget: Budget, metric: Callable[[Plan], int], target: float, above
     return best
 
 
-def _crossing(f: Callable[[float], int], target: float) -> tuple[float, float]:
+def _crossing(f: Callable[[float], int], target: float, steps: int = BISECTION_STEPS) -> tuple[float, float]:
     """Bisection on a non-increasing step function: the ratios just before and after it passes `target`."""
     lo, hi = 0.0, MAX_RATIO
     if f(lo) < target:
         return lo, lo
-    for _ in range(BISECTION_STEPS):
+    for _ in range(steps):
         mid = (lo + hi) / 2
         if f(mid) >= target:
             lo = mid
