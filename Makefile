@@ -32,5 +32,4 @@ benchmarks: venv
 	cd benchmarks && ../$(BIN)/python latency.py --rounds1 7 --rounds32 3
 	cd benchmarks && ../$(BIN)/python ranking_quality.py --fresh --steps 100 --seeds 0,1,2
 	cd benchmarks && ../$(BIN)/python ranking_quality.py --steps 100 --seeds 0,1 --part5 --part5-steps 400
-	cd benchmarks && ../$(BIN)/python ranking_quality.py --steps 100 --seeds 0,1 --importances magnitude --methods iso-shared,iso-allocate,global,uniform
 	cd benchmarks && ../$(BIN)/python summarize.py

@@ -100,7 +100,7 @@ def part2() -> None:
     labels, parts = [], defaultdict(list)
     keys = ["graph", "importance", "budget", "surgery", "step", "other"]
     for (key, label), rs in groups.items():
-        short = label.replace(" target 50% MACs, ", "\n50% MACs ")
+        short = label.replace(" target 50% MACs, ", "\n50% MACs ").replace(" ratio 0.4", "\nratio 0.4")
         labels.append(f"{key}\n{short}")
         t = {k: statistics.median(r["timings"].get(k, 0.0) for r in rs) for k in keys[:-1]}
         t["other"] = max(0.0, med(rs, "wall_s") - sum(t.values()))
