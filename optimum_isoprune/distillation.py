@@ -204,6 +204,9 @@ class DistillationTrainer(Trainer):
             logger.info("timm distilled student: the distillation head learns from the teacher.")
         self._teacher_cache: torch.Tensor | None = None
         self._teacher_cached: torch.Tensor | None = None
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("The student has no trainable parameters (was it frozen, e.g. used as a teacher before?); "
+                             "call student.requires_grad_(True) first.")
         self._check_dataset(self.train_dataset)
 
     # ---- checks before training -------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class IsomorphicPruner:
 
     def prune(self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None,
               **config_kwargs: Any) -> nn.Module:
-        """Return a pruned copy of the model (the original is never modified).
+        """Return a pruned copy of the model (the original is never modified), all parameters trainable.
 
         Pass an `IsomorphicPruningConfig`, or its fields as keyword arguments (`prune(target_macs=1.2e9)`).
         """
@@ -95,8 +95,7 @@ class IsomorphicPruner:
         model = copy.deepcopy(self.model)
         model.eval()
         adapter.make_traceable(model)
-        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        model.requires_grad_(True)
+        model.requires_grad_(True)  # the pruned copy comes back ready to finetune, even from a frozen teacher
         attentions = adapter.attentions(model)
         tick = time.perf_counter()
         with warnings.catch_warnings(), CostModel.recording(model, attentions) as cost:
@@ -106,6 +105,7 @@ class IsomorphicPruner:
             graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
                 model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
             )
+        adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again
         macs_before, params_before = cost.macs(), count_params(model)
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))
         classes = build_classes(groups, config.grouping, config.prune_heads and bool(attentions),
@@ -130,9 +130,6 @@ class IsomorphicPruner:
         tick = time.perf_counter()
         layers = self._layer_widths(plan)
         self._apply(graph, plan)
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad.get(name, True))
-        adapter.restore(model, self.model)
         timings["surgery"] = time.perf_counter() - tick
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)

@@ -97,6 +97,12 @@ def test_timm_teacher_with_other_image_size_is_refused(tmp_path):
         DistillationTrainer(model=tiny_vit(), args=make_args(tmp_path), teacher_model=teacher, train_dataset=tiny_data())
 
 
+def test_frozen_student_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        DistillationTrainer(model=tiny_vit().requires_grad_(False), args=make_args(tmp_path), teacher_model=tiny_vit(),
+                            train_dataset=tiny_data())
+
+
 def test_distillation_without_teacher_is_refused(tmp_path):
     with pytest.raises(ValueError, match="teacher_model"):
         DistillationTrainer(model=tiny_vit(), args=make_args(tmp_path, distillation_type="soft"), train_dataset=tiny_data())

@@ -209,3 +209,10 @@ def test_the_least_important_channels_are_the_ones_removed(grouping):
     for before, after in zip(model.vit.layers, pruned.vit.layers):
         assert after.mlp.fc1.out_features == 128
         assert torch.equal(after.mlp.fc1.bias, before.mlp.fc1.bias[strong])  # exactly the strong neurons, in order
+
+
+def test_a_frozen_teacher_gives_a_trainable_student():
+    teacher = build("vit").requires_grad_(False)
+    student = IsomorphicPruner(teacher).prune(IsomorphicPruningConfig(pruning_ratio=0.3, importance="magnitude"))
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
