@@ -19,6 +19,7 @@ import timm
 import torch
 
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
+from optimum_isoprune.report import format_count
 
 # name, timm model, ratio, head ratio, head-dim ratio, paper MACs, paper params, paper ImageNet top-1
 PAPER = [
@@ -37,10 +38,6 @@ def build(timm_name: str, smoke: bool) -> torch.nn.Module:
     full = timm.create_model(timm_name, pretrained=False, depth=1, num_classes=1)  # only to read its width
     return timm.create_model(timm_name, pretrained=False, embed_dim=full.embed_dim // 4,
                              num_heads=full.blocks[0].attn.num_heads, **SMOKE_KWARGS)
-
-
-def fmt_macs(value: float) -> str:
-    return f"{value / 1e9:.3f}G" if value >= 1e8 else f"{value / 1e6:.3f}M"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -67,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         paper_macs = f"{row['paper_macs'] / 1e9:.2f}G" if row["paper_macs"] else "—"
         paper_params = f"{row['paper_params'] / 1e6:.2f}M" if row["paper_params"] else "—"
-        print(f"{row['name']:10} {fmt_macs(row['macs']):>10} {paper_macs:>8} {row['params'] / 1e6:>11.2f}M "
+        print(f"{row['name']:10} {format_count(row['macs']):>10} {paper_macs:>8} {row['params'] / 1e6:>11.2f}M "
               f"{paper_params:>8} {row['paper_top1']:>12.2f}")
     return rows
 

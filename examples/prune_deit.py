@@ -24,6 +24,7 @@ from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, count_macs
 from optimum_isoprune.checkpoint import save_pruned_model
+from optimum_isoprune.report import format_count
 from optimum_isoprune.data import load_image_dataset, prepare_dataset
 
 # name, Hub id of the base model, its (hidden size, heads), MACs of the base and of the pruned model in the paper
@@ -44,10 +45,6 @@ def build_deit(hidden: int, heads: int, smoke: bool) -> DeiTForImageClassificati
         config = DeiTConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
                             num_hidden_layers=12, image_size=224, patch_size=16, num_labels=1000)
     return DeiTForImageClassificationWithTeacher(config).eval()
-
-
-def fmt_macs(value: float) -> str:
-    return f"{value / 1e9:.3f}G" if value >= 1e8 else f"{value / 1e6:.3f}M"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(f"{'shape':10} {'target MACs':>12} {'ours MACs':>12} {'ours params':>12} {'time':>7}")
     for row in rows:
-        print(f"{row['name']:10} {fmt_macs(row['target']):>12} {fmt_macs(row['macs']):>12} "
+        print(f"{row['name']:10} {format_count(row['target']):>12} {format_count(row['macs']):>12} "
               f"{row['params'] / 1e6:>11.3f}M {row['seconds']:>6.1f}s")
     return rows
 

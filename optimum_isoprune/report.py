@@ -93,8 +93,8 @@ class PruningReport(JsonFile):
     def summary(self) -> str:
         """A short human-readable table of the run."""
         rows = [
-            ("MACs", _human(self.macs_before), _human(self.macs_after), f"{self.macs_ratio:.3f}"),
-            ("Params", _human(self.params_before), _human(self.params_after), f"{self.params_ratio:.3f}"),
+            ("MACs", format_count(self.macs_before), format_count(self.macs_after), f"{self.macs_ratio:.3f}"),
+            ("Params", format_count(self.params_before), format_count(self.params_after), f"{self.params_ratio:.3f}"),
         ]
         lines = [f"{'':8}{'before':>14}{'after':>14}{'ratio':>8}"]
         lines += [f"{n:8}{b:>14}{a:>14}{r:>8}" for n, b, a, r in rows]
@@ -107,8 +107,8 @@ class PruningReport(JsonFile):
         return "\n".join(lines)
 
 
-def _human(count: float) -> str:
-    """1234567 -> '1.235 M'."""
+def format_count(count: float) -> str:
+    """A count with a unit suffix for tables and logs: 1234567 -> '1.235 M'."""
     for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(count) >= scale:
             return f"{count / scale:.3f} {unit}"
