@@ -53,11 +53,6 @@ class IsomorphicClass:
     groups: list[PrunableGroup] = field(default_factory=list)
     heads: bool = False  # units are whole heads; otherwise channels (head dims in attention groups)
 
-    def unit_count(self, group: PrunableGroup) -> int:
-        if group.attention is None:
-            return group.width
-        return group.attention.num_heads if self.heads else group.attention.head_dim
-
 
 def collect_groups(
     graph: tp.DependencyGraph,
