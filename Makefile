@@ -10,7 +10,7 @@ $(BIN)/activate:
 	$(BIN)/pip install --quiet --upgrade pip
 
 venv: $(BIN)/activate
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 
 test: venv
 	$(BIN)/python -m pytest -q -ra tests
