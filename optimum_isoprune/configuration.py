@@ -12,6 +12,7 @@ CONFIG_NAME = "pruning_config.json"
 IMPORTANCE_CHOICES = ("taylor", "magnitude", "random")
 GROUPING_CHOICES = ("isomorphic", "global", "uniform")
 BUDGET_POLICY_CHOICES = ("shared", "allocate")
+RECONSTRUCTION_CHOICES = ("none", "bias", "least_squares")
 
 
 @dataclass
@@ -60,6 +61,19 @@ class IsomorphicPruningConfig(JsonFile):
             "importance, normalised by their class median, per MAC saved). Ranking stays within classes."
         },
     )
+    reconstruction: str = field(
+        default="least_squares",
+        metadata={
+            "help": "Recovery after surgery, on the calibration data: 'least_squares' refits every layer whose "
+            "inputs lost channels to the unpruned model's outputs (closed form, no training), 'bias' refits "
+            "only their biases and re-estimates BatchNorm statistics, 'none' keeps the sliced weights."
+        },
+    )
+    reconstruction_damping: float = field(
+        default=1e-2,
+        metadata={"help": "Ridge strength of the least-squares refit, relative to the mean input energy; it pulls "
+                  "each layer toward its pruned weights (0 = exact least squares)."},
+    )
     round_to: int = field(
         default=8, metadata={"help": "Kept widths are multiples of this (hardware-friendly); 1 disables."}
     )
@@ -98,6 +112,9 @@ class IsomorphicPruningConfig(JsonFile):
         _check_choice("importance", self.importance, IMPORTANCE_CHOICES)
         _check_choice("grouping", self.grouping, GROUPING_CHOICES)
         _check_choice("budget_policy", self.budget_policy, BUDGET_POLICY_CHOICES)
+        _check_choice("reconstruction", self.reconstruction, RECONSTRUCTION_CHOICES)
+        if not self.reconstruction_damping >= 0:
+            raise ValueError(f"reconstruction_damping must be >= 0, got {self.reconstruction_damping!r}.")
         for name in ("round_to", "min_heads", "num_calibration_batches", "calibration_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

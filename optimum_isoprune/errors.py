@@ -15,3 +15,7 @@ class BudgetError(IsoPruneError, ValueError):
 
 class CalibrationDataError(IsoPruneError, ValueError):
     """Calibration data in a form the pruner cannot use."""
+
+
+class NonFiniteError(IsoPruneError, ValueError):
+    """NaN or inf in data, activations, scores, losses or weights; the run stops instead of going on silently."""

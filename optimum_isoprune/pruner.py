@@ -20,9 +20,11 @@ from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .errors import CalibrationDataError
 from .importance import accumulate_gradients, channel_scores
-from .isomorphic import PrunableGroup, build_classes, collect_groups
+from .isomorphic import build_classes, collect_groups
 from .modeling import to_pruned_model
-from .report import ClassAmount, LayerWidth, PruningReport
+from .reconstruction import reconstruct
+from .report import ClassAmount, PruningReport
+from .surgery import apply_plan, layer_widths
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,12 @@ class IsomorphicPruner:
         if criterion == "taylor" and calibration_dataset is None:
             logger.warning("No calibration data given: Taylor importance needs gradients, using magnitude instead.")
             criterion = "magnitude"
-        batches = self._calibration(config, calibration_dataset, image_size) if criterion == "taylor" else []
+        reconstruction = config.reconstruction
+        if reconstruction != "none" and calibration_dataset is None:
+            logger.warning("No calibration data given: reconstruction=%r needs it, pruning without it.", reconstruction)
+            reconstruction = "none"
+        needs_data = criterion == "taylor" or reconstruction != "none"
+        batches = self._calibration(config, calibration_dataset, image_size) if needs_data else []
 
         model = copy.deepcopy(self.model)
         model.eval()
@@ -128,9 +135,14 @@ class IsomorphicPruner:
         timings["budget"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        layers = self._layer_widths(plan)
-        self._apply(graph, plan)
+        layers = layer_widths(plan)
+        removed = apply_plan(graph, plan)
         timings["surgery"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        recovery = reconstruct(model, self.model, removed, batches, adapter.logits, reconstruction,
+                               config.reconstruction_damping)
+        timings["reconstruction"] = time.perf_counter() - tick
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
         timings["total"] = time.perf_counter() - started
@@ -152,6 +164,7 @@ class IsomorphicPruner:
             layers=layers,
             timings=timings,
             config=config.to_dict(),
+            reconstruction=recovery.to_dict(),
         )
         self.config, self.pruned_model = config, model
         logger.info("Pruned %s:\n%s", adapter.architecture, self._report.summary())
@@ -262,38 +275,6 @@ class IsomorphicPruner:
             ratios_at = Allocation(budget, metric, pinned).ratios_at
         return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned))
 
-    @staticmethod
-    def _apply(graph: tp.DependencyGraph, plan: Plan) -> None:
-        """Physically remove the planned channels, then write new head shapes into attention modules."""
-        for group, idxs in plan.removed.items():
-            if len(idxs) == 0:
-                continue
-            pruning_group = graph.get_pruning_group(group.root, group.root_fn, idxs.tolist())
-            if not graph.check_pruning_group(pruning_group):
-                raise RuntimeError(f"torch-pruning refused to prune group {group.name} (it would empty a layer).")
-            pruning_group.prune()
-        for group, idxs in plan.removed.items():
-            attention = group.attention
-            if attention is not None:
-                kept = attention.projections[0].out_features // attention.fused
-                heads = _kept_heads(group, plan)
-                attention.set_shape(heads, kept // heads, kept_heads=_kept_head_indices(group, idxs))
-
-    @staticmethod
-    def _layer_widths(plan: Plan) -> list[LayerWidth]:
-        layers = []
-        for group, idxs in plan.removed.items():
-            if group.attention is None:
-                layers.append(LayerWidth(group.name, group.kind, group.width, group.width - len(idxs)))
-                continue
-            a = group.attention
-            heads = _kept_heads(group, plan)
-            dims = (group.width - len(idxs)) // heads
-            layers.append(LayerWidth(a.name, "heads", a.num_heads, heads))
-            layers.append(LayerWidth(a.name, "head_dim", a.head_dim, dims))
-        return layers
-
-
 
 def _removed_fraction(rankings: list[ClassRanking], plan: Plan, unit: str) -> float:
     """Fraction of all "channels" (outside attention), "heads" or "head_dims" that the plan removes."""
@@ -307,16 +288,3 @@ def _removed_fraction(rankings: list[ClassRanking], plan: Plan, unit: str) -> fl
     total = sum(int(r.counts.sum()) for r in chosen)
     kept = sum(int(plan.kept_units[r.cls].sum()) for r in chosen)
     return 1.0 - kept / total if total else 0.0
-
-
-def _kept_head_indices(group: PrunableGroup, removed) -> list[int]:
-    """Original indices of the heads that keep at least one channel."""
-    a, gone = group.attention, {int(i) for i in removed}
-    return [h for h in range(a.num_heads) if any(h * a.head_dim + d not in gone for d in range(a.head_dim))]
-
-
-def _kept_heads(group: PrunableGroup, plan: Plan) -> int:
-    for cls, kept in plan.kept_units.items():
-        if cls.heads and group in cls.groups:
-            return int(kept[cls.groups.index(group)])
-    return group.attention.num_heads

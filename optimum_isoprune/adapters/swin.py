@@ -87,6 +87,13 @@ class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
         copies = np.tile(root_idxs, 4)
         return [(layer.norm, True, copies), (layer.reduction, False, copies)]
 
+    def layer_indices(self, layer: nn.Module, idxs: np.ndarray, is_out: bool) -> list[tuple[nn.Module, bool, np.ndarray]]:
+        """The indices each of the block's layers loses when the block loses `idxs`."""
+        if is_out:
+            return [(layer.reduction, True, idxs)]
+        copies = np.asarray(self._copies(layer, idxs), dtype=np.int64)
+        return [(layer.norm, True, copies), (layer.reduction, False, copies)]
+
 
 def _patch_merging_options(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
     """Register `PatchMergingPruner` for every PatchMerging-shaped block (a `norm` and a 4C -> D `reduction`)."""
