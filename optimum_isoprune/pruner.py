@@ -23,6 +23,7 @@ from .importance import accumulate_gradients, channel_scores
 from .isomorphic import build_classes, collect_groups
 from .modeling import to_pruned_model
 from .reconstruction import reconstruct
+from .search import CalibrationLoss, ChannelMasks, SearchSummary, global_ratios_at, search_split
 from .report import ClassAmount, PruningReport
 from .surgery import apply_plan, layer_widths
 
@@ -96,8 +97,12 @@ class IsomorphicPruner:
         if reconstruction != "none" and calibration_dataset is None:
             logger.warning("No calibration data given: reconstruction=%r needs it, pruning without it.", reconstruction)
             reconstruction = "none"
-        needs_data = criterion == "taylor" or reconstruction != "none"
-        batches = self._calibration(config, calibration_dataset, image_size) if needs_data else []
+        searching = config.budget_policy == "search" and config.pruning_ratio is None
+        if searching and calibration_dataset is None:
+            raise CalibrationDataError("budget_policy='search' scores splits on calibration data: pass "
+                                       "calibration_dataset=..., or use budget_policy='shared'.")
+        needs_data = criterion == "taylor" or reconstruction != "none" or searching
+        batches, held_out = self._calibration(config, calibration_dataset, image_size, searching) if needs_data else ([], [])
 
         model = copy.deepcopy(self.model)
         model.eval()
@@ -130,7 +135,15 @@ class IsomorphicPruner:
         tick = time.perf_counter()
         rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
         budget = Budget(rankings, groups, cost)
-        plan = self._solve(budget, rankings, config)
+        score = None
+        if searching:
+            def refit(consumers):  # candidates are scored after the reconstruction the final model gets
+                reconstruct(model, self.model, consumers, batches, adapter.logits, reconstruction,
+                            config.reconstruction_damping, warn=False)
+
+            score = CalibrationLoss(model, ChannelMasks(groups), held_out, adapter.logits,
+                                    refit if reconstruction != "none" else None)
+        plan, search = self._solve(budget, rankings, config, score)
         macs_after = budget.macs(plan)  # counted from the layer shapes before surgery; tests recount the result
         timings["budget"] = time.perf_counter() - tick
 
@@ -165,6 +178,7 @@ class IsomorphicPruner:
             timings=timings,
             config=config.to_dict(),
             reconstruction=recovery.to_dict(),
+            search=search.to_dict() if search else {},
         )
         self.config, self.pruned_model = config, model
         logger.info("Pruned %s:\n%s", adapter.architecture, self._report.summary())
@@ -240,15 +254,23 @@ class IsomorphicPruner:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int) -> list:
-        batches = list(calibration_batches(data, config.calibration_batch_size, config.num_calibration_batches,
-                                           config.seed))
+    def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int, held_out: bool
+                     ) -> tuple[list, list[torch.Tensor]]:
+        """Batches for importance and reconstruction, and (for the search policy) held-out images to score splits."""
+        count = config.num_calibration_batches + (config.search_batches if held_out else 0)
+        batches = list(calibration_batches(data, config.calibration_batch_size, count, config.seed))
         if not batches:
             raise CalibrationDataError("The calibration data is empty.")
         device = self._device()
         for batch in batches:
             check_batch(batch, self.adapter.num_channels(), image_size)
-        return [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
+        batches = [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
+        used, extra = batches[:config.num_calibration_batches], batches[config.num_calibration_batches:]
+        if held_out and not extra:
+            logger.warning("The calibration data has no batches left after the %d used for importance: the search "
+                           "scores splits on those same batches. Pass more data for a held-out score.", len(used))
+            extra = used
+        return used, [x for x, _ in extra]
 
     def _ignored(self, model: nn.Module, config: IsomorphicPruningConfig) -> list[nn.Module]:
         ignored = list(self.adapter.classifiers(model))
@@ -260,20 +282,27 @@ class IsomorphicPruner:
             ignored += [sub for m in matches for sub in m.modules()]
         return ignored
 
-    def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig) -> Plan:
+    def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig,
+               score: CalibrationLoss | None) -> tuple[Plan, SearchSummary | None]:
         def shared(ratio: float) -> dict:
             return shared_ratios(rankings, ratio, config.head_pruning_ratio, config.head_dim_pruning_ratio)
 
         if config.pruning_ratio is not None:
-            return budget.plan(shared(config.pruning_ratio))
+            return budget.plan(shared(config.pruning_ratio)), None
         name, target = ("macs", config.target_macs) if config.target_macs is not None else ("params", config.target_params)
         metric = budget.macs if name == "macs" else budget.params
         low, high = shared(0.0), shared(0.5)
         pinned = {c: r for c, r in low.items() if high[c] == r}  # head ratios the user fixed
+        if score is not None:
+            starts = {"shared": shared, "global": global_ratios_at(rankings, pinned)}
+            plan, summary = search_split(budget, metric, target, name, starts, pinned, score,
+                                         config.search_candidates, config.seed)
+            summary.calibration_images = sum(len(x) for x in score.batches)
+            return plan, summary
         ratios_at = shared
         if config.budget_policy == "allocate":
             ratios_at = Allocation(budget, metric, pinned).ratios_at
-        return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned))
+        return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned)), None
 
 
 def _removed_fraction(rankings: list[ClassRanking], plan: Plan, unit: str) -> float:

@@ -183,6 +183,7 @@ def reconstruct(
     forward: Forward,
     mode: str,
     damping: float,
+    warn: bool = True,
 ) -> ReconstructionSummary:
     """Refit `pruned`'s layers in place toward `original`'s outputs on `batches` (see the module docstring).
 
@@ -206,14 +207,15 @@ def reconstruct(
         if output_bytes * summary.calibration_images <= HELD_OUTPUT_BYTES:
             held = _original_outputs(original, [layer for level in levels for layer in level], batches, forward)
         errors: list[tuple[float, float]] = []
-        for level in tqdm(levels, desc="Reconstruction", leave=False):
+        for level in tqdm(levels, desc="Reconstruction", leave=False, disable=not warn):
             _accumulate(pruned, original, level, calls, batches, forward, held)
             errors += _solve_level(level, mode, damping, summary)
     finally:
         original.train(training[0]), pruned.train(training[1])
     if errors:
         summary.error_before, summary.error_after = (float(np.mean(e)) for e in zip(*errors))
-    _warn_underdetermined(summary, layers)
+    if warn:
+        _warn_underdetermined(summary, layers)
     if mode == "bias":  # a least-squares refit reproduces the original inputs of BatchNorm: its statistics hold
         summary.batchnorm_layers = reestimate_batchnorm(pruned, batches, forward)
     return summary

@@ -62,6 +62,7 @@ class PruningReport(JsonFile):
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float | None = None
     reconstruction: dict[str, Any] = field(default_factory=dict)  # a ReconstructionSummary, when one ran
+    search: dict[str, Any] = field(default_factory=dict)  # a SearchSummary, for budget_policy="search"
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,6 +106,10 @@ class PruningReport(JsonFile):
             from .reconstruction import ReconstructionSummary
 
             lines.append("  reconstruction: " + ReconstructionSummary(**self.reconstruction).describe())
+        if self.search:
+            from .search import SearchSummary
+
+            lines.append("  split: " + SearchSummary(**self.search).describe())
         if self.target_error is not None:
             lines.append(f"  target error: {self.target_error:.2%}")
         if self.timings:
