@@ -40,7 +40,7 @@ from teachers import accuracy, load_teacher, tensors, train_val
 
 logging.getLogger("optimum_isoprune").setLevel(logging.WARNING)
 KEY = ("teacher", "fraction", "seed", "reconstruction", "steps")
-CALIB_BATCHES, CALIB_BATCH_SIZE = 8, 32
+CALIB_BATCHES, CALIB_BATCH_SIZE, HELD_OUT_BATCHES = 8, 32, 2
 
 
 class Rows(torch.utils.data.Dataset):
@@ -97,10 +97,21 @@ def peak_rss(every_s: float = 0.005) -> Iterator[dict]:
         out["peak_mb"] = max(out["peak_mb"], _rss_mb())
 
 
+def method_config(method: str) -> dict:
+    """Config fields of a method "<reconstruction>[:<split>]", split one of shared (default), search, allocate,
+    global or uniform (the last two are groupings ranked with the shared policy)."""
+    reconstruction, _, split = method.partition(":")
+    split = split or "shared"
+    if split in ("global", "uniform"):
+        return dict(reconstruction=reconstruction, grouping=split)
+    return dict(reconstruction=reconstruction, budget_policy=split)
+
+
 def calibration(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.utils.data.DataLoader:
-    """A seed-dependent sample of CALIB_BATCHES x CALIB_BATCH_SIZE of the given (training) images."""
+    """A seed-dependent sample of (CALIB_BATCHES + HELD_OUT_BATCHES) x CALIB_BATCH_SIZE training images: importance
+    and reconstruction read the first CALIB_BATCHES, the search policy scores splits on the rest."""
     generator = torch.Generator().manual_seed(1000 + seed)
-    idx = torch.randperm(len(y), generator=generator)[: CALIB_BATCHES * CALIB_BATCH_SIZE]
+    idx = torch.randperm(len(y), generator=generator)[: (CALIB_BATCHES + HELD_OUT_BATCHES) * CALIB_BATCH_SIZE]
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[idx], y[idx]), batch_size=CALIB_BATCH_SIZE)
 
 
@@ -148,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
                         continue
                     config = IsomorphicPruningConfig(
                         target_macs=fraction * info["macs"], importance="taylor", round_to=8, seed=seed,
-                        num_calibration_batches=CALIB_BATCHES, reconstruction=mode)
+                        num_calibration_batches=CALIB_BATCHES, **method_config(mode))
                     pruner = IsomorphicPruner(teacher)
                     load = os.getloadavg()[0]
                     tick = time.perf_counter()
@@ -194,6 +205,7 @@ def plot(path: Path) -> None:
     for r in rows:
         groups.setdefault((r["teacher"], r["fraction"], r["reconstruction"], tuple(r["steps"])), []).append(r)
     names = [t for t in ("vit", "deit", "convnext", "resnet") if any(k[0] == t for k in groups)]
+    methods = sorted({k[2] for k in groups}, key=lambda m: (m != "none", m))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         for (teacher, fraction, mode, steps), rs in sorted(groups.items()):
@@ -202,7 +214,7 @@ def plot(path: Path) -> None:
             xs = [0, *steps]
             stats = [_mean_std([100 * r["top1"][str(s)] for r in rs]) for s in xs]
             ax.errorbar(range(len(xs)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                        color="C0" if mode == "none" else "C1" if mode == "least_squares" else "C2",
+                        color=f"C{methods.index(mode)}",
                         linestyle="-" if fraction == 0.5 else ":", marker="o" if fraction == 0.5 else "s",
                         label=f"{mode}, {fraction:.0%} MACs (n={len(rs)})")
             ax.set_xticks(range(len(xs)), [str(s) for s in xs])

@@ -10,7 +10,7 @@ next such plateau after the second reduction, or after 30 epochs (recorded as `m
 weights are kept, and their top-1 on the full 10,000 test images is reported.
 
 `deit` is trained the DeiT way: its class head on the labels, its distillation head by hard distillation from the
-converged `convnext` teacher's top class on the same (flipped or not) image; the loss is the mean of the two CEs.
+converged `resnet` teacher's top class on the same (flipped or not) image; the loss is the mean of the two CEs.
 `resnet` keeps transformers' stem (7x7 stride-2 conv + max-pool, the 4x reduction of ImageNet ResNets): its stages
 run at 7, 4 and 2 px; without the max-pool (14, 7, 4 px) a step cost 2x more. `convnext` has one block per stage
 (depths 2-2-2 cost 0.5 s per step on one thread); its stages run at 14, 7 and 3 px.
@@ -63,7 +63,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "vit": lambda: ViTForImageClassification(ViTConfig(**TRANSFORMER)),
     "deit": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**TRANSFORMER)),
 }
-DISTILLED_FROM = {"deit": "convnext"}
+DISTILLED_FROM = {"deit": "resnet"}
 
 
 @functools.cache
