@@ -33,3 +33,7 @@ benchmarks: venv
 	cd benchmarks && ../$(BIN)/python ranking_quality.py --fresh --steps 100 --seeds 0,1,2
 	cd benchmarks && ../$(BIN)/python ranking_quality.py --steps 100 --seeds 0,1 --part5 --part5-steps 400
 	cd benchmarks && ../$(BIN)/python summarize.py
+	cd benchmarks && ../$(BIN)/python teachers.py
+	cd benchmarks && ../$(BIN)/python recovery.py --reconstruction none,least_squares,least_squares:search,least_squares:global
+	cd benchmarks && ../$(BIN)/python recovery.py --plot
+	cd benchmarks && ../$(BIN)/python recovery_cost.py --configs none:shared,least_squares:shared,least_squares:search
