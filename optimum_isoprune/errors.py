@@ -15,3 +15,7 @@ class BudgetError(IsoPruneError, ValueError):
 
 class CalibrationDataError(IsoPruneError, ValueError):
     """Calibration data in a form the pruner cannot use."""
+
+
+class NonFiniteError(IsoPruneError, ValueError):
+    """NaN or inf where numbers must be finite (data, weights, scores, losses); the message says what and where."""
