@@ -204,7 +204,7 @@ def _load_transformers_checkpoint(directory: str, config: dict[str, Any], **kwar
         model, info = model_class.from_pretrained(directory, output_loading_info=True, use_safetensors=True, **kwargs)
     except (PrunedCheckpointError, FileNotFoundError):
         raise
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
         raise PrunedCheckpointError(f"Could not load the checkpoint at {directory}: {err}") from err
     check_loading_info(info, f"The checkpoint at {directory}")
     return model

@@ -159,6 +159,28 @@ def _same_kind(current: Any, value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == len(current)
 
 
+def _check_layer_widths(name: str, module: nn.Module) -> None:
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return
+    shape = tuple(weight.shape)
+    expected = None
+    if isinstance(module, nn.Linear):
+        expected = (module.out_features, module.in_features)
+    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        expected = (module.out_channels, module.in_channels // module.groups)
+        shape = shape[:2]
+    elif isinstance(module, nn.LayerNorm):
+        expected = tuple(module.normalized_shape)
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        expected = (module.num_features,)
+    if expected is not None and shape != expected:
+        raise PrunedCheckpointError(
+            f"{type(module).__name__} {name!r} records sizes {expected} but its weight has shape {tuple(weight.shape)}; "
+            "the config's pruned_attributes / pruned_shapes were edited or do not belong together. Save the model again."
+        )
+
+
 _UNSET = object()
 # (head count, head size) attribute names of the attention modules of transformers and timm, and their projections.
 _HEAD_ATTRIBUTES = (("num_attention_heads", "attention_head_size"), ("num_attention_heads", "head_dim"),
@@ -167,13 +189,15 @@ _PROJECTIONS = (("query", 1), ("q_proj", 1), ("q", 1), ("qkv", 3))
 
 
 def check_attention_shapes(model: nn.Module) -> None:
-    """Raise when an attention module's head count x head size disagrees with its projections (an edited config)."""
+    """Raise when a layer's recorded widths disagree with its weights (an edited config): Linear / conv / norm
+    sizes, and an attention module's head count x head size against its projections."""
     for name, module in model.named_modules():
+        _check_layer_widths(name, module)
         for heads_name, dim_name in _HEAD_ATTRIBUTES:
             heads, dim = vars(module).get(heads_name), vars(module).get(dim_name)
             if not isinstance(heads, int) or not isinstance(dim, int):
                 continue
-            widths = [(p, getattr(module, p).out_features // k) for p, k in _PROJECTIONS
+            widths = [(p, getattr(module, p).weight.shape[0] // k) for p, k in _PROJECTIONS
                       if isinstance(getattr(module, p, None), nn.Linear)]
             widths += [(a, vars(module)[a]) for a in ("all_head_size", "attn_dim") if isinstance(vars(module).get(a), int)]
             wrong = [f"{p} = {w}" for p, w in widths if w != heads * dim]
