@@ -27,6 +27,7 @@ from .modeling.convert import _FAMILIES, TIMM_MANIFEST_ATTRIBUTE, rebuild_timm_m
 from .modeling.modeling_pruned import (
     SAFE_WEIGHTS_NAME,
     atomic_save,
+    check_attention_shapes,
     check_loading_info,
     check_weights_against_model,
     local_weight_files,
@@ -252,6 +253,7 @@ def _load_timm_checkpoint(directory: str, config: dict[str, Any]) -> nn.Module:
             f"from {config_file}: {err}"
         ) from err
     check_weights_against_model(files, model, config_file)
+    check_attention_shapes(model)
     state: dict[str, Any] = {}
     for file in files:
         state.update(load_file(file))

@@ -591,7 +591,8 @@ def push_to_hub(
         f"`optimum_isoprune.hub.push_to_hub({os.fspath(folder)!r}, {repo_id!r})` "
         "(check your token with `hf auth whoami` and your network first)."
     )
-    errors = (Exception,)  # whatever the Hub client raises (HTTP, network, RuntimeError...) is a failed step
+    # HTTP and network errors, and the RuntimeErrors the client raises itself; a TypeError stays a bug, not a Hub error.
+    errors = (HfHubHTTPError, OSError, RuntimeError, *_transport_errors())
 
     def fail(step: str, err: BaseException) -> HubPublishError:
         return HubPublishError(

@@ -120,7 +120,6 @@ def apply_shape_manifest(
             if isinstance(getattr(module, attribute, None), tuple) and isinstance(value, list):
                 value = tuple(value)  # JSON has no tuples: LayerNorm.normalized_shape, Conv2d.kernel_size...
             setattr(module, attribute, value)
-    check_attention_shapes(model)
     return model
 
 
@@ -637,6 +636,7 @@ class PrunedModelMixin:
         with torch.device("meta"):
             skeleton = cls(config)
         check_weights_against_model(files, skeleton, config_file)
+        check_attention_shapes(skeleton)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, image_processor: Any = None, **kwargs: Any) -> None:
         """`PreTrainedModel.save_pretrained`, written atomically, plus an image processor so `pipeline()` works.
