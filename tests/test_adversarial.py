@@ -532,6 +532,14 @@ def test_out_of_range_training_labels_fail_before_training(tmp_path):
         _trainer(pruned("vit"), build("vit"), tmp_path, dataset=dataset)
 
 
+def test_out_of_range_labels_in_a_later_batch_stop_training(tmp_path):
+    dataset = _tiny_split().cast_column("label", __import__("datasets").Value("int64"))
+    dataset = dataset.map(lambda e, i: {"label": 15 if i == 5 else e["label"]}, with_indices=True)
+    trainer = _trainer(pruned("vit"), build("vit"), tmp_path, dataset=dataset)
+    with pytest.raises(ValueError, match=r"batch at training step \d range over .*15, but the model has 10 classes"):
+        trainer.train()
+
+
 def test_empty_training_set_is_named(tmp_path):
     with pytest.raises(ValueError, match="training set is empty"):
         _trainer(pruned("vit"), build("vit"), tmp_path, dataset=_tiny_split().select([]))
@@ -678,7 +686,7 @@ def test_resuming_loads_trainer_state_without_unpickling_code(tmp_path, monkeypa
 def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "optimum_isoprune", "--help"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    time.sleep(0.8)  # importing torch and transformers takes longer
+    time.sleep(0.5)  # importing torch and transformers takes longer
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, (process.returncode, err[-2000:])

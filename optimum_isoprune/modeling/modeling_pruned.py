@@ -561,10 +561,17 @@ def recover_interrupted_save(directory: str | os.PathLike) -> None:
         pid = entry[len(prefix):].split("-", 1)[0]
         if not pid.isdigit() or not _pid_alive(int(pid)):
             stale.append(os.path.join(parent, entry))
-    backups = [path for path in stale if path.endswith(_PREVIOUS) and os.path.isdir(path)]
+    # A missing target with a `.previous` beside it is always restored, even if its pid looks alive (pids are reused).
+    backups = [os.path.join(parent, e) for e in entries if e.endswith(_PREVIOUS) and os.path.isdir(os.path.join(parent, e))]
     if backups and not os.path.lexists(target):
-        os.rename(backups[-1], target)
-        stale.remove(backups[-1])
+        try:
+            os.rename(backups[-1], target)
+        except OSError as err:
+            raise PrunedCheckpointError(
+                f"An interrupted save left the checkpoint of {target} in {backups[-1]}, and it cannot be moved back "
+                f"({err.strerror or err}); rename that folder to {name} yourself."
+            ) from err
+        stale = [path for path in stale if path != backups[-1]]
         logger.warning("Restored %s from %s, left by a save that was interrupted.", target, os.path.basename(backups[-1]))
     for path in stale:
         logger.info("Removing %s, left by an interrupted save.", path)
