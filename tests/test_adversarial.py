@@ -335,8 +335,8 @@ def test_a_save_replaces_package_files_as_a_whole(tmp_path):
 
 def test_a_card_error_leaves_the_old_checkpoint_untouched(saved_vit):
     before = snapshot(saved_vit)
-    with pytest.raises(ValueError, match="eval_results needs 'split'"):
-        _pruner("vit").save_pretrained(saved_vit, eval_results={"dataset": "x", "after": {"top1": 0.5}})
+    with pytest.raises(ValueError, match="eval_results needs 'split'"):  # another model, so a swap would show
+        _pruner("deit").save_pretrained(saved_vit, eval_results={"dataset": "x", "after": {"top1": 0.5}})
     assert snapshot(saved_vit) == before and leftovers(saved_vit.parent) == []
 
 
