@@ -1,5 +1,6 @@
 """optimum-isoprune: Isomorphic Pruning (Fang et al., ECCV 2024) for Hugging Face and timm vision models."""
 
+from . import _startup  # noqa: F401  (first: Ctrl-C while the console script imports torch gives one line)
 from .checkpoint import load_pruned_model, save_pruned_model
 from .configuration import IsomorphicPruningConfig
 from .counting import count_macs, count_params

@@ -15,6 +15,7 @@ import traceback
 from typing import Any, Sequence
 
 from .configuration import BUDGET_POLICY_CHOICES, RECONSTRUCTION_CHOICES
+from ._startup import restore_default_handler
 
 logger = logging.getLogger("optimum_isoprune.cli")
 
@@ -115,6 +116,16 @@ def _ratio_arg(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -167,7 +178,7 @@ def load_processor(name: str) -> Any | None:
     try:
         from transformers import AutoImageProcessor
 
-        return AutoImageProcessor.from_pretrained(name)
+        return AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
     except Exception as err:  # a missing processor is not an error: the model's config still gives size/channels
         logger.debug("No image processor for %s (%s).", name, err)
         return None
@@ -209,10 +220,14 @@ def _first_line(err: BaseException) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .checkpoint import check_writable
     from .configuration import IsomorphicPruningConfig
     from .counting import count_macs, count_params
     from .pruner import IsomorphicPruner
 
+    check_writable(args.output)  # before loading and pruning, not after
+    if is_pruned_checkpoint(args.output):
+        logger.warning("--output %s holds a checkpoint; it will be replaced once pruning succeeds.", args.output)
     model = load_any_model(args.model, random_weights=args.random_weights)
     pruner = IsomorphicPruner(model, base_model_name_or_path=args.model)
     target: dict[str, float] = {}
@@ -254,7 +269,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .checkpoint import save_pruned_model
+    from .checkpoint import check_writable, save_pruned_model
     from .configuration import IsomorphicPruningConfig
     from .distillation import DistillationTrainer, DistillationTrainingArguments
     from .hub import save_model_card
@@ -264,6 +279,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if not is_pruned_checkpoint(args.student):
         raise CLIError(f"--student {args.student!r} is not a pruned checkpoint folder (no pruning_config.json); "
                        "make one with `optimum-isoprune prune ... --output DIR`", exit_code=2)
+    check_writable(args.output)
+    # Everything the save needs is read before training, so a bad folder fails now, not after hours of training.
+    report = PruningReport.from_pretrained(args.student)
+    pruning_config = IsomorphicPruningConfig.from_pretrained(args.student)
     student = load_any_model(args.student)
     teacher = load_any_model(args.teacher, random_weights=args.random_teacher)
     processor = load_processor(args.student)
@@ -288,9 +307,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     trainer = DistillationTrainer(model=student, args=training_args, teacher_model=teacher, train_dataset=train)
     output = trainer.train()
     student.eval()
-    report = PruningReport.from_pretrained(args.student)
-    save_pruned_model(student, args.output, pruning_config=IsomorphicPruningConfig.from_pretrained(args.student),
-                      report=report, image_processor=processor)
+    save_pruned_model(student, args.output, pruning_config=pruning_config, report=report, image_processor=processor)
+    saved = f"; the distilled weights are saved in {args.output}"
     card: dict[str, Any] = {
         "finetuning": {
             "dataset": args.dataset, "split": args.train_split, "steps": int(output.global_step),
@@ -298,13 +316,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
             "teacher": args.teacher, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
         }
     }
-    if args.eval_split:
-        test = prepare_for(student, load_split(args.dataset, args.eval_split, args.eval_limit, args.data_dir), processor)
-        after = evaluate_model(student, test)
-        card["eval_results"] = {"dataset": args.dataset, "split": args.eval_split, "num_examples": after["num_examples"],
-                                "after": {k: after[k] for k in ("top1", "top5") if k in after}}
-        print(json.dumps({"split": args.eval_split, **after}))
-    save_model_card(args.output, report, **card)
+    try:
+        if args.eval_split:
+            test = prepare_for(student, load_split(args.dataset, args.eval_split, args.eval_limit, args.data_dir), processor)
+            after = evaluate_model(student, test)
+            card["eval_results"] = {"dataset": args.dataset, "split": args.eval_split, "num_examples": after["num_examples"],
+                                    "after": {k: after[k] for k in ("top1", "top5") if k in after}}
+            print(json.dumps({"split": args.eval_split, **after}))
+        save_model_card(args.output, report, **card)
+    except CLIError as err:
+        raise CLIError(f"{err}{saved} (without evaluation or card)", err.exit_code) from err
+    except Exception as err:
+        raise CLIError(f"{type(err).__name__}: {_first_line(err)}{saved} (without evaluation or card)") from err
     print(f"Saved the distilled model to {args.output}")
     return 0
 
@@ -423,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--eval-split", default="test", help="split evaluated after training ('' to skip)")
     distill.add_argument("--limit", type=_positive_int, help="train on the first N examples only")
     distill.add_argument("--eval-limit", type=_positive_int, help="evaluate on the first N examples only")
-    distill.add_argument("--epochs", type=float, default=3.0)
-    distill.add_argument("--max-steps", type=int, default=-1, help="training steps; overrides --epochs when > 0")
+    distill.add_argument("--epochs", type=_positive_float, default=3.0)
+    distill.add_argument("--max-steps", type=_positive_int, default=-1, help="training steps; overrides --epochs")
     distill.add_argument("--batch-size", type=_positive_int, default=128)
     distill.add_argument("--learning-rate", type=float, default=5e-4)
     distill.add_argument("--distillation-type", default="soft", choices=("soft", "hard", "none"))
@@ -505,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _configure_logging(args.debug, args.quiet)
     try:
+        restore_default_handler()  # from here on Ctrl-C raises KeyboardInterrupt, answered below
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -109,6 +109,8 @@ class HubPublishError(OSError):
 
 def validate_repo_id(repo_id: str) -> str:
     """Return `repo_id` if the Hub would accept it ("name" or "namespace/name"), else raise ValueError."""
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"Invalid Hub repo id {repo_id!r}: give 'namespace/name', e.g. 'my-user/deit-tiny-isopruned'.")
     try:
         _hf_validate_repo_id(repo_id)
     except HFValidationError as err:
@@ -547,13 +549,21 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def _folder_files(folder: Path) -> list[str]:
-    files = []
+    """Regular files under `folder` to upload; symbolic links are skipped (and logged), never followed."""
+    files, links = [], []
     for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS)
+        links += [Path(root) / d for d in dirs if (Path(root) / d).is_symlink()]
+        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not (Path(root) / d).is_symlink())
         for name in sorted(names):
             if name.endswith(".pyc"):
                 continue
+            if (Path(root) / name).is_symlink():
+                links.append(Path(root) / name)
+                continue
             files.append((Path(root) / name).relative_to(folder).as_posix())
+    if links:
+        logger.warning("Not uploading %d symbolic link(s), which may point outside %s: %s", len(links), folder,
+                       ", ".join(p.relative_to(folder).as_posix() for p in sorted(links)))
     return files
 
 
@@ -593,7 +603,8 @@ def push_to_hub(
         f"`optimum_isoprune.hub.push_to_hub({os.fspath(folder)!r}, {repo_id!r})` "
         "(check your token with `hf auth whoami` and your network first)."
     )
-    errors = (HfHubHTTPError, OSError, *_transport_errors())
+    # HTTP and network errors, and the RuntimeErrors the client raises itself; a TypeError stays a bug, not a Hub error.
+    errors = (HfHubHTTPError, OSError, RuntimeError, *_transport_errors())
 
     def fail(step: str, err: BaseException) -> HubPublishError:
         return HubPublishError(

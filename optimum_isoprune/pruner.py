@@ -19,6 +19,7 @@ from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .errors import CalibrationDataError
+from .guards import check_finite_parameters, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import build_classes, collect_groups
 from .modeling import to_pruned_model
@@ -39,7 +40,7 @@ def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
                                  if name_or_path.startswith("timm/") else name_or_path, pretrained=True, **kwargs)
     from transformers import AutoModelForImageClassification
 
-    return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+    return AutoModelForImageClassification.from_pretrained(name_or_path, **{"trust_remote_code": False, **kwargs})
 
 
 class IsomorphicPruner:
@@ -72,6 +73,7 @@ class IsomorphicPruner:
             raise RuntimeError("No pruning has run yet: call pruner.prune(config) first.")
         return self._report
 
+    @keeps_global_rng  # the seed below must not reset the caller's random numbers
     def prune(self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None,
               **config_kwargs: Any) -> nn.Module:
         """Return a pruned copy of the model (the original is never modified), all parameters trainable.
@@ -80,6 +82,9 @@ class IsomorphicPruner:
         """
         if config is not None and config_kwargs:
             raise TypeError(f"Pass either a config or its fields, not both (got config and {sorted(config_kwargs)}).")
+        if config is not None and not isinstance(config, IsomorphicPruningConfig):
+            raise TypeError(f"prune() takes an IsomorphicPruningConfig or its fields as keywords, got {config!r:.60}; "
+                            "e.g. pruner.prune(pruning_ratio=0.5).")
         config = config or IsomorphicPruningConfig(**config_kwargs)
         self._check_model()
         timings: dict[str, float] = {}
@@ -197,8 +202,8 @@ class IsomorphicPruner:
         if image_processor is None:
             image_processor = self._base_image_processor()
         save_pruned_model(model, save_directory, pruning_config=self.config, report=self.report,
-                          image_processor=image_processor, base_model_name_or_path=self.base_model_name_or_path)
-        save_model_card(save_directory, self.report, **card_kwargs)
+                          image_processor=image_processor, base_model_name_or_path=self.base_model_name_or_path,
+                          write_card=lambda folder: save_model_card(folder, self.report, **card_kwargs))
         return str(save_directory)
 
     def create_model_card(self, **card_kwargs: Any):
@@ -232,7 +237,7 @@ class IsomorphicPruner:
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(self.base_model_name_or_path)
+            return AutoImageProcessor.from_pretrained(self.base_model_name_or_path, trust_remote_code=False)
         except (OSError, ValueError) as error:
             logger.info("No image processor for %s (%s); saving without one.", self.base_model_name_or_path, error)
             return None
@@ -250,6 +255,7 @@ class IsomorphicPruner:
         if dtypes != {torch.float32}:
             raise ValueError(f"The model has parameters of dtype {sorted(map(str, dtypes))}; prune in float32 "
                              "(model.float()) and cast the pruned model afterwards.")
+        check_finite_parameters(self.model, "The model to prune")
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
