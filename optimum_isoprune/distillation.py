@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .data import INDEX_COLUMN, collate_fn, dataset_transform, model_input_spec
+from .data import INDEX_COLUMN, collate_fn, dataset_transform, ensure_prepared, model_input_spec
 from .metrics import IGNORE_INDEX, _accepts_keyword, call_classifier, output_logits
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ class DistillationTrainingArguments(TrainingArguments):
             logger.warning("alpha=%s is ignored by distillation_type='none' (labels only).", self.alpha)
         if self.label_names is not None and list(self.label_names) != ["labels"]:
             raise ValueError(f"label_names={self.label_names!r}: DistillationTrainer reads the labels from 'labels' only.")
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on the CPU torch warns every epoch
         super().__post_init__()
 
 
@@ -186,6 +188,8 @@ class DistillationTrainer(Trainer):
         if teacher_model is not None:
             _check_teacher(model, teacher_model)
         kwargs.setdefault("data_collator", collate_fn)
+        if kwargs.get("train_dataset") is not None:  # raw image / label rows: prepared for the student, labels checked
+            kwargs["train_dataset"] = ensure_prepared(kwargs["train_dataset"], model, train=not args.cache_teacher_logits)
         super().__init__(model=model, args=args, **kwargs)
 
         # compute_loss normalises by `num_items_in_batch` when the Trainer passes it (it then counts the labels of the

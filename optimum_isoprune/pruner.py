@@ -149,6 +149,8 @@ class IsomorphicPruner:
 
         tick = time.perf_counter()
         layers = layer_widths(plan)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # timm's graph lists blocks last-first
+        layers.sort(key=lambda width: order.get(width.name, len(order)))
         removed = apply_plan(graph, plan)
         timings["surgery"] = time.perf_counter() - tick
 
@@ -181,7 +183,7 @@ class IsomorphicPruner:
             search=search.to_dict() if search else {},
         )
         self.config, self.pruned_model = config, model
-        logger.info("Pruned %s:\n%s", adapter.architecture, self._report.summary())
+        logger.debug("Pruned %s:\n%s", adapter.architecture, self._report.summary())
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, image_processor: Any = None,
@@ -257,6 +259,9 @@ class IsomorphicPruner:
     def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int, held_out: bool
                      ) -> tuple[list, list[torch.Tensor]]:
         """Batches for importance and reconstruction, and (for the search policy) held-out images to score splits."""
+        from .data import ensure_prepared
+
+        data = ensure_prepared(data, self.model)  # raw image / label rows: the model's size and normalisation
         count = config.num_calibration_batches + (config.search_batches if held_out else 0)
         batches = list(calibration_batches(data, config.calibration_batch_size, count, config.seed))
         if not batches:
