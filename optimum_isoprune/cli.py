@@ -295,7 +295,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         try:
             test_rows = load_split(args.dataset, args.eval_split, args.eval_limit, args.data_dir)
         except CLIError as err:
-            raise CLIError(f"{err}; pass --eval-split with a split the dataset has, or --eval-split '' to skip "
+            raise CLIError(f"{str(err).rstrip('.')}; pass --eval-split with a split the dataset has, or --eval-split '' to skip "
                            "the evaluation (nothing was trained yet)") from err
         test = prepare_for(student, test_rows, processor)
     before: dict[str, Any] = {}
@@ -571,6 +571,8 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity(logging.INFO if debug else logging.WARNING)
+    if quiet:  # "Loading weights" / "Writing model shards" bars
+        hf_logging.disable_progress_bar()
     # Offline, every Hub retry logs a warning; the one-line error at the end says what happened.
     logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if debug else logging.ERROR)
 

@@ -104,7 +104,7 @@ class DemoConfig:
         settings: dict[str, Any] = dict(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, teacher_epochs=1,
             distill_epochs=1, train_limit=512, test_limit=256, batch_size=64, num_calibration_batches=2,
-            calibration_batch_size=32, round_to=2, latency_repeats=3, latency_batch_sizes=(1, 32), use_cache=False,
+            calibration_batch_size=32, round_to=2, latency_repeats=10, latency_batch_sizes=(1, 32), use_cache=False,
             eval_batch_size=128,
         )
         settings.update(overrides)
@@ -369,7 +369,8 @@ def run_demo(
         with _step(timings, "data"):
             train = load_fashion_mnist("train", data_dir=data_dir, limit=config.train_limit)
             test = load_fashion_mnist("test", data_dir=data_dir, limit=config.test_limit)
-            size = dict(image_size=config.image_size, num_channels=1)
+            # The teacher is trained here, so its processor's normalisation is the one given explicitly.
+            size = dict(image_size=config.image_size, num_channels=1, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
             train_augmented = prepare_dataset(train, train=True, **size)
             train_plain = prepare_dataset(train, train=False, **size)
             # The student sees fixed images (no flips) so the teacher's logits can be cached, keyed by position.

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .data import INDEX_COLUMN, collate_fn, dataset_transform, ensure_prepared, model_input_spec
@@ -153,6 +154,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     raise ValueError(f"Unknown distillation kind {kind!r}; expected 'soft' or 'hard'.")
 
 
+class _NumericProgressCallback(ProgressCallback):
+    """transformers' progress bar, with logged metrics written as numbers (4 significant digits), not strings."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            self.training_bar.write(str(shown))
+
+
 class DistillationTrainer(Trainer):
     """`Trainer` whose loss mixes the labels with a frozen teacher's predictions (see the module docstring).
 
@@ -197,6 +207,8 @@ class DistillationTrainer(Trainer):
         # (no labels) compute_loss returns a per-batch mean, which the Trainer divides by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = None
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(_NumericProgressCallback)
 
         self.teacher_model = teacher_model
         if teacher_model is not None:

@@ -92,6 +92,8 @@ CITATION = """@inproceedings{fang2024isomorphic,
 _METRICS = (("top1", "Top-1 accuracy", "accuracy"), ("top5", "Top-5 accuracy", "top_5_accuracy"))
 _EVAL_STAGES = ("before", "pruned_no_finetune", "after")
 _SKIPPED_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints", ".huggingface"}
+# Timed passes below which a card shows no speed-up (a median of 3 passes of a tiny model is noise).
+MIN_LATENCY_REPEATS = 10
 # Appended to the base model's name when the pruned weights were random (`prune --random-weights`).
 RANDOM_WEIGHTS_NOTE = " (random weights)"
 # Display order of the width kinds in the plot (any other kind follows, alphabetically).
@@ -193,13 +195,13 @@ def _fmt_pct(value: float | None) -> str:
 
 
 def _stats_rows(report: PruningReport, size_before: int | None, size_after: int | None) -> list[dict[str, str]]:
-    def counted(name: str, before: float, after: float) -> tuple[str, float, float, float]:
+    def counted(name: str, before: float, after: float, note: str = "") -> tuple[str, float, float, float]:
         scale, suffix = _unit(max(before or 0, after or 0))
-        return f"{name} ({suffix})" if suffix else name, before, after, scale
+        return (f"{name} ({suffix})" if suffix else name) + note, before, after, scale
 
     rows = [
         counted("MACs", report.macs_before, report.macs_after),
-        counted("FLOPs (2 × MACs)", 2 * report.macs_before, 2 * report.macs_after),
+        counted("FLOPs", 2 * report.macs_before, 2 * report.macs_after, " = 2 × MACs"),
         counted("Parameters", report.params_before, report.params_after),
     ]
     if size_before is not None or size_after is not None:
@@ -328,13 +330,18 @@ def _latency_context(latency: Mapping[str, Any] | None) -> dict[str, Any] | None
     ]
     return {
         "rows": rows,
-        "speedup": f"{before['median_ms'] / after['median_ms']:.2f}" if same_setup else None,
+        # Fewer than 10 timed passes cannot carry a speed-up claim: the table shows the medians, nothing more.
+        "speedup": f"{before['median_ms'] / after['median_ms']:.2f}" if same_setup and _repeats_ok(after) else None,
         "machines": machines,
         "batch_size": after.get("batch_size"),
         "input_shape": after.get("input_shape"),
         "repeats": after.get("repeats"),
         "warmup": after.get("warmup"),
     }
+
+
+def _repeats_ok(measurement: Mapping[str, Any]) -> bool:
+    return (measurement.get("repeats") or 0) >= MIN_LATENCY_REPEATS
 
 
 def _tags(base_tags: list[str] | None) -> list[str]:
@@ -385,7 +392,7 @@ def create_model_card(
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else None)
     if model_name is None:
         stem = (_public_name(base_name) or report.architecture).rstrip("/").split("/")[-1]
-        model_name = f"{stem}-isopruned-{format_count(report.macs_after)}MACs"
+        model_name = f"{stem}-isopruned-{format_count(report.macs_after)}"
     eval_context = _eval_context(eval_results)
     datasets = [d for d in (base_model_info.get("datasets") or []) if _hub_id(d)]  # local folders stay out of the YAML
     if finetuning and _hub_id(finetuning.get("dataset")) and finetuning["dataset"] not in datasets:
@@ -409,7 +416,7 @@ def create_model_card(
                      "params": int(report.params_after)},
     )
     layers = [
-        {"name": w.name, "kind": w.kind, "before": w.before, "after": w.after, "kept": f"{w.after / w.before:.0%}" if w.before else "—"}
+        {"name": w.name, "kind": "hidden size (residual)" if w.kind == "residual" else w.kind, "before": w.before, "after": w.after, "kept": f"{w.after / w.before:.0%}" if w.before else "—"}
         for w in report.layers
     ]
     classes = [
