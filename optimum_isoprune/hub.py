@@ -493,8 +493,8 @@ def save_model_card(
         widths_image = WIDTHS_IMAGE_NAME
     card_kwargs.setdefault("checkpoint_bytes", checkpoint_size(folder))
     card_kwargs.setdefault("timm_checkpoint", _is_timm_folder(folder))
-    if not card_kwargs.get("repo_id") and not card_kwargs.get("model_name"):
-        card_kwargs["model_name"] = Path(os.path.abspath(folder)).name  # the snippets then load this folder
+    if not card_kwargs.get("repo_id"):  # not pushed (yet): the snippets load this folder; `push_to_hub` renames it
+        card_kwargs["repo_id"] = Path(os.path.abspath(folder)).name
     card = create_model_card(report, widths_image=widths_image, **card_kwargs)
     card.save(folder / CARD_NAME)
     return card
