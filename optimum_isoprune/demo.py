@@ -31,7 +31,7 @@ from .counting import count_macs, count_params
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, add_index_column, load_fashion_mnist, prepare_dataset
 from .metrics import evaluate_model
 from .pruner import IsomorphicPruner
-from .report import PruningReport
+from .report import PruningReport, format_count
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ class DemoResult:
 
         header = f"{'':26}" + "".join(f"{label:>22}" for _, label in stages)
         rows = [
-            ("MACs (M)", [f"{self.macs[s] / 1e6:.2f}" for s, _ in stages]),
-            ("Params (M)", [f"{self.params[s] / 1e6:.3f}" for s, _ in stages]),
+            ("MACs", [format_count(self.macs[s]) for s, _ in stages]),
+            ("Params", [format_count(self.params[s]) for s, _ in stages]),
             ("Top-1 (%)", [acc(s, "top1") for s, _ in stages]),
             ("Top-5 (%)", [acc(s, "top5") for s, _ in stages]),
         ]
