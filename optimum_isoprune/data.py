@@ -406,13 +406,11 @@ def _short(names: Sequence[str] | None, limit: int = 12) -> str:
 
 def ensure_prepared(dataset: Any, model: torch.nn.Module, train: bool = False) -> Any:
     """`dataset` itself when it already gives `pixel_values`, else `prepare_dataset(dataset, train, model=model)`."""
-    columns = getattr(dataset, "column_names", None)
     if (
         isinstance(dataset, Dataset)
         and dataset_transform(dataset) is None
-        and columns is not None
-        and "image" in columns
-        and "pixel_values" not in columns
+        and isinstance(dataset.features.get("image"), Image)  # decoded images, not arrays of another layout
+        and "pixel_values" not in dataset.column_names
     ):
         return prepare_dataset(dataset, train=train, model=model)
     return dataset

@@ -89,14 +89,17 @@ class IsomorphicPruner:
         image_size = config.image_size or adapter.image_size()
         example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
 
-        criterion = config.importance
-        if criterion == "taylor" and calibration_dataset is None:
-            logger.warning("No calibration data given: Taylor importance needs gradients, using magnitude instead.")
-            criterion = "magnitude"
-        reconstruction = config.reconstruction
-        if reconstruction != "none" and calibration_dataset is None:
-            logger.warning("No calibration data given: reconstruction=%r needs it, pruning without it.", reconstruction)
-            reconstruction = "none"
+        criterion, reconstruction = config.importance, config.reconstruction
+        if calibration_dataset is None:  # one warning for everything that needed the data
+            missing = []
+            if criterion == "taylor":
+                missing.append("Taylor importance needs gradients, using magnitude instead")
+                criterion = "magnitude"
+            if reconstruction != "none":
+                missing.append(f"reconstruction={reconstruction!r} needs it, pruning without it")
+                reconstruction = "none"
+            if missing:
+                logger.warning("No calibration data given: %s.", "; ".join(missing))
         searching = config.budget_policy == "search" and config.pruning_ratio is None
         if searching and calibration_dataset is None:
             raise CalibrationDataError("budget_policy='search' scores splits on calibration data: pass "
