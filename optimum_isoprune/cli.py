@@ -213,6 +213,43 @@ def prepare_for(model: Any, dataset: Any, processor: Any | None, train: bool = F
         raise CLIError(_first_line(err)) from err
 
 
+def _fingerprint(name: str) -> str:
+    """A model or dataset name, plus the size and time of its files when it is a local folder."""
+    if not os.path.exists(name):
+        return name
+    stats = []
+    for root, _, files in os.walk(name):
+        for file in files:
+            info = os.stat(os.path.join(root, file))
+            stats.append((os.path.relpath(os.path.join(root, file), name), info.st_size, info.st_mtime_ns))
+    return json.dumps([os.path.abspath(name), sorted(stats)])
+
+
+def cached_evaluation(model_name: str, dataset: str, split: str, limit: int | None, evaluate: Any) -> dict[str, Any]:
+    """`evaluate()` (the accuracy of an unchanged model on an unchanged split), remembered in the user cache."""
+    import hashlib
+
+    from .demo import default_cache_dir
+
+    key = hashlib.sha256(json.dumps([_fingerprint(model_name), _fingerprint(dataset), split, limit]).encode()).hexdigest()
+    path = default_cache_dir() / "evaluations.json"
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        logger.info("Accuracy of %s on %s/%s from the cache (%s).", model_name, dataset, split, path)
+        return cache[key]
+    result = evaluate()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache[key] = result
+        path.write_text(json.dumps(cache, indent=1), encoding="utf-8")
+    except OSError as err:  # a read-only cache is no reason to fail
+        logger.debug("Could not write %s (%s).", path, err)
+    return result
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
@@ -301,7 +338,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     before: dict[str, Any] = {}
     if test is not None:  # the base and the pruned model on the same split, so the card shows the change
         print(f"Evaluating the teacher and the pruned student on the {args.eval_split!r} split before training...")
-        before = {"before": evaluate_model(teacher, prepare_for(teacher, test_rows, load_processor(args.teacher))),
+        def teacher_accuracy() -> dict[str, Any]:
+            return evaluate_model(teacher, prepare_for(teacher, test_rows, load_processor(args.teacher)))
+
+        builtin = args.dataset.lower() in BUILTIN_DATASETS
+        data_key = (args.data_dir or args.dataset) if builtin else args.dataset
+        before = {"before": teacher_accuracy() if args.random_teacher else cached_evaluation(
+                      args.teacher, data_key, args.eval_split, args.eval_limit, teacher_accuracy),
                   "pruned_no_finetune": evaluate_model(student, test)}
     trainer_dir = tempfile.TemporaryDirectory(prefix="isoprune-distill-")  # the Trainer's scratch folder, removed after
     training_args = DistillationTrainingArguments(

@@ -50,7 +50,7 @@ _TEACHER_FIELDS = (
 
 @dataclass
 class DemoConfig:
-    """Settings of one demo run; the defaults take about 10-15 minutes on 2 CPU cores (teacher cached: ~half)."""
+    """Settings of one demo run; the defaults take about 8 minutes on 2 CPU cores (teacher cached: about 3)."""
 
     hidden_size: int = field(default=96, metadata={"help": "Teacher ViT hidden size."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Teacher ViT depth."})

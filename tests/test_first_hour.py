@@ -242,13 +242,39 @@ def test_distill_without_the_eval_split_fails_before_training(tmp_path, my_vit, 
 def distilled(my_vit, image_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("kd_flow")
     student = root / "my-vit-half"
-    assert main(["--quiet", "prune", my_vit, "--target-macs", "50%", "--calibration-dataset", image_root,
-                 "--num-calibration-batches", "1", "--calibration-batch-size", "4", "--round-to", "2",
-                 "--output", str(student)]) == 0
-    out = root / "my-vit-half-kd"
-    assert main(["--quiet", "distill", "--student", str(student), "--teacher", my_vit, "--dataset", image_root,
-                 "--max-steps", "2", "--batch-size", "4", "--latency-repeats", "10", "--output", str(out), "--cpu"]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPTIMUM_ISOPRUNE_CACHE", str(root / "cache"))
+        assert main(["--quiet", "prune", my_vit, "--target-macs", "50%", "--calibration-dataset", image_root,
+                     "--num-calibration-batches", "1", "--calibration-batch-size", "4", "--round-to", "2",
+                     "--output", str(student)]) == 0
+        out = root / "my-vit-half-kd"
+        assert main(["--quiet", "distill", "--student", str(student), "--teacher", my_vit, "--dataset", image_root,
+                     "--max-steps", "2", "--batch-size", "4", "--latency-repeats", "10", "--output", str(out),
+                     "--cpu"]) == 0
+    assert (root / "cache" / "evaluations.json").is_file()  # the teacher's accuracy, for the next distill
     return out
+
+
+def test_teacher_accuracy_is_cached_until_its_files_change(tmp_path, monkeypatch):
+    from optimum_isoprune.cli import cached_evaluation
+
+    monkeypatch.setenv("OPTIMUM_ISOPRUNE_CACHE", str(tmp_path / "cache"))
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes(b"1")
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return {"top1": 0.5, "num_examples": 4}
+
+    for _ in range(2):
+        assert cached_evaluation(str(teacher), "pets", "test", None, evaluate) == {"top1": 0.5, "num_examples": 4}
+    assert len(calls) == 1
+    (teacher / "model.safetensors").write_bytes(b"22")
+    cached_evaluation(str(teacher), "pets", "test", None, evaluate)
+    cached_evaluation(str(teacher), "pets", "test", 10, evaluate)
+    assert len(calls) == 3
 
 
 def test_distill_leaves_no_trainer_folder_and_fills_the_card(distilled, image_root, my_vit):
