@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .data import INDEX_COLUMN, collate_fn, dataset_transform, model_input_spec
+from .data import INDEX_COLUMN, collate_fn, dataset_transform, ensure_prepared, model_input_spec
 from .guards import check_finite_parameters, check_labels, require_finite
 from .metrics import IGNORE_INDEX, _accepts_keyword, call_classifier, output_logits
 
@@ -100,6 +101,8 @@ class DistillationTrainingArguments(TrainingArguments):
                              "nothing; give a positive number of epochs or max_steps > 0.")
         if self.label_names is not None and list(self.label_names) != ["labels"]:
             raise ValueError(f"label_names={self.label_names!r}: DistillationTrainer reads the labels from 'labels' only.")
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on the CPU torch warns every epoch
         super().__post_init__()
 
 
@@ -155,6 +158,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     raise ValueError(f"Unknown distillation kind {kind!r}; expected 'soft' or 'hard'.")
 
 
+class _NumericProgressCallback(ProgressCallback):
+    """transformers' progress bar, with logged metrics written as numbers (4 significant digits), not strings."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            self.training_bar.write(str(shown))
+
+
 class DistillationTrainer(Trainer):
     """`Trainer` whose loss mixes the labels with a frozen teacher's predictions (see the module docstring).
 
@@ -193,6 +205,8 @@ class DistillationTrainer(Trainer):
         if isinstance(model, nn.Module):
             check_finite_parameters(model, "The student")
         kwargs.setdefault("data_collator", collate_fn)
+        if kwargs.get("train_dataset") is not None:  # raw image / label rows: prepared for the student, labels checked
+            kwargs["train_dataset"] = ensure_prepared(kwargs["train_dataset"], model, train=not args.cache_teacher_logits)
         super().__init__(model=model, args=args, **kwargs)
 
         # compute_loss normalises by `num_items_in_batch` when the Trainer passes it (it then counts the labels of the
@@ -200,6 +214,8 @@ class DistillationTrainer(Trainer):
         # (no labels) compute_loss returns a per-batch mean, which the Trainer divides by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = None
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(_NumericProgressCallback)
 
         self.teacher_model = teacher_model
         if teacher_model is not None:

@@ -94,14 +94,17 @@ class IsomorphicPruner:
         image_size = config.image_size or adapter.image_size()
         example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
 
-        criterion = config.importance
-        if criterion == "taylor" and calibration_dataset is None:
-            logger.warning("No calibration data given: Taylor importance needs gradients, using magnitude instead.")
-            criterion = "magnitude"
-        reconstruction = config.reconstruction
-        if reconstruction != "none" and calibration_dataset is None:
-            logger.warning("No calibration data given: reconstruction=%r needs it, pruning without it.", reconstruction)
-            reconstruction = "none"
+        criterion, reconstruction = config.importance, config.reconstruction
+        if calibration_dataset is None:  # one warning for everything that needed the data
+            missing = []
+            if criterion == "taylor":
+                missing.append("Taylor importance needs gradients, using magnitude instead")
+                criterion = "magnitude"
+            if reconstruction != "none":
+                missing.append(f"reconstruction={reconstruction!r} needs it, pruning without it")
+                reconstruction = "none"
+            if missing:
+                logger.warning("No calibration data given: %s.", "; ".join(missing))
         searching = config.budget_policy == "search" and config.pruning_ratio is None
         if searching and calibration_dataset is None:
             raise CalibrationDataError("budget_policy='search' scores splits on calibration data: pass "
@@ -154,6 +157,8 @@ class IsomorphicPruner:
 
         tick = time.perf_counter()
         layers = layer_widths(plan)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # timm's graph lists blocks last-first
+        layers.sort(key=lambda width: order.get(width.name, len(order)))
         removed = apply_plan(graph, plan)
         timings["surgery"] = time.perf_counter() - tick
 
@@ -186,7 +191,7 @@ class IsomorphicPruner:
             search=search.to_dict() if search else {},
         )
         self.config, self.pruned_model = config, model
-        logger.info("Pruned %s:\n%s", adapter.architecture, self._report.summary())
+        logger.debug("Pruned %s:\n%s", adapter.architecture, self._report.summary())
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, image_processor: Any = None,
@@ -263,6 +268,9 @@ class IsomorphicPruner:
     def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int, held_out: bool
                      ) -> tuple[list, list[torch.Tensor]]:
         """Batches for importance and reconstruction, and (for the search policy) held-out images to score splits."""
+        from .data import ensure_prepared
+
+        data = ensure_prepared(data, self.model)  # raw image / label rows: the model's size and normalisation
         count = config.num_calibration_batches + (config.search_batches if held_out else 0)
         batches = list(calibration_batches(data, config.calibration_batch_size, count, config.seed))
         if not batches:
