@@ -308,18 +308,21 @@ def export_onnx(
     check: bool = True,
     atol: float = DEFAULT_ATOL,
     image_processor: Any = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> OnnxExport:
     """Export a supported classifier (a model, or a checkpoint folder) to `output_dir/model.onnx`, with its
     config, preprocessor config and labels beside it.
 
     With `check` (the default) onnxruntime runs the graph on random inputs at batch sizes 1 and 3 (or the
     export batch size when `dynamic_batch=False`) and the largest absolute logit difference to PyTorch must
-    stay below `atol`, else `OnnxParityError`. The model is not modified.
+    stay below `atol`, else `OnnxParityError`. The model is not modified. `source_dir`: the checkpoint folder
+    a model passed in was loaded from (its config.json and preprocessor config are copied).
     """
     check_opset(opset)
     require("onnx")
     require("onnxscript")
     model, checkpoint_dir = load_for_export(model_or_dir)
+    checkpoint_dir = checkpoint_dir or (os.fspath(source_dir) if source_dir is not None else None)
     adapter = get_adapter(model)
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
