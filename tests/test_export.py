@@ -33,7 +33,7 @@ from optimum_isoprune.export import check_onnx_model, failing_op, onnx_session, 
 from optimum_isoprune.hub import create_model_card  # noqa: E402
 
 # Rows whose export takes more than ~10 s on two shared cores.
-SLOW_ROWS = {"mobilenet_v2", "hf_swin", "timm_swin"}
+SLOW_ROWS = {"mobilenet_v2", "hf_swin", "timm_swin", "timm_resnet"}
 
 
 def _rows(slow: set[str]) -> list:
