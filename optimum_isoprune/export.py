@@ -333,8 +333,7 @@ def export_onnx(
     start = time.perf_counter()
     with _export_mode(model), torch.no_grad():
         wrapper = _LogitsModule(model, adapter).eval()
-        with torch.no_grad():
-            num_labels = int(wrapper(example).shape[-1])
+        num_labels = int(wrapper(example).shape[-1])
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log):
@@ -469,30 +468,23 @@ def evaluate_onnx(
 ) -> dict[str, float]:
     """Top-1 (and top-5 for more than 5 classes) accuracy of an ONNX model over a dataset of `pixel_values` /
     `labels` (e.g. `prepare_dataset(...)`), run by onnxruntime or OpenVINO."""
-    from .data import collate_fn
-    from .metrics import IGNORE_INDEX, topk_correct
+    from .metrics import evaluate_model
 
     if len(dataset) == 0:
         raise ValueError("evaluate_onnx got an empty dataset.")
-    run = runner(path, runtime=runtime, threads=threads)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    correct1 = correct5 = count = 0
-    num_classes = 0
-    for batch in loader:
-        logits = run(batch["pixel_values"].numpy())
-        labels = batch["labels"].numpy()
-        num_classes = logits.shape[-1]
-        correct1 += topk_correct(logits, labels, 1)
-        if num_classes > 5:
-            correct5 += topk_correct(logits, labels, 5)
-        count += int((labels != IGNORE_INDEX).sum())
-    if count == 0:
-        raise ValueError("evaluate_onnx found no labelled examples.")
-    results = {"top1": correct1 / count}
-    if num_classes > 5:
-        results["top5"] = correct5 / count
-    results["num_examples"] = count
-    return results
+    return evaluate_model(_OnnxClassifier(runner(path, runtime=runtime, threads=threads)), dataset,
+                          batch_size=batch_size, device="cpu", disable_tqdm=True)
+
+
+class _OnnxClassifier(nn.Module):
+    """An ONNX runner behind the nn.Module interface that `evaluate_model` takes."""
+
+    def __init__(self, run: Any) -> None:
+        super().__init__()
+        self.run = run
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(pixel_values.numpy()))
 
 
 def runner(path: str | os.PathLike, runtime: str = "onnxruntime", threads: int | None = None):
