@@ -33,3 +33,4 @@ benchmarks: venv
 	cd benchmarks && ../$(BIN)/python ranking_quality.py --fresh --steps 100 --seeds 0,1,2
 	cd benchmarks && ../$(BIN)/python ranking_quality.py --steps 100 --seeds 0,1 --part5 --part5-steps 400
 	cd benchmarks && ../$(BIN)/python summarize.py
+	cd benchmarks && ../$(BIN)/python deploy.py && ../$(BIN)/python deploy.py --part tables

@@ -1,4 +1,4 @@
-"""Part 7 - deployment: PyTorch eager vs onnxruntime fp32 / int8 (vs OpenVINO), pruned and not.
+"""Deployment part of BENCHMARKS.md: PyTorch eager vs onnxruntime fp32 / int8 (vs OpenVINO), pruned and not.
 
 Latency (--part latency): timm ViT-B/16 and ConvNeXt-B shapes (random weights, 224 px) at 100%, 50% and 25%
 of their MACs (magnitude importance, isomorphic, round_to 8), each exported with `export_onnx` (parity
@@ -195,9 +195,46 @@ def _tensor_split(split: str) -> _Split:
     return _Split(pixels, torch.from_numpy(labels.astype("int64")))
 
 
+def tables() -> None:
+    """Print the markdown tables of BENCHMARKS.md's deployment part from the saved JSON."""
+    import json
+
+    latency_file, accuracy_file = RESULTS / "deploy_latency.json", RESULTS / "deploy_accuracy.json"
+    if latency_file.exists():
+        data = json.loads(latency_file.read_text())
+        results = data["results"]
+        batch_sizes = results[0]["deployment"]["batch_sizes"]
+        base = {r["model"]: r["deployment"]["rows"][0]["latency_ms"] for r in results if r["fraction"] == 1.0}
+        print("| model | MACs | runtime | precision | file (MB) |"
+              + "".join(f" batch {b}: ms (speed-up) |" for b in batch_sizes))
+        print("|---|---:|---|---|---:|" + "---:|" * len(batch_sizes))
+        for r in results:
+            for row in r["deployment"]["rows"]:
+                cells = "".join(f" {row['latency_ms'][str(b)]:.1f} ({base[r['model']][str(b)] / row['latency_ms'][str(b)]:.2f}x) |"
+                                for b in batch_sizes)
+                print(f"| {r['model']} | {int(r['fraction'] * 100)}% ({r['macs'] / 1e9:.2f} G) | {row['runtime']} | "
+                      f"{row['precision']} | {row['file_bytes'] / 1e6:.1f} |{cells}")
+        print()
+        print("| model | MACs | parity max abs diff | export (s) | int8 dynamic (s) | int8 static (s) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| {r['model']} | {int(r['fraction'] * 100)}% | {r['max_abs_diff']:.1e} | {r['export_s']:.0f} | "
+                  f"{r['quantize_dynamic_s']:.0f} | {r['quantize_static_s']:.0f} |")
+        print()
+    if accuracy_file.exists():
+        data = json.loads(accuracy_file.read_text())
+        print("| model | runtime | precision | file (KB) | top-1 (%) | top-5 (%) |")
+        print("|---|---|---|---:|---:|---:|")
+        for row in data["rows"]:
+            size = f"{row['file_bytes'] / 1e3:.0f}" if row.get("file_bytes") else ""
+            who = "teacher" if "teacher" in row["runtime"] else "student"
+            print(f"| {who} | {row['runtime'].replace(' (teacher)', '')} | {row['precision']} | {size} | "
+                  f"{100 * row['top1']:.2f} | {100 * row['top5']:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--part", choices=("latency", "accuracy", "all"), default="all")
+    p.add_argument("--part", choices=("latency", "accuracy", "all", "tables"), default="all")
     p.add_argument("--models", default="vit_b16,convnext_b")
     p.add_argument("--fractions", default="1.0,0.5,0.25")
     p.add_argument("--batch-sizes", default="1,32")
@@ -209,6 +246,8 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--student-steps", type=int, default=300)
     args = p.parse_args()
+    if args.part == "tables":
+        return tables()
     torch.set_num_threads(args.threads)
     if args.part in ("accuracy", "all"):
         accuracy(args)
