@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -504,8 +504,3 @@ def runner(path: str | os.PathLike, runtime: str = "onnxruntime", threads: int |
         return lambda pixels: np.asarray(request.infer([np.ascontiguousarray(pixels, dtype=np.float32)])[0])
     raise ValueError(f"Unknown runtime {runtime!r}; expected 'onnxruntime' or 'openvino'.")
 
-
-def read_export_info(output_dir: str | os.PathLike) -> Mapping[str, Any]:
-    """The `onnx_export.json` that `export_onnx` wrote into `output_dir`."""
-    with open(os.path.join(os.fspath(output_dir), EXPORT_INFO_NAME), encoding="utf-8") as f:
-        return json.load(f)
