@@ -39,6 +39,11 @@ def latency(args) -> None:
 
     meta = machine()
     results = []
+    previous = RESULTS / "deploy_latency.json"
+    if args.append and previous.exists():  # keep the other models' rows of an earlier run
+        import json
+
+        results = [r for r in json.loads(previous.read_text())["results"] if r["model"] not in args.models.split(",")]
     for key in args.models.split(","):
         torch.manual_seed(0)
         base = timm.create_model(MODELS[key], pretrained=False).eval()
@@ -243,6 +248,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calibration-images", type=int, default=32)
     p.add_argument("--no-openvino", action="store_true")
+    p.add_argument("--append", action="store_true", help="keep the saved results of models not measured this time")
     p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--student-steps", type=int, default=300)
     args = p.parse_args()
