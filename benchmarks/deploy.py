@@ -208,6 +208,7 @@ def tables() -> None:
     if latency_file.exists():
         data = json.loads(latency_file.read_text())
         results = data["results"]
+        plot(results, data["meta"])
         batch_sizes = results[0]["deployment"]["batch_sizes"]
         base = {r["model"]: r["deployment"]["rows"][0]["latency_ms"] for r in results if r["fraction"] == 1.0}
         print("| model | MACs | runtime | precision | file (MB) |"
