@@ -24,6 +24,10 @@ _LAZY = {
     "PrunedCheckpointError": "modeling", "to_pruned_model": "modeling",
     "IsomorphicPruner": "pruner",
     "ClassAmount": "report", "LayerWidth": "report", "PruningReport": "report",
+    "benchmark_deployment": "deployment",
+    "InvalidOnnxModelError": "export", "NotACheckpointError": "export", "OnnxExportError": "export",
+    "OnnxParityError": "export", "evaluate_onnx": "export", "export_onnx": "export", "verify_onnx": "export",
+    "quantize_onnx": "quantization",
 }
 
 if TYPE_CHECKING:
@@ -39,6 +43,12 @@ if TYPE_CHECKING:
     from .modeling import PrunedCheckpointError, to_pruned_model
     from .pruner import IsomorphicPruner
     from .report import ClassAmount, LayerWidth, PruningReport
+    from .deployment import benchmark_deployment
+    from .export import (
+        InvalidOnnxModelError, NotACheckpointError, OnnxExportError, OnnxParityError, evaluate_onnx, export_onnx,
+        verify_onnx,
+    )
+    from .quantization import quantize_onnx
 
 
 def __getattr__(name: str) -> Any:
@@ -63,14 +73,19 @@ __all__ = [
     "DistillationTrainer",
     "DistillationTrainingArguments",
     "HubPublishError",
+    "InvalidOnnxModelError",
     "IsoPruneError",
     "IsomorphicPruner",
     "IsomorphicPruningConfig",
     "LayerWidth",
     "NonFiniteError",
+    "NotACheckpointError",
+    "OnnxExportError",
+    "OnnxParityError",
     "PrunedCheckpointError",
     "PruningReport",
     "UnsupportedModelError",
+    "benchmark_deployment",
     "collate_fn",
     "compare_latency",
     "compute_metrics",
@@ -78,6 +93,8 @@ __all__ = [
     "count_params",
     "create_model_card",
     "evaluate_model",
+    "evaluate_onnx",
+    "export_onnx",
     "load_fashion_mnist",
     "load_image_dataset",
     "load_pruned_model",
@@ -85,8 +102,10 @@ __all__ = [
     "plot_layer_widths",
     "prepare_dataset",
     "push_to_hub",
+    "quantize_onnx",
     "save_model_card",
     "save_pruned_model",
     "to_pruned_model",
+    "verify_onnx",
     "__version__",
 ]

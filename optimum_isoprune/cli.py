@@ -1,4 +1,4 @@
-"""`optimum-isoprune`: the console script (prune, distill, evaluate, push, demo).
+"""`optimum-isoprune`: the console script (prune, distill, evaluate, push, export, demo).
 
 Every command prints one clear line on stderr and exits non-zero on failure; `--debug` shows the traceback.
 """
@@ -441,6 +441,61 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import NotACheckpointError, evaluate_onnx, export_onnx, load_for_export, verify_onnx
+    from .quantization import quantize_onnx
+
+    if args.format != "onnx":
+        raise CLIError(f"--format {args.format!r} is not supported; use onnx", exit_code=2)
+    if "int8-static" in (args.quantize or []) and not args.calibration_dataset:
+        raise CLIError("--quantize int8-static needs --calibration-dataset (the images used for pruning); "
+                       "int8-dynamic needs none", exit_code=2)
+    local = os.path.exists(args.model) or args.model.startswith((".", "/", "~"))
+    try:
+        model, source = load_for_export(args.model) if local else (load_any_model(args.model, args.random_weights), None)
+    except NotACheckpointError as err:
+        raise CLIError(str(err), exit_code=2) from err
+    processor = load_processor(source) if source else None
+    result = export_onnx(model, args.output, opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
+                         source_dir=source)
+    print(json.dumps({"file": result.path, "precision": "fp32", "opset": result.opset,
+                      "max_abs_diff": result.max_abs_diff, "parity_batch_sizes": result.parity_batch_sizes}))
+    files = {"fp32": result.path}
+    calibration = None
+    if args.calibration_dataset:
+        dataset = load_split(args.calibration_dataset, args.calibration_split,
+                             limit=args.num_calibration_batches * args.calibration_batch_size * 4, data_dir=args.data_dir)
+        calibration = prepare_for(model, dataset, processor)
+    for mode in args.quantize or []:
+        files[mode] = quantize_onnx(result.path, mode, calibration_dataset=calibration,
+                                    num_calibration_batches=args.num_calibration_batches,
+                                    calibration_batch_size=args.calibration_batch_size, seed=args.seed)
+        diff = verify_onnx(files[mode], model, atol=None)
+        print(json.dumps({"file": files[mode], "precision": mode, "max_abs_diff": diff}))
+    evaluation = None
+    if args.eval_dataset:
+        evaluation = prepare_for(model, load_split(args.eval_dataset, args.eval_split, args.eval_limit, args.data_dir),
+                                 processor)
+        if not args.benchmark:
+            for mode, path in files.items():
+                print(json.dumps({"file": path, "precision": mode, "split": args.eval_split,
+                                  **evaluate_onnx(path, evaluation, threads=args.threads)}))
+    if args.benchmark:
+        from .deployment import benchmark_deployment
+
+        deployment = benchmark_deployment(model, args.output, batch_sizes=args.batch_sizes, threads=args.threads,
+                                          rounds=args.rounds, eval_dataset=evaluation, checkpoint_dir=source)
+        for row in deployment["rows"]:
+            print(json.dumps({k: row.get(k) for k in ("runtime", "precision", "file", "file_bytes", "latency_ms", "top1")}))
+        if source and os.path.isfile(os.path.join(source, "pruning_report.json")):
+            from .hub import save_model_card
+            from .report import PruningReport
+
+            save_model_card(args.output, PruningReport.from_pretrained(source), deployment=deployment)
+    print(f"Exported {args.model} to {args.output}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -602,6 +657,44 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--token", help="Hub token (default: the logged-in one)")
     push.set_defaults(func=cmd_push)
+
+    export = commands.add_parser(
+        "export", help="export to ONNX (checked against PyTorch), optionally int8, latency and accuracy",
+        formatter_class=formatter,
+        description="Write model.onnx (dynamic batch), config.json, preprocessor_config.json and labels.json into "
+                    "--output; onnxruntime's logits are checked against PyTorch's on random inputs (max abs diff "
+                    "below --atol). Needs the onnx extra: pip install 'optimum-isoprune[onnx]'.",
+        epilog="examples:\n  optimum-isoprune export out/half --format onnx --output out/half-onnx\n"
+               "  optimum-isoprune export out/half --output out/half-onnx --quantize int8-dynamic int8-static "
+               "--calibration-dataset fashion-mnist\n"
+               "  optimum-isoprune export out/half --output out/half-onnx --quantize int8-dynamic "
+               "--eval-dataset fashion-mnist --benchmark --threads 2",
+    )
+    export.add_argument("model", metavar="DIR", help="pruned checkpoint folder (or a model folder, Hub id, timm/<name>)")
+    export.add_argument("--format", default="onnx", choices=("onnx",))
+    export.add_argument("--output", required=True, metavar="DIR", help="folder for model.onnx and its files")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 25 (18)")
+    export.add_argument("--static-batch", action="store_true", help="fixed batch size instead of a dynamic one")
+    export.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| logit (1e-4)")
+    export.add_argument("--quantize", nargs="+", choices=("int8-dynamic", "int8-static"), metavar="MODE",
+                        help="also write int8 copies: int8-dynamic and/or int8-static (needs --calibration-dataset)")
+    export.add_argument("--calibration-dataset", metavar="NAME_OR_DIR", help="images to calibrate int8-static")
+    export.add_argument("--calibration-split", default="train")
+    export.add_argument("--num-calibration-batches", type=_positive_int, default=8, metavar="N")
+    export.add_argument("--calibration-batch-size", type=_positive_int, default=16, metavar="N")
+    export.add_argument("--eval-dataset", metavar="NAME_OR_DIR", help="measure the top-1 of every exported file")
+    export.add_argument("--eval-split", default="test")
+    export.add_argument("--eval-limit", type=_positive_int, metavar="N", help="first N examples only")
+    export.add_argument("--data-dir", help="folder of Fashion-MNIST's IDX files (default: Debian's)")
+    export.add_argument("--benchmark", action="store_true",
+                        help="time PyTorch vs onnxruntime (vs OpenVINO) side by side; writes deployment.json (and "
+                             "a card with the deployment table for a pruned checkpoint)")
+    export.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32], metavar="N")
+    export.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads of every runtime")
+    export.add_argument("--rounds", type=_positive_int, default=10, metavar="N", help="timed rounds per batch size")
+    export.add_argument("--random-weights", action="store_true", help=argparse.SUPPRESS)
+    export.add_argument("--seed", type=int, default=0)
+    export.set_defaults(func=cmd_export)
 
     demo = commands.add_parser(
         "demo", help="the main job end to end on Fashion-MNIST, offline (about 8 minutes on 2 cores, 3 with the teacher cached)",
