@@ -35,6 +35,7 @@ class ClassRanking:
     group_of_rank: np.ndarray  # group index of the k-th least important unit of the class
     local_order: list[np.ndarray]  # per group: its units from least to most important
     normalized: np.ndarray  # the class's scores divided by its median, ascending
+    raw_sorted: np.ndarray  # the class's scores, ascending (what global ranking compares across classes)
 
     @classmethod
     def build(cls, iso_class: IsomorphicClass, scores: dict[PrunableGroup, torch.Tensor], round_to: int,
@@ -54,6 +55,7 @@ class ClassRanking:
             group_of_rank=owner[np.argsort(concat, kind="stable")],
             local_order=[np.argsort(s, kind="stable") for s in per_group],
             normalized=np.sort(concat / scale) + np.arange(len(concat)) * 1e-9,  # strictly increasing
+            raw_sorted=np.sort(concat),
         )
 
     def kept(self, ratio: float) -> np.ndarray:

@@ -15,6 +15,7 @@ import traceback
 from typing import Any, Sequence
 
 from ._startup import restore_default_handler
+from .configuration import BUDGET_POLICY_CHOICES, RECONSTRUCTION_CHOICES
 
 logger = logging.getLogger("optimum_isoprune.cli")
 
@@ -245,6 +246,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "num_calibration_batches": args.num_calibration_batches,
         "calibration_batch_size": args.calibration_batch_size,
         "image_size": args.image_size,
+        "budget_policy": args.budget_policy,
+        "reconstruction": args.reconstruction,
     }
     config = IsomorphicPruningConfig(
         importance=args.importance, grouping=args.grouping, seed=args.seed,
@@ -415,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--data-dir", help="folder of Fashion-MNIST's IDX files (default: Debian's)")
     prune.add_argument("--importance", default="taylor", choices=("taylor", "magnitude", "random"))
     prune.add_argument("--grouping", default="isomorphic", choices=("isomorphic", "global", "uniform"))
+    prune.add_argument("--budget-policy", choices=BUDGET_POLICY_CHOICES,
+                       help="how a target is split across classes (shared; search scores splits on calibration data)")
+    prune.add_argument("--reconstruction", choices=RECONSTRUCTION_CHOICES,
+                       help="refit after surgery on the calibration data (least_squares)")
     prune.add_argument("--round-to", type=_positive_int, metavar="N", help="kept widths are multiples of N (8)")
     prune.add_argument("--head-ratio", type=_ratio_arg, help="fraction of attention heads removed")
     prune.add_argument("--head-dim-ratio", type=_ratio_arg, help="fraction of dimensions removed inside heads")

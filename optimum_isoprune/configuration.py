@@ -12,7 +12,8 @@ CONFIG_NAME = "pruning_config.json"
 
 IMPORTANCE_CHOICES = ("taylor", "magnitude", "random")
 GROUPING_CHOICES = ("isomorphic", "global", "uniform")
-BUDGET_POLICY_CHOICES = ("shared", "allocate")
+BUDGET_POLICY_CHOICES = ("shared", "allocate", "search")
+RECONSTRUCTION_CHOICES = ("none", "bias", "least_squares")
 
 
 @dataclass
@@ -57,9 +58,34 @@ class IsomorphicPruningConfig(JsonFile):
         default="shared",
         metadata={
             "help": "How a MACs/params target is split across classes: 'shared' (one ratio for every "
-            "class, the paper's behaviour) or 'allocate' (per-class amounts: units go in order of "
-            "importance, normalised by their class median, per MAC saved). Ranking stays within classes."
+            "class, the paper's behaviour), 'search' (per-class amounts searched on the distillation loss "
+            "of held-out calibration batches, starting from shared and global ranking's amounts) or "
+            "'allocate' (experimental: importance normalised by its class median, per MAC saved). "
+            "Ranking stays within classes."
         },
+    )
+    reconstruction: str = field(
+        default="least_squares",
+        metadata={
+            "help": "Recovery after surgery, on the calibration data: 'least_squares' refits every layer whose "
+            "inputs lost channels to the unpruned model's outputs (closed form, no training), 'bias' refits "
+            "only their biases and re-estimates BatchNorm statistics, 'none' keeps the sliced weights."
+        },
+    )
+    reconstruction_damping: float = field(
+        default=1e-2,
+        metadata={"help": "Ridge strength of the least-squares refit, relative to the mean input energy; it pulls "
+                  "each layer toward its pruned weights (0 = exact least squares)."},
+    )
+    search_candidates: int = field(
+        default=24,
+        metadata={"help": "budget_policy='search': candidate splits scored (each costs one forward pass over "
+                  "the held-out calibration batches)."},
+    )
+    search_batches: int = field(
+        default=2,
+        metadata={"help": "budget_policy='search': calibration batches held out to score splits (taken after the "
+                  "num_calibration_batches used for importance and reconstruction)."},
     )
     round_to: int = field(
         default=8, metadata={"help": "Kept widths are multiples of this (hardware-friendly); 1 disables."}
@@ -101,7 +127,11 @@ class IsomorphicPruningConfig(JsonFile):
         _check_choice("importance", self.importance, IMPORTANCE_CHOICES)
         _check_choice("grouping", self.grouping, GROUPING_CHOICES)
         _check_choice("budget_policy", self.budget_policy, BUDGET_POLICY_CHOICES)
-        for name in ("round_to", "min_heads", "num_calibration_batches", "calibration_batch_size"):
+        _check_choice("reconstruction", self.reconstruction, RECONSTRUCTION_CHOICES)
+        if not self.reconstruction_damping >= 0:
+            raise ValueError(f"reconstruction_damping must be >= 0, got {self.reconstruction_damping!r}.")
+        for name in ("round_to", "min_heads", "num_calibration_batches", "calibration_batch_size", "search_candidates",
+                     "search_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

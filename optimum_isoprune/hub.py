@@ -392,6 +392,7 @@ def create_model_card(
             {"name": "Head-dim pruning ratio", "value": f"{report.head_dim_pruning_ratio:.4g}"},
         ],
         "config_json": json.dumps(report.config, indent=2, sort_keys=True) if report.config else None,
+        "reconstruction": _reconstruction_text(report),
         "classes": classes,
         "layers": layers,
         "widths_image": widths_image,
@@ -406,6 +407,17 @@ def create_model_card(
     card = ModelCard.from_template(card_data, template_path=str(template_path or _template_path()), **template_vars)
     # Optional sections leave runs of blank lines behind; Markdown ignores them, readers of README.md do not.
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+
+
+def _reconstruction_text(report: PruningReport) -> str | None:
+    """What the closed-form recovery after surgery did, and how long it took; None when it did not run."""
+    if report.reconstruction.get("mode", "none") == "none":
+        return None
+    from .reconstruction import ReconstructionSummary
+
+    seconds = report.timings.get("reconstruction")
+    took = f" in {seconds:.2f} s" if seconds is not None else ""
+    return ReconstructionSummary(**report.reconstruction).describe() + took
 
 
 def save_model_card(

@@ -24,6 +24,7 @@ class GroupTarget:
     target: nn.Module | nn.Parameter
     is_out: bool
     root_idxs: np.ndarray
+    idxs: np.ndarray  # the layer's own channel index of each entry (same order as root_idxs)
 
     @property
     def key(self) -> tuple[int, bool]:
@@ -85,10 +86,12 @@ def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup
         if not (isinstance(target, nn.Parameter) or target in names):
             continue  # torch-pruning's internal ops (reshape, add, ...) hold no weights
         root_idxs = np.asarray(item.root_idxs, dtype=np.int64)
-        # A customized pruner (an adapter's, for a block torch-pruning cannot trace) may list the layers it changes.
-        expand = None if isinstance(target, nn.Parameter) else getattr(graph.get_pruner_of_module(target), "layers_changed", None)
-        for layer, layer_is_out, layer_idxs in expand(target, root_idxs, is_out) if expand else [(target, is_out, root_idxs)]:
-            targets.append(GroupTarget(layer, layer_is_out, layer_idxs))
+        idxs = np.asarray([getattr(i, "idx", i) for i in item.idxs], dtype=np.int64)
+        # A customized pruner (an adapter's, for a block torch-pruning cannot trace) lists the layers it changes;
+        # each layer's indices repeat the block's channels block-wise, so the root of entry j is root_idxs[j % n].
+        expand = None if isinstance(target, nn.Parameter) else getattr(graph.get_pruner_of_module(target), "layer_indices", None)
+        for layer, layer_is_out, layer_idxs in expand(target, idxs, is_out) if expand else [(target, is_out, idxs)]:
+            targets.append(GroupTarget(layer, layer_is_out, np.resize(root_idxs, len(layer_idxs)), layer_idxs))
             signature.append((type(layer).__name__, layer_is_out, len(layer_idxs)))
             producers += int(layer_is_out and isinstance(layer, (nn.Linear, nn.Conv2d)))
     root, root_fn = group[0].dep.target.module, group[0].dep.handler

@@ -21,9 +21,12 @@ from .counting import CostModel, count_params
 from .errors import CalibrationDataError
 from .guards import check_finite_parameters, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
-from .isomorphic import PrunableGroup, build_classes, collect_groups
+from .isomorphic import build_classes, collect_groups
 from .modeling import to_pruned_model
-from .report import ClassAmount, LayerWidth, PruningReport
+from .reconstruction import reconstruct
+from .search import CalibrationLoss, ChannelMasks, SearchSummary, global_ratios_at, search_split
+from .report import ClassAmount, PruningReport
+from .surgery import apply_plan, layer_widths
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,16 @@ class IsomorphicPruner:
         if criterion == "taylor" and calibration_dataset is None:
             logger.warning("No calibration data given: Taylor importance needs gradients, using magnitude instead.")
             criterion = "magnitude"
-        batches = self._calibration(config, calibration_dataset, image_size) if criterion == "taylor" else []
+        reconstruction = config.reconstruction
+        if reconstruction != "none" and calibration_dataset is None:
+            logger.warning("No calibration data given: reconstruction=%r needs it, pruning without it.", reconstruction)
+            reconstruction = "none"
+        searching = config.budget_policy == "search" and config.pruning_ratio is None
+        if searching and calibration_dataset is None:
+            raise CalibrationDataError("budget_policy='search' scores splits on calibration data: pass "
+                                       "calibration_dataset=..., or use budget_policy='shared'.")
+        needs_data = criterion == "taylor" or reconstruction != "none" or searching
+        batches, held_out = self._calibration(config, calibration_dataset, image_size, searching) if needs_data else ([], [])
 
         model = copy.deepcopy(self.model)
         model.eval()
@@ -128,14 +140,27 @@ class IsomorphicPruner:
         tick = time.perf_counter()
         rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
         budget = Budget(rankings, groups, cost)
-        plan = self._solve(budget, rankings, config)
+        score = None
+        if searching:
+            def refit(consumers):  # candidates are scored after the reconstruction the final model gets
+                reconstruct(model, self.model, consumers, batches, adapter.logits, reconstruction,
+                            config.reconstruction_damping, warn=False)
+
+            score = CalibrationLoss(model, ChannelMasks(groups), held_out, adapter.logits,
+                                    refit if reconstruction != "none" else None)
+        plan, search = self._solve(budget, rankings, config, score)
         macs_after = budget.macs(plan)  # counted from the layer shapes before surgery; tests recount the result
         timings["budget"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        layers = self._layer_widths(plan)
-        self._apply(graph, plan)
+        layers = layer_widths(plan)
+        removed = apply_plan(graph, plan)
         timings["surgery"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        recovery = reconstruct(model, self.model, removed, batches, adapter.logits, reconstruction,
+                               config.reconstruction_damping)
+        timings["reconstruction"] = time.perf_counter() - tick
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
         timings["total"] = time.perf_counter() - started
@@ -157,6 +182,8 @@ class IsomorphicPruner:
             layers=layers,
             timings=timings,
             config=config.to_dict(),
+            reconstruction=recovery.to_dict(),
+            search=search.to_dict() if search else {},
         )
         self.config, self.pruned_model = config, model
         logger.info("Pruned %s:\n%s", adapter.architecture, self._report.summary())
@@ -233,15 +260,23 @@ class IsomorphicPruner:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int) -> list:
-        batches = list(calibration_batches(data, config.calibration_batch_size, config.num_calibration_batches,
-                                           config.seed))
+    def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int, held_out: bool
+                     ) -> tuple[list, list[torch.Tensor]]:
+        """Batches for importance and reconstruction, and (for the search policy) held-out images to score splits."""
+        count = config.num_calibration_batches + (config.search_batches if held_out else 0)
+        batches = list(calibration_batches(data, config.calibration_batch_size, count, config.seed))
         if not batches:
             raise CalibrationDataError("The calibration data is empty.")
         device = self._device()
         for batch in batches:
             check_batch(batch, self.adapter.num_channels(), image_size)
-        return [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
+        batches = [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
+        used, extra = batches[:config.num_calibration_batches], batches[config.num_calibration_batches:]
+        if held_out and not extra:
+            logger.warning("The calibration data has no batches left after the %d used for importance: the search "
+                           "scores splits on those same batches. Pass more data for a held-out score.", len(used))
+            extra = used
+        return used, [x for x, _ in extra]
 
     def _ignored(self, model: nn.Module, config: IsomorphicPruningConfig) -> list[nn.Module]:
         ignored = list(self.adapter.classifiers(model))
@@ -253,52 +288,27 @@ class IsomorphicPruner:
             ignored += [sub for m in matches for sub in m.modules()]
         return ignored
 
-    def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig) -> Plan:
+    def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig,
+               score: CalibrationLoss | None) -> tuple[Plan, SearchSummary | None]:
         def shared(ratio: float) -> dict:
             return shared_ratios(rankings, ratio, config.head_pruning_ratio, config.head_dim_pruning_ratio)
 
         if config.pruning_ratio is not None:
-            return budget.plan(shared(config.pruning_ratio))
+            return budget.plan(shared(config.pruning_ratio)), None
         name, target = ("macs", config.target_macs) if config.target_macs is not None else ("params", config.target_params)
         metric = budget.macs if name == "macs" else budget.params
         low, high = shared(0.0), shared(0.5)
         pinned = {c: r for c, r in low.items() if high[c] == r}  # head ratios the user fixed
+        if score is not None:
+            starts = {"shared": shared, "global": global_ratios_at(rankings, pinned)}
+            plan, summary = search_split(budget, metric, target, name, starts, pinned, score,
+                                         config.search_candidates, config.seed)
+            summary.calibration_images = sum(len(x) for x in score.batches)
+            return plan, summary
         ratios_at = shared
         if config.budget_policy == "allocate":
             ratios_at = Allocation(budget, metric, pinned).ratios_at
-        return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned))
-
-    @staticmethod
-    def _apply(graph: tp.DependencyGraph, plan: Plan) -> None:
-        """Physically remove the planned channels, then write new head shapes into attention modules."""
-        for group, idxs in plan.removed.items():
-            if len(idxs) == 0:
-                continue
-            pruning_group = graph.get_pruning_group(group.root, group.root_fn, idxs.tolist())
-            if not graph.check_pruning_group(pruning_group):
-                raise RuntimeError(f"torch-pruning refused to prune group {group.name} (it would empty a layer).")
-            pruning_group.prune()
-        for group, idxs in plan.removed.items():
-            attention = group.attention
-            if attention is not None:
-                kept = attention.projections[0].out_features // attention.fused
-                heads = _kept_heads(group, plan)
-                attention.set_shape(heads, kept // heads, kept_heads=_kept_head_indices(group, idxs))
-
-    @staticmethod
-    def _layer_widths(plan: Plan) -> list[LayerWidth]:
-        layers = []
-        for group, idxs in plan.removed.items():
-            if group.attention is None:
-                layers.append(LayerWidth(group.name, group.kind, group.width, group.width - len(idxs)))
-                continue
-            a = group.attention
-            heads = _kept_heads(group, plan)
-            dims = (group.width - len(idxs)) // heads
-            layers.append(LayerWidth(a.name, "heads", a.num_heads, heads))
-            layers.append(LayerWidth(a.name, "head_dim", a.head_dim, dims))
-        return layers
-
+        return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned)), None
 
 
 def _removed_fraction(rankings: list[ClassRanking], plan: Plan, unit: str) -> float:
@@ -313,16 +323,3 @@ def _removed_fraction(rankings: list[ClassRanking], plan: Plan, unit: str) -> fl
     total = sum(int(r.counts.sum()) for r in chosen)
     kept = sum(int(plan.kept_units[r.cls].sum()) for r in chosen)
     return 1.0 - kept / total if total else 0.0
-
-
-def _kept_head_indices(group: PrunableGroup, removed) -> list[int]:
-    """Original indices of the heads that keep at least one channel."""
-    a, gone = group.attention, {int(i) for i in removed}
-    return [h for h in range(a.num_heads) if any(h * a.head_dim + d not in gone for d in range(a.head_dim))]
-
-
-def _kept_heads(group: PrunableGroup, plan: Plan) -> int:
-    for cls, kept in plan.kept_units.items():
-        if cls.heads and group in cls.groups:
-            return int(kept[cls.groups.index(group)])
-    return group.attention.num_heads

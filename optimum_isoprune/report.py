@@ -61,6 +61,8 @@ class PruningReport(JsonFile):
     layers: list[LayerWidth] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float | None = None
+    reconstruction: dict[str, Any] = field(default_factory=dict)  # a ReconstructionSummary, when one ran
+    search: dict[str, Any] = field(default_factory=dict)  # a SearchSummary, for budget_policy="search"
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,6 +102,14 @@ class PruningReport(JsonFile):
         lines += [f"{n:8}{b:>14}{a:>14}{r:>8}" for n, b, a, r in rows]
         for c in self.classes:
             lines.append(f"  class {c.name}: {c.before} -> {c.after} ({c.ratio:.1%} removed, {c.num_groups} groups)")
+        if self.reconstruction.get("mode", "none") != "none":
+            from .reconstruction import ReconstructionSummary
+
+            lines.append("  reconstruction: " + ReconstructionSummary(**self.reconstruction).describe())
+        if self.search:
+            from .search import SearchSummary
+
+            lines.append("  split: " + SearchSummary(**self.search).describe())
         if self.target_error is not None:
             lines.append(f"  target error: {self.target_error:.2%}")
         if self.timings:

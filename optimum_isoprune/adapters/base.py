@@ -19,6 +19,9 @@ class AttentionLayout:
     head_dim_attr: str | None  # None when the library infers the head dim from the projection width
     inner_dim_attr: str | None = None  # attribute caching num_heads * head_dim, when the library keeps one
     head_params: tuple[str, ...] = ()  # per-head parameters (dotted paths, heads on the last dim), e.g. a bias table
+    # Attribute of a scale the eager path applies while the fused kernel uses 1/sqrt(head_dim) (timm): after
+    # head-dim pruning, the original scale is folded into the query weights so both paths agree.
+    implicit_scale_attr: str | None = None
 
 
 @dataclass
@@ -61,12 +64,27 @@ class Attention:
                 old = getattr(owner, attribute)
                 kept = old.detach().index_select(-1, index.to(old.device)).clone()
                 setattr(owner, attribute, nn.Parameter(kept, requires_grad=old.requires_grad))
+        if self.layout.implicit_scale_attr and head_dim != self.head_dim:
+            self._fold_scale(num_heads, head_dim)
         setattr(self.module, self.layout.num_heads_attr, num_heads)
         if self.layout.head_dim_attr:
             setattr(self.module, self.layout.head_dim_attr, head_dim)
         if self.layout.inner_dim_attr:
             setattr(self.module, self.layout.inner_dim_attr, num_heads * head_dim)
         self.num_heads, self.head_dim = num_heads, head_dim
+
+
+    def _fold_scale(self, num_heads: int, head_dim: int) -> None:
+        """Keep softmax(q k^T * old_scale) when the scale becomes head_dim ** -0.5: queries grow by the ratio."""
+        attribute = self.layout.implicit_scale_attr
+        old, new = float(getattr(self.module, attribute)), head_dim ** -0.5
+        query = self.projections[0]
+        rows = slice(0, num_heads * head_dim)  # q comes first in a fused qkv and is the whole of a q projection
+        with torch.no_grad():
+            query.weight[rows] *= old / new
+            if query.bias is not None:
+                query.bias[rows] *= old / new
+        setattr(self.module, attribute, new)
 
 
 def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> list[Attention]:

@@ -40,6 +40,7 @@ TIMM_SWIN_ATTENTION = AttentionLayout(
     num_heads_attr="num_heads",
     head_dim_attr=None,
     head_params=("relative_position_bias_table",),
+    implicit_scale_attr="scale",
 )
 
 SWIN_MODEL_TYPES = {"swin": "SwinForImageClassification"}
@@ -80,11 +81,11 @@ class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
     def get_in_channels(self, layer: nn.Module) -> int:
         return layer.reduction.in_features // 4
 
-    def layers_changed(self, layer: nn.Module, root_idxs: np.ndarray, is_out: bool) -> list[tuple[nn.Module, bool, np.ndarray]]:
-        """The layers a group changes through this block, each with the group's root channel of every index."""
+    def layer_indices(self, layer: nn.Module, idxs: np.ndarray, is_out: bool) -> list[tuple[nn.Module, bool, np.ndarray]]:
+        """The indices each of the block's layers loses when the block loses `idxs` (copy-major order)."""
         if is_out:
-            return [(layer.reduction, True, root_idxs)]
-        copies = np.tile(root_idxs, 4)
+            return [(layer.reduction, True, idxs)]
+        copies = np.asarray(self._copies(layer, idxs), dtype=np.int64)
         return [(layer.norm, True, copies), (layer.reduction, False, copies)]
 
 

@@ -12,6 +12,7 @@ TIMM_ATTENTION = AttentionLayout(
     num_heads_attr="num_heads",
     head_dim_attr="head_dim",
     inner_dim_attr="attn_dim",
+    implicit_scale_attr="scale",
 )
 
 # timm model classes (by module and name) that the pruner handles.
