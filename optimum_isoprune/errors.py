@@ -18,4 +18,4 @@ class CalibrationDataError(IsoPruneError, ValueError):
 
 
 class NonFiniteError(IsoPruneError, ValueError):
-    """NaN or inf where numbers must be finite (data, weights, scores, losses); the message says what and where."""
+    """NaN or inf in data, activations, scores, losses or weights; the run stops instead of going on silently."""
