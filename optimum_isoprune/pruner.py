@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -206,6 +207,8 @@ class IsomorphicPruner:
         model = self._require_pruned()
         if image_processor is None:
             image_processor = self._base_image_processor()
+        # The card is written into a staging folder: name the snippets after the target folder, not the stage.
+        card_kwargs.setdefault("repo_id", Path(os.path.abspath(save_directory)).name)
         save_pruned_model(model, save_directory, pruning_config=self.config, report=self.report,
                           image_processor=image_processor, base_model_name_or_path=self.base_model_name_or_path,
                           write_card=lambda folder: save_model_card(folder, self.report, **card_kwargs))
