@@ -37,3 +37,4 @@ benchmarks: venv
 	cd benchmarks && ../$(BIN)/python recovery.py --reconstruction none,least_squares,least_squares:search,least_squares:global
 	cd benchmarks && ../$(BIN)/python recovery.py --plot
 	cd benchmarks && ../$(BIN)/python recovery_cost.py --configs none:shared,least_squares:shared,least_squares:search
+	cd benchmarks && ../$(BIN)/python deploy.py && ../$(BIN)/python deploy.py --part tables

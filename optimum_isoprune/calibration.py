@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .errors import CalibrationDataError
+from .guards import check_labels, require_finite
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -28,7 +29,7 @@ def _from_mapping(row: dict) -> Batch:
             "'pixel_values' with the model's image processor first, e.g. dataset.with_transform(...)."
         )
     labels = row.get("labels", row.get("label"))
-    return _as_tensor(row["pixel_values"]).float(), None if labels is None else _as_tensor(labels).long()
+    return _as_tensor(row["pixel_values"]).float(), None if labels is None else _as_tensor(labels)
 
 
 def _rows_to_batches(rows: Iterator[dict], batch_size: int) -> Iterator[Batch]:
@@ -42,6 +43,8 @@ def calibration_batches(data: Any, batch_size: int, max_batches: int, seed: int)
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
             raise CalibrationDataError(f"A calibration tensor must be (N, C, H, W), got shape {tuple(data.shape)}.")
+        if data.shape[0] == 0:
+            raise CalibrationDataError(f"The calibration tensor holds no images (shape {tuple(data.shape)}).")
         batches = ((chunk.float(), None) for chunk in data.split(batch_size))
     elif isinstance(data, torch.utils.data.DataLoader):
         batches = (_from_loader_item(item) for item in data)
@@ -52,14 +55,28 @@ def calibration_batches(data: Any, batch_size: int, max_batches: int, seed: int)
             f"Unsupported calibration data of type {type(data).__name__}: pass a datasets.Dataset or "
             "IterableDataset with 'pixel_values' (and 'labels'), a torch DataLoader, or a tensor (N, C, H, W)."
         )
-    return itertools.islice(batches, max_batches)
+    return _checked(itertools.islice(batches, max_batches))
+
+
+def _checked(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """Refuse empty batches, NaN/inf pixels and unusable labels (naming the batch); labels come out as int64."""
+    for number, (pixels, labels) in enumerate(batches):
+        where = f"in calibration batch {number}"
+        if pixels.numel() == 0:
+            raise CalibrationDataError(f"Calibration pixel_values {where} are empty (shape {tuple(pixels.shape)}).")
+        require_finite(pixels, "Calibration pixel_values", where,
+                       "Importance scores from them would be meaningless; clean or drop those images.")
+        if labels is not None:
+            check_labels(labels, None, where, CalibrationDataError)
+            labels = labels.long()
+        yield pixels, labels
 
 
 def _from_loader_item(item: Any) -> Batch:
     if isinstance(item, dict):
         return _from_mapping(item)
     if isinstance(item, (list, tuple)):
-        return item[0].float(), item[1].long() if len(item) > 1 else None
+        return item[0].float(), _as_tensor(item[1]) if len(item) > 1 else None
     return item.float(), None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -106,6 +107,8 @@ class IsomorphicPruningConfig(JsonFile):
     )
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), str(f.type))
         targets = {k: getattr(self, k) for k in ("target_macs", "target_params", "pruning_ratio")}
         given = [k for k, v in targets.items() if v is not None]
         if len(given) != 1:
@@ -151,3 +154,24 @@ class IsomorphicPruningConfig(JsonFile):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """`bool` fields take bools, `int` fields ints, `float` fields finite numbers, `list[str]` a list of strings."""
+    optional = annotation.endswith("| None")
+    kind = annotation.removesuffix("| None").strip()
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": number and isinstance(value, int),
+        "float": number and math.isfinite(value),
+        "str": isinstance(value, str),
+        "list[str]": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+    }.get(kind, True)
+    if not ok:
+        expected = {"bool": "True or False", "int": "an integer", "float": "a finite number", "str": "a string",
+                    "list[str]": "a list of module names, e.g. ['classifier']"}[kind]
+        raise TypeError(f"IsomorphicPruningConfig.{name} must be {expected}{' or None' if optional else ''}, "
+                        f"got {value!r:.60} ({type(value).__name__}).")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,7 +95,16 @@ def load_image_dataset(
     The image and label columns are renamed to `image` and `label` so the rest of the pipeline sees one layout.
     """
     if os.path.isdir(name_or_dir) and not any(Path(name_or_dir).glob("*.py")):
-        dataset = load_dataset("imagefolder", data_dir=str(name_or_dir), split=split, **load_kwargs)
+        from datasets.utils import logging as datasets_logging
+
+        # Local files are not downloaded: the "Downloading data" / "Generating split" bars would only be noise.
+        bars_were_on = datasets_logging.is_progress_bar_enabled()
+        datasets_logging.disable_progress_bar()
+        try:
+            dataset = load_dataset("imagefolder", data_dir=str(name_or_dir), split=split, **load_kwargs)
+        finally:
+            if bars_were_on:
+                datasets_logging.enable_progress_bar()
     else:
         dataset = load_dataset(str(name_or_dir), split=split, **load_kwargs)
     for column, wanted in ((image_column, "image"), (label_column, "label")):
@@ -213,10 +224,18 @@ def model_input_spec(model: torch.nn.Module) -> tuple[int | None, int | None]:
     return size, channels
 
 
-def prepare_dataset(dataset: Dataset, train: bool = False, model: torch.nn.Module | None = None, **transform_kwargs: Any) -> Dataset:
+def prepare_dataset(
+    dataset: Dataset,
+    train: bool = False,
+    model: torch.nn.Module | None = None,
+    image_processor: Any = None,
+    **transform_kwargs: Any,
+) -> Dataset:
     """Attach an `ImageClassificationTransform` lazily (`with_transform`); `train=True` turns on random flips.
 
-    With `model`, image size and channel count default to what the model expects.
+    With `model`, image size, channel count, mean and std default to what the model expects: its image
+    processor (`image_processor=`, or the one saved beside the model), else timm's pretrained config. The
+    dataset's labels are checked against the model's (`check_labels`) before anything runs.
     """
     if model is not None:
         size, channels = model_input_spec(model)
@@ -224,8 +243,177 @@ def prepare_dataset(dataset: Dataset, train: bool = False, model: torch.nn.Modul
             transform_kwargs.setdefault("image_size", size)
         if channels is not None:
             transform_kwargs.setdefault("num_channels", channels)
+        check_labels(dataset, model, label_column=transform_kwargs.get("label_column", "label"))
+    if "mean" not in transform_kwargs and "std" not in transform_kwargs:
+        known = model_normalization(model, image_processor) if (model is not None or image_processor is not None) else None
+        if known is not None:
+            transform_kwargs["mean"], transform_kwargs["std"] = known
+        else:
+            channels = transform_kwargs.get("num_channels", 1)
+            default = "Fashion-MNIST" if channels == 1 else "ImageNet"
+            _warn_once(
+                f"No image processor or timm pretrained config gives the model's mean/std: normalising with {default}'s "
+                "defaults. If the model was trained otherwise, pass prepare_dataset(..., image_processor=) or mean=, std=."
+            )
     transform_kwargs.setdefault("random_flip", train)
     return dataset.with_transform(ImageClassificationTransform(**transform_kwargs))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+PREPROCESSOR_NAME = "preprocessor_config.json"
+
+
+def _processor_dict(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The `preprocessor_config.json` saved beside a transformers model (local folder or Hub cache), never downloaded."""
+    name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not name:
+        return None
+    path: str | None = os.path.join(name, PREPROCESSOR_NAME)
+    if not os.path.isfile(path):
+        path = None
+        if not os.path.exists(name):
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(name, PREPROCESSOR_NAME)
+                path = cached if isinstance(cached, str) else None
+            except Exception:  # not a valid repo id: no cached processor
+                path = None
+    if path is None:
+        return None
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _mean_std(source: Any) -> tuple[list[float], list[float]] | None:
+    get = source.get if isinstance(source, dict) else lambda key, default=None: getattr(source, key, default)
+    if get("do_normalize", True) is False:
+        channels = len(get("image_mean", None) or (0, 0, 0))
+        return [0.0] * channels, [1.0] * channels
+    mean, std = get("image_mean", None), get("image_std", None)
+    if mean is None or std is None:
+        mean, std = get("mean", None), get("std", None)  # timm's pretrained_cfg
+    if mean is None or std is None:
+        return None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def model_normalization(model: torch.nn.Module | None, image_processor: Any = None) -> tuple[list[float], list[float]] | None:
+    """(mean, std) the model was trained with: from `image_processor`, the processor saved beside the model, or
+    timm's `pretrained_cfg`; None when none of them is known."""
+    if image_processor is not None:
+        found = _mean_std(image_processor)
+        if found is not None:
+            return found
+    if model is None:
+        return None
+    for cfg in (getattr(model, "pretrained_cfg", None), getattr(getattr(model, "config", None), "pretrained_cfg", None)):
+        if isinstance(cfg, dict) and cfg.get("mean") is not None and cfg.get("std") is not None:
+            return _mean_std(cfg)
+    processor = _processor_dict(model)
+    return _mean_std(processor) if processor is not None else None
+
+
+_SPLIT_NAMES = {"train", "training", "test", "testing", "validation", "valid", "val", "eval", "dev"}
+
+
+def model_label_names(model: torch.nn.Module) -> list[str] | None:
+    """The model's class names in id order, or None when it has no real names (transformers' LABEL_0, timm)."""
+    config = getattr(model, "config", None)
+    id2label = getattr(config, "id2label", None)
+    if not id2label:
+        return None
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
+    if all(re.fullmatch(r"LABEL_\d+", n) or not n for n in names):
+        return None
+    return names
+
+
+def model_num_labels(model: torch.nn.Module) -> int | None:
+    """Number of classes of a transformers (`config.num_labels`) or timm (`num_classes`) classifier."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "num_labels", None) is not None:
+        return int(config.num_labels)
+    num_classes = getattr(model, "num_classes", None)
+    return int(num_classes) if isinstance(num_classes, int) else None
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+def check_labels(dataset: Any, model: torch.nn.Module, label_column: str = "label") -> None:
+    """Fail before any work when the dataset's classes cannot be the model's; warn where only the names differ.
+
+    Errors: more classes in the data than the model predicts; class names that are split names (an image folder
+    without class subfolders); the model's own class names in another order. Warnings: fewer classes than the
+    model, or names that differ (the labels are then taken by position: the i-th folder in alphabetical order is
+    the model's class i).
+    """
+    features = getattr(dataset, "features", None)
+    feature = features.get(label_column) if features is not None and hasattr(features, "get") else None
+    if not isinstance(feature, ClassLabel):
+        return
+    data_names = list(feature.names)
+    num_labels = model_num_labels(model)
+    if data_names and {n.lower() for n in data_names} <= _SPLIT_NAMES:
+        raise ValueError(
+            f"The dataset's labels are {data_names}, the names of split folders: the image folder has no class "
+            "subfolders. Lay it out as <dir>/<split>/<class name>/<image>, e.g. data/train/cat/1.png."
+        )
+    if num_labels is not None and len(data_names) > num_labels:
+        raise ValueError(
+            f"The dataset has {len(data_names)} classes ({_short(data_names)}) but the model predicts {num_labels}; "
+            "use the dataset the model was trained for, or a model with a head for these classes."
+        )
+    model_names = model_label_names(model)
+    if num_labels is not None and len(data_names) < num_labels:
+        logger.warning(
+            "The dataset has %d classes (%s) but the model predicts %d: label i of the data is read as the model's "
+            "class i%s.", len(data_names), _short(data_names), num_labels,
+            f" ({_short(model_names)})" if model_names else "",
+        )
+        return
+    if model_names is None or len(model_names) != len(data_names):
+        return
+    data_norm, model_norm = [_norm(n) for n in data_names], [_norm(n) for n in model_names]
+    if data_norm == model_norm:
+        return
+    if sorted(data_norm) == sorted(model_norm):
+        raise ValueError(
+            f"The dataset's classes {_short(data_names)} are the model's {_short(model_names)} in another order; "
+            "label i must be the model's class i. Rename the folders so that their alphabetical order is the model's "
+            "order (e.g. 0_cat, 1_dog), or relabel the dataset (dataset.align_labels_with_mapping(model.config.label2id, "
+            f"{label_column!r}))."
+        )
+    logger.warning(
+        "The dataset's class names %s differ from the model's %s; they are matched by position (data label i = "
+        "model class i).", _short(data_names), _short(model_names),
+    )
+
+
+def _short(names: Sequence[str] | None, limit: int = 12) -> str:
+    names = list(names or [])
+    text = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"[{text}]"
+
+
+def ensure_prepared(dataset: Any, model: torch.nn.Module, train: bool = False) -> Any:
+    """`dataset` itself when it already gives `pixel_values`, else `prepare_dataset(dataset, train, model=model)`."""
+    if (
+        isinstance(dataset, Dataset)
+        and dataset_transform(dataset) is None
+        and isinstance(dataset.features.get("image"), Image)  # decoded images, not arrays of another layout
+        and "pixel_values" not in dataset.column_names
+    ):
+        return prepare_dataset(dataset, train=train, model=model)
+    return dataset
 
 
 def dataset_transform(dataset: Any) -> Any:

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .data import INDEX_COLUMN, collate_fn, dataset_transform, model_input_spec
+from .data import INDEX_COLUMN, collate_fn, dataset_transform, ensure_prepared, model_input_spec
+from .guards import check_finite_parameters, check_labels, require_finite
 from .metrics import IGNORE_INDEX, _accepts_keyword, call_classifier, output_logits
 
 logger = logging.getLogger(__name__)
@@ -94,8 +96,13 @@ class DistillationTrainingArguments(TrainingArguments):
             logger.warning("temperature=%s is ignored by distillation_type='hard'.", self.temperature)
         if self.distillation_type == "none" and self.alpha not in (0.0, 0.5):
             logger.warning("alpha=%s is ignored by distillation_type='none' (labels only).", self.alpha)
+        if self.max_steps <= 0 and not (isinstance(self.num_train_epochs, (int, float)) and self.num_train_epochs > 0):
+            raise ValueError(f"num_train_epochs={self.num_train_epochs!r} with max_steps={self.max_steps!r} trains "
+                             "nothing; give a positive number of epochs or max_steps > 0.")
         if self.label_names is not None and list(self.label_names) != ["labels"]:
             raise ValueError(f"label_names={self.label_names!r}: DistillationTrainer reads the labels from 'labels' only.")
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on the CPU torch warns every epoch
         super().__post_init__()
 
 
@@ -151,6 +158,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     raise ValueError(f"Unknown distillation kind {kind!r}; expected 'soft' or 'hard'.")
 
 
+class _NumericProgressCallback(ProgressCallback):
+    """transformers' progress bar, with logged metrics written as numbers (4 significant digits), not strings."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            self.training_bar.write(str(shown))
+
+
 class DistillationTrainer(Trainer):
     """`Trainer` whose loss mixes the labels with a frozen teacher's predictions (see the module docstring).
 
@@ -185,7 +201,12 @@ class DistillationTrainer(Trainer):
             teacher_model = None
         if teacher_model is not None:
             _check_teacher(model, teacher_model)
+            check_finite_parameters(teacher_model, "The teacher")
+        if isinstance(model, nn.Module):
+            check_finite_parameters(model, "The student")
         kwargs.setdefault("data_collator", collate_fn)
+        if kwargs.get("train_dataset") is not None:  # raw image / label rows: prepared for the student, labels checked
+            kwargs["train_dataset"] = ensure_prepared(kwargs["train_dataset"], model, train=not args.cache_teacher_logits)
         super().__init__(model=model, args=args, **kwargs)
 
         # compute_loss normalises by `num_items_in_batch` when the Trainer passes it (it then counts the labels of the
@@ -193,6 +214,8 @@ class DistillationTrainer(Trainer):
         # (no labels) compute_loss returns a per-batch mean, which the Trainer divides by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = None
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(_NumericProgressCallback)
 
         self.teacher_model = teacher_model
         if teacher_model is not None:
@@ -216,7 +239,9 @@ class DistillationTrainer(Trainer):
 
     def _check_dataset(self, dataset: Any) -> None:
         """Fail before training when a batch lacks what the loss needs, or when caching would be wrong."""
-        if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError("The training set is empty; give train_dataset at least one example.")
+        if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             return
         args = self.args
         if args.cache_teacher_logits:
@@ -235,6 +260,8 @@ class DistillationTrainer(Trainer):
                 f"Training batches have no 'labels' (keys: {sorted(batch)}) but alpha={args.alpha} < 1 weights the label "
                 "loss; add labels, or set alpha=1.0 to learn from the teacher only."
             )
+        if "labels" in batch:
+            check_labels(batch["labels"], _num_labels(self.model), "of the first training example", allow_all_ignored=True)
         if args.cache_teacher_logits and args.teacher_cache_column not in batch:
             raise ValueError(
                 f"cache_teacher_logits=True needs a {args.teacher_cache_column!r} index column in the training set (keys: "
@@ -264,6 +291,8 @@ class DistillationTrainer(Trainer):
         if next(teacher.parameters()).device != pixel_values.device:
             teacher.to(pixel_values.device)
         logits = output_logits(call_classifier(teacher, pixel_values)).float()
+        require_finite(logits, "The teacher's logits", f"at training step {self.state.global_step}",
+                       "Stopping before the student learns from them; check the teacher's weights and the inputs.")
         if use_cache:
             self._teacher_cache[index_cpu] = logits.cpu()
             self._teacher_cached[index_cpu] = True
@@ -309,6 +338,9 @@ class DistillationTrainer(Trainer):
         index = inputs.pop(args.teacher_cache_column, None)
         outputs = self._student_outputs(model, inputs)
         cls_logits, dist_logits = split_heads(outputs)
+        if labels is not None:
+            check_labels(labels, cls_logits.shape[-1], f"of the batch at training step {self.state.global_step}",
+                         allow_all_ignored=True)
         eval_logits = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
 
         if args.distillation_type == "none":
@@ -340,6 +372,8 @@ class DistillationTrainer(Trainer):
                     loss = loss * self.accelerator.num_processes
             else:
                 loss = total / mask.sum().clamp(min=1)
+        require_finite(loss.detach(), "The distillation loss", f"at training step {self.state.global_step}",
+                       "Stopping before the student's weights turn NaN; lower the learning rate or check the data.")
         if return_outputs:
             return loss, ImageClassifierOutput(loss=loss, logits=eval_logits)
         return loss
@@ -382,6 +416,9 @@ class DistillationTrainer(Trainer):
             or self.is_fsdp_enabled
         ):
             return False
+        from .modeling.modeling_pruned import read_safetensors_header
+
+        read_safetensors_header(weights_file)  # a truncated file: an error naming it, not safetensors' own
         state_dict = load_file(weights_file, device="cpu")
         if set(state_dict) != set(unwrapped.state_dict()):
             state_dict = type(unwrapped).from_pretrained(checkpoint, config=unwrapped.config).state_dict()

@@ -31,6 +31,13 @@ Shapes of the optional inputs of `create_model_card` (every key optional unless 
 ``latency`` — ``{"before": measure_latency(base), "after": measure_latency(pruned)}`` (see
 `optimum_isoprune.latency.compare_latency`); "before" may be absent.
 
+``deployment`` — `optimum_isoprune.deployment.benchmark_deployment(...)` (also saved as deployment.json)::
+
+    {"machine": "...", "threads": 2, "batch_sizes": [1, 32], "rounds": 10, "rows": [
+        {"format": "ONNX", "runtime": "onnxruntime 1.32.0", "precision": "int8 static", "file": "model_int8_static.onnx",
+         "file_bytes": 1234, "latency_ms": {"1": 3.1, "32": 61.0}, "top1": 0.85},   # top1 optional
+    ]}
+
 ``base_model_info`` — what is known about the base model (`base_model_info_from_hub` fills it)::
 
     {"license": "apache-2.0", "license_name": None, "license_link": None,
@@ -92,6 +99,14 @@ CITATION = """@inproceedings{fang2024isomorphic,
 _METRICS = (("top1", "Top-1 accuracy", "accuracy"), ("top5", "Top-5 accuracy", "top_5_accuracy"))
 _EVAL_STAGES = ("before", "pruned_no_finetune", "after")
 _SKIPPED_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints", ".huggingface"}
+# Timed passes below which a card shows no speed-up (a median of 3 passes of a tiny model is noise).
+MIN_LATENCY_REPEATS = 10
+# Appended to the base model's name when the pruned weights were random (`prune --random-weights`).
+RANDOM_WEIGHTS_NOTE = " (random weights)"
+# Display order of the width kinds in the plot (any other kind follows, alphabetically).
+_KIND_ORDER = ("heads", "head_dim", "mlp", "channels", "residual")
+_KIND_LABELS = {"heads": "attention heads", "head_dim": "head dim", "mlp": "MLP neurons", "channels": "channels",
+                "residual": "hidden size (residual stream)"}
 
 
 class HubPublishError(OSError):
@@ -109,6 +124,8 @@ class HubPublishError(OSError):
 
 def validate_repo_id(repo_id: str) -> str:
     """Return `repo_id` if the Hub would accept it ("name" or "namespace/name"), else raise ValueError."""
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"Invalid Hub repo id {repo_id!r}: give 'namespace/name', e.g. 'my-user/deit-tiny-isopruned'.")
     try:
         _hf_validate_repo_id(repo_id)
     except HFValidationError as err:
@@ -128,6 +145,29 @@ def _hub_id(name: str | None) -> str | None:
     except HFValidationError:
         return None
     return name
+
+
+def _public_name(name: str | None) -> str | None:
+    """A name fit for a public card: a Hub id as it is, a local path as its folder name (no user paths leak)."""
+    if not name or _hub_id(name):
+        return name
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1:
+        return Path(os.path.abspath(os.path.expanduser(name))).name or name
+    return name
+
+
+def _unit(value: float | None) -> tuple[float, str]:
+    """(scale, suffix) of the unit that suits `value`: G, M, K or none."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if value is not None and abs(value) >= scale:
+            return scale, suffix
+    return 1.0, ""
+
+
+def format_count(value: float) -> str:
+    """3 significant digits with the unit of its magnitude: 1.61e7 -> '16.1M', 1.2e9 -> '1.2G', 512 -> '512'."""
+    scale, suffix = _unit(value)
+    return f"{value / scale:.3g}{suffix}"
 
 
 # --------------------------------------------------------------------------------------- numbers
@@ -164,9 +204,14 @@ def _fmt_pct(value: float | None) -> str:
 
 
 def _stats_rows(report: PruningReport, size_before: int | None, size_after: int | None) -> list[dict[str, str]]:
+    def counted(name: str, before: float, after: float, note: str = "") -> tuple[str, float, float, float]:
+        scale, suffix = _unit(max(before or 0, after or 0))
+        return (f"{name} ({suffix})" if suffix else name) + note, before, after, scale
+
     rows = [
-        ("MACs (G)", report.macs_before, report.macs_after, 1e9),
-        ("Parameters (M)", report.params_before, report.params_after, 1e6),
+        counted("MACs", report.macs_before, report.macs_after),
+        counted("FLOPs", 2 * report.macs_before, 2 * report.macs_after, " = 2 × MACs"),
+        counted("Parameters", report.params_before, report.params_after),
     ]
     if size_before is not None or size_after is not None:
         rows.append(("Checkpoint size (MB)", size_before, size_after, 1e6))
@@ -207,7 +252,7 @@ def _eval_context(eval_results: Mapping[str, Any] | None) -> dict[str, Any] | No
         final = values["after"] if values["after"] is not None else values["pruned_no_finetune"]
         delta = f"{100 * (final - values['before']):+.2f}" if None not in (final, values["before"]) else "—"
         rows.append({"metric": label, **{s: _fmt_pct(values[s]) for s in _EVAL_STAGES}, "delta": delta})
-    dataset = eval_results["dataset"]
+    dataset = _public_name(eval_results["dataset"])
     return {
         "dataset": dataset,
         "dataset_name": eval_results.get("dataset_name") or dataset,
@@ -235,8 +280,8 @@ def _model_index(eval_results: Mapping[str, Any] | None) -> list[EvalResult] | N
             EvalResult(
                 task_type=PIPELINE_TAG,
                 task_name="Image Classification",
-                dataset_type=eval_results["dataset"],
-                dataset_name=eval_results.get("dataset_name") or eval_results["dataset"],
+                dataset_type=_public_name(eval_results["dataset"]),
+                dataset_name=eval_results.get("dataset_name") or _public_name(eval_results["dataset"]),
                 dataset_config=eval_results.get("config"),
                 dataset_split=eval_results["split"],
                 dataset_revision=eval_results.get("revision"),
@@ -252,8 +297,11 @@ def _finetuning_context(finetuning: Mapping[str, Any] | None) -> dict[str, Any] 
     if not finetuning:
         return None
     parts = []
-    length = [f"{finetuning[k]} {k}" for k in ("epochs", "steps") if finetuning.get(k) is not None]
+    length = [f"{finetuning[k]:g} {k if finetuning[k] != 1 else k[:-1]}" if isinstance(finetuning[k], (int, float))
+              else f"{finetuning[k]} {k}" for k in ("epochs", "steps") if finetuning.get(k) is not None]
     parts.append("Fine-tuned" + (f" for {' / '.join(length)}" if length else ""))
+    finetuning = {k: _public_name(v) if k in ("dataset", "teacher") and isinstance(v, str) else v
+                  for k, v in finetuning.items()}
     if finetuning.get("dataset"):
         split = f" ({finetuning['split']} split)" if finetuning.get("split") else ""
         parts.append(f"on `{finetuning['dataset']}`{split}")
@@ -291,13 +339,46 @@ def _latency_context(latency: Mapping[str, Any] | None) -> dict[str, Any] | None
     ]
     return {
         "rows": rows,
-        "speedup": f"{before['median_ms'] / after['median_ms']:.2f}" if same_setup else None,
+        # Fewer than 10 timed passes cannot carry a speed-up claim: the table shows the medians, nothing more.
+        "speedup": f"{before['median_ms'] / after['median_ms']:.2f}" if same_setup and _repeats_ok(after) else None,
         "machines": machines,
         "batch_size": after.get("batch_size"),
         "input_shape": after.get("input_shape"),
         "repeats": after.get("repeats"),
         "warmup": after.get("warmup"),
     }
+
+
+def _repeats_ok(measurement: Mapping[str, Any]) -> bool:
+    return (measurement.get("repeats") or 0) >= MIN_LATENCY_REPEATS
+
+
+def _deployment_context(deployment: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not deployment:
+        return None
+    rows = deployment.get("rows") or []
+    if not rows:
+        raise ValueError("deployment needs 'rows' (see optimum_isoprune.deployment.benchmark_deployment).")
+    batch_sizes = [str(b) for b in deployment.get("batch_sizes") or sorted({k for r in rows for k in r.get("latency_ms", {})}, key=int)]
+    reference = rows[0].get("latency_ms", {})
+    table = []
+    for row in rows:
+        latency = row.get("latency_ms", {})
+        cells = []
+        for b in batch_sizes:
+            value = latency.get(b)
+            speedup = f" ({reference[b] / value:.2f}×)" if value and reference.get(b) and row is not rows[0] else ""
+            cells.append("—" if value is None else f"{value:.2f}{speedup}")
+        table.append({
+            "format": row.get("format", "—"), "runtime": row.get("runtime", "—"), "precision": row.get("precision", "—"),
+            "file": f"`{row['file']}`" if row.get("file") else "—",
+            "size": f"{row['file_bytes'] / 1e6:.2f}" if row.get("file_bytes") is not None else "—",
+            "latency": cells, "top1": _fmt_pct(row.get("top1")),
+        })
+    return {"rows": table, "batch_sizes": batch_sizes, "machine": deployment.get("machine"),
+            "threads": deployment.get("threads"), "rounds": deployment.get("rounds"),
+            "eval_examples": deployment.get("eval_examples"),
+            "input_shape": ", ".join(str(d) for d in deployment.get("input_shape") or (3, 224, 224))}
 
 
 def _tags(base_tags: list[str] | None) -> list[str]:
@@ -323,28 +404,36 @@ def create_model_card(
     eval_results: Mapping[str, Any] | None = None,
     finetuning: Mapping[str, Any] | None = None,
     latency: Mapping[str, Any] | None = None,
+    deployment: Mapping[str, Any] | None = None,
     base_model_info: Mapping[str, Any] | None = None,
     model_name: str | None = None,
     repo_id: str | None = None,
     checkpoint_bytes: int | None = None,
     widths_image: str | None = None,
     template_path: str | os.PathLike | None = None,
+    timm_checkpoint: bool = False,
 ) -> ModelCard:
     """Model card of a pruned model, every number taken from `report` and the measured inputs.
 
     `repo_id` goes into the loading snippets; `checkpoint_bytes` is the size of the pruned weights
     (`checkpoint_size(folder)`); `widths_image` is the path of the width picture relative to the card
-    (`save_model_card` draws it). The input shapes are described in this module's docstring.
+    (`save_model_card` draws it); `timm_checkpoint` says the weights are a pruned timm model (loaded by
+    `load_pruned_model` only). The input shapes are described in this module's docstring. Local paths
+    (base model, datasets, teacher) appear as their folder name only.
     """
     base_model_info = dict(base_model_info or {})
-    base_id = _hub_id(report.base_model)
+    base_name = report.base_model or ""
+    random_weights = base_name.endswith(RANDOM_WEIGHTS_NOTE)
+    if random_weights:
+        base_name = base_name[: -len(RANDOM_WEIGHTS_NOTE)]
+    base_id = None if random_weights else _hub_id(base_name)
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else None)
     if model_name is None:
-        stem = (report.base_model or report.architecture).rstrip("/").split("/")[-1]
-        model_name = f"{stem}-isopruned-{report.macs_after / 1e9:.3g}G"
+        stem = (_public_name(base_name) or report.architecture).rstrip("/").split("/")[-1]
+        model_name = f"{stem}-isopruned-{format_count(report.macs_after)}"
     eval_context = _eval_context(eval_results)
-    datasets = base_model_info.get("datasets") or []
-    if finetuning and finetuning.get("dataset") and finetuning["dataset"] not in datasets:
+    datasets = [d for d in (base_model_info.get("datasets") or []) if _hub_id(d)]  # local folders stay out of the YAML
+    if finetuning and _hub_id(finetuning.get("dataset")) and finetuning["dataset"] not in datasets:
         datasets = [*datasets, finetuning["dataset"]]
 
     card_data = ModelCardData(
@@ -360,9 +449,12 @@ def create_model_card(
         metrics=["accuracy"] if eval_context else None,
         eval_results=_model_index(eval_results),
         base_model_relation=BASE_MODEL_RELATION if base_id else None,
+        # Both conventions, so a search for either finds the same model: FLOPs = 2 x MACs (one multiply-add each).
+        model_stats={"image_size": report.image_size, "macs": int(report.macs_after), "flops": 2 * int(report.macs_after),
+                     "params": int(report.params_after)},
     )
     layers = [
-        {"name": w.name, "kind": w.kind, "before": w.before, "after": w.after, "kept": f"{w.after / w.before:.0%}" if w.before else "—"}
+        {"name": w.name, "kind": "hidden size (residual)" if w.kind == "residual" else w.kind, "before": w.before, "after": w.after, "kept": f"{w.after / w.before:.0%}" if w.before else "—"}
         for w in report.layers
     ]
     classes = [
@@ -371,14 +463,16 @@ def create_model_card(
     ]
     target = None
     if report.target_macs is not None:
-        target = f"{report.target_macs / 1e9:.4g} GMACs"
+        target = f"{format_count(report.target_macs)} MACs ({format_count(2 * report.target_macs)} FLOPs)"
     elif report.target_params is not None:
-        target = f"{report.target_params / 1e6:.4g} M parameters"
+        target = f"{format_count(report.target_params)} parameters"
     template_vars = {
         "model_title": model_name,
         "repo_id": repo_id or model_name,
-        "base_model": report.base_model,
+        "base_model": _public_name(base_name) or None,
         "base_model_url": f"https://huggingface.co/{base_id}" if base_id else None,
+        "random_weights": random_weights,
+        "timm": timm_checkpoint,
         "architecture": report.architecture,
         "image_size": report.image_size,
         "stats": _stats_rows(report, base_model_info.get("checkpoint_bytes"), checkpoint_bytes),
@@ -397,6 +491,7 @@ def create_model_card(
         "eval": eval_context,
         "finetuning": _finetuning_context(finetuning),
         "latency": _latency_context(latency),
+        "deployment": _deployment_context(deployment),
         "timings": [{"name": k, "value": f"{v:.2f}"} for k, v in report.timings.items()],
         "peak_memory_mb": f"{report.peak_memory_mb:.0f}" if report.peak_memory_mb is not None else None,
         "paper_url": PAPER_URL,
@@ -436,9 +531,21 @@ def save_model_card(
         plot_layer_widths(report, folder / WIDTHS_IMAGE_NAME)
         widths_image = WIDTHS_IMAGE_NAME
     card_kwargs.setdefault("checkpoint_bytes", checkpoint_size(folder))
+    card_kwargs.setdefault("timm_checkpoint", _is_timm_folder(folder))
+    if not card_kwargs.get("repo_id"):  # not pushed (yet): the snippets load this folder; `push_to_hub` renames it
+        card_kwargs["repo_id"] = Path(os.path.abspath(folder)).name
     card = create_model_card(report, widths_image=widths_image, **card_kwargs)
     card.save(folder / CARD_NAME)
     return card
+
+
+def _is_timm_folder(folder: Path) -> bool:
+    """Whether `folder` holds a timm checkpoint (its config.json names an `architecture`, no `model_type`)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return "architecture" in config and "model_type" not in config
 
 
 # ------------------------------------------------------------------------------------- picture
@@ -456,7 +563,8 @@ def plot_layer_widths(report: PruningReport, path: str | os.PathLike) -> str:
     if not report.layers:
         raise ValueError("The report has no per-layer widths (report.layers is empty); nothing to plot.")
     kinds: dict[str, list] = {}
-    for width in report.layers:
+    rank = {kind: i for i, kind in enumerate(_KIND_ORDER)}
+    for width in sorted(report.layers, key=lambda w: (rank.get(w.kind, len(rank)), w.kind)):  # stable panel order
         kinds.setdefault(width.kind, []).append(width)
 
     figure = Figure(figsize=(max(6.0, 0.35 * max(len(v) for v in kinds.values()) + 2), 2.4 * len(kinds) + 0.8))
@@ -466,15 +574,24 @@ def plot_layer_widths(report: PruningReport, path: str | os.PathLike) -> str:
         positions = list(range(len(widths)))
         ax.bar(positions, [w.before for w in widths], color="#d0d0d0", label="original")
         ax.bar(positions, [w.after for w in widths], color="#e8710a", width=0.6, label="pruned")
-        ax.set_title(f"{kind} per layer", fontsize=10)
-        ax.set_ylabel(kind)
+        label = _KIND_LABELS.get(kind, kind)
+        if kind == "residual":  # one width shared by every block, not a layer of its own
+            ax.set_title(f"{label}, shared by all blocks", fontsize=10)
+        else:
+            ax.set_title(f"{label} per layer", fontsize=10)
+        ax.set_ylabel(label if len(label) < 14 else kind)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xticks(positions)
-        ax.set_xticklabels(_short_names([w.name for w in widths]), rotation=90 if len(widths) > 24 else 0, fontsize=7)
+        if kind == "residual":
+            ax.set_xticklabels(["hidden size"] * len(widths), fontsize=7)
+        else:
+            ax.set_xticklabels(_short_names([w.name for w in widths]), rotation=90 if len(widths) > 24 else 0,
+                               fontsize=7)
+            ax.set_xlabel("layer (module name, without its common prefix)", fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="upper right", ncols=2, fontsize=8, frameon=False)
     figure.suptitle(
-        f"{report.architecture}: {report.macs_after / 1e9:.4g} of {report.macs_before / 1e9:.4g} GMACs kept",
+        f"{report.architecture}: {format_count(report.macs_after)} of {format_count(report.macs_before)} MACs kept",
         fontsize=11,
         x=0.02,
         ha="left",
@@ -547,14 +664,32 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def _folder_files(folder: Path) -> list[str]:
-    files = []
+    """Regular files under `folder` to upload; symbolic links are skipped (and logged), never followed."""
+    files, links = [], []
     for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS)
+        links += [Path(root) / d for d in dirs if (Path(root) / d).is_symlink()]
+        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not (Path(root) / d).is_symlink())
         for name in sorted(names):
             if name.endswith(".pyc"):
                 continue
+            if (Path(root) / name).is_symlink():
+                links.append(Path(root) / name)
+                continue
             files.append((Path(root) / name).relative_to(folder).as_posix())
+    if links:
+        logger.warning("Not uploading %d symbolic link(s), which may point outside %s: %s", len(links), folder,
+                       ", ".join(p.relative_to(folder).as_posix() for p in sorted(links)))
     return files
+
+
+def _card_for_repo(text: str, folder_name: str, repo_id: str) -> str:
+    """The card's loading snippets rewritten from the local folder name to the Hub repo it is pushed to."""
+    if folder_name == repo_id or f'"{folder_name}"' not in text:
+        return text
+    text = text.replace(f'load_pruned_model("{folder_name}")', f'load_pruned_model(snapshot_download("{repo_id}"))')
+    text = text.replace("\nfrom optimum_isoprune import load_pruned_model\n",
+                        "\nfrom huggingface_hub import snapshot_download\nfrom optimum_isoprune import load_pruned_model\n")
+    return text.replace(f'"{folder_name}"', f'"{repo_id}"')
 
 
 def push_to_hub(
@@ -584,6 +719,12 @@ def push_to_hub(
         if expected not in files:
             logger.warning("%s has no %s; the Hub repo will lack it.", folder, expected)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder_path / name)) for name in files]
+    if CARD_NAME in files:  # a card saved without a repo id names its folder: the uploaded copy names the repo
+        text = (folder_path / CARD_NAME).read_text(encoding="utf-8")
+        published = _card_for_repo(text, Path(os.path.abspath(folder_path)).name, repo_id)
+        if published != text:
+            operations[files.index(CARD_NAME)] = CommitOperationAdd(path_in_repo=CARD_NAME,
+                                                                    path_or_fileobj=published.encode("utf-8"))
     commit_message = commit_message or "Upload model pruned with optimum-isoprune (Isomorphic Pruning)"
 
     api = api or HfApi(token=token)
@@ -593,7 +734,8 @@ def push_to_hub(
         f"`optimum_isoprune.hub.push_to_hub({os.fspath(folder)!r}, {repo_id!r})` "
         "(check your token with `hf auth whoami` and your network first)."
     )
-    errors = (HfHubHTTPError, OSError, *_transport_errors())
+    # HTTP and network errors, and the RuntimeErrors the client raises itself; a TypeError stays a bug, not a Hub error.
+    errors = (HfHubHTTPError, OSError, RuntimeError, *_transport_errors())
 
     def fail(step: str, err: BaseException) -> HubPublishError:
         return HubPublishError(

@@ -10,6 +10,8 @@ import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import CalibrationDataError, NonFiniteError
+from .guards import check_labels, require_finite
 from .isomorphic import PrunableGroup
 
 logger = logging.getLogger(__name__)
@@ -28,10 +30,21 @@ def accumulate_gradients(
     model.zero_grad(set_to_none=True)
     count = 0
     for pixel_values, labels in tqdm(batches, total=total, desc="Calibration (Taylor importance)", leave=False):
+        where = f"of calibration batch {count}"
         logits = logits_fn(model, pixel_values)
+        require_finite(logits.detach(), "The model's logits", where,
+                       "The weights or the inputs overflow; check the model (model.float()) and the data's scale.")
+        if labels is not None:
+            check_labels(labels, logits.shape[-1], where, CalibrationDataError)
         targets = labels if labels is not None else logits.detach().argmax(-1)
-        nn.functional.cross_entropy(logits, targets).backward()
+        loss = nn.functional.cross_entropy(logits, targets)
+        require_finite(loss.detach(), "The calibration loss", where)
+        loss.backward()
         count += 1
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            require_finite(parameter.grad, f"The gradient of {name}", "after calibration",
+                           "Taylor importance needs finite gradients; try importance='magnitude' or smaller inputs.")
     return count
 
 
@@ -50,7 +63,10 @@ def channel_scores(groups: list[PrunableGroup], criterion: str, seed: int) -> di
         score = scorer(group.tp_group)
         if score is None or score.numel() != group.width:
             raise RuntimeError(f"Could not score group {group.name}: got {None if score is None else score.shape}.")
-        scores[group] = torch.nan_to_num(score.detach().float().cpu(), nan=0.0)
+        score = score.detach().float().cpu()
+        if bool(torch.isinf(score).any()):
+            raise NonFiniteError(f"Importance scores of group {group.name} hold inf (the weights or gradients overflow).")
+        scores[group] = torch.nan_to_num(score, nan=0.0)  # 0/0 of a group whose scores are all zero
     return scores
 
 

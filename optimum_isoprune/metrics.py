@@ -109,9 +109,14 @@ def evaluate_model(
     num_workers: int = 0,
     disable_tqdm: bool = False,
 ) -> dict[str, float]:
-    """Top-1 (and top-5 for more than 5 classes) accuracy of a classifier over a dataset of `pixel_values` / `labels`."""
-    from .data import collate_fn as default_collate
+    """Top-1 (and top-5 for more than 5 classes) accuracy of a classifier over a dataset of `pixel_values` / `labels`.
 
+    A `datasets.Dataset` of raw `image` / `label` rows is prepared for the model first (`data.prepare_dataset`).
+    """
+    from .data import collate_fn as default_collate
+    from .data import ensure_prepared
+
+    dataset = ensure_prepared(dataset, model)
     if len(dataset) == 0:
         raise ValueError("evaluate_model got an empty dataset.")
     if device is None:

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .errors import CalibrationDataError
+from .guards import check_finite_parameters, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import build_classes, collect_groups
 from .modeling import to_pruned_model
@@ -39,7 +41,7 @@ def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
                                  if name_or_path.startswith("timm/") else name_or_path, pretrained=True, **kwargs)
     from transformers import AutoModelForImageClassification
 
-    return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+    return AutoModelForImageClassification.from_pretrained(name_or_path, **{"trust_remote_code": False, **kwargs})
 
 
 class IsomorphicPruner:
@@ -72,6 +74,7 @@ class IsomorphicPruner:
             raise RuntimeError("No pruning has run yet: call pruner.prune(config) first.")
         return self._report
 
+    @keeps_global_rng  # the seed below must not reset the caller's random numbers
     def prune(self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None,
               **config_kwargs: Any) -> nn.Module:
         """Return a pruned copy of the model (the original is never modified), all parameters trainable.
@@ -80,6 +83,9 @@ class IsomorphicPruner:
         """
         if config is not None and config_kwargs:
             raise TypeError(f"Pass either a config or its fields, not both (got config and {sorted(config_kwargs)}).")
+        if config is not None and not isinstance(config, IsomorphicPruningConfig):
+            raise TypeError(f"prune() takes an IsomorphicPruningConfig or its fields as keywords, got {config!r:.60}; "
+                            "e.g. pruner.prune(pruning_ratio=0.5).")
         config = config or IsomorphicPruningConfig(**config_kwargs)
         self._check_model()
         timings: dict[str, float] = {}
@@ -89,14 +95,17 @@ class IsomorphicPruner:
         image_size = config.image_size or adapter.image_size()
         example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
 
-        criterion = config.importance
-        if criterion == "taylor" and calibration_dataset is None:
-            logger.warning("No calibration data given: Taylor importance needs gradients, using magnitude instead.")
-            criterion = "magnitude"
-        reconstruction = config.reconstruction
-        if reconstruction != "none" and calibration_dataset is None:
-            logger.warning("No calibration data given: reconstruction=%r needs it, pruning without it.", reconstruction)
-            reconstruction = "none"
+        criterion, reconstruction = config.importance, config.reconstruction
+        if calibration_dataset is None:  # one warning for everything that needed the data
+            missing = []
+            if criterion == "taylor":
+                missing.append("Taylor importance needs gradients, using magnitude instead")
+                criterion = "magnitude"
+            if reconstruction != "none":
+                missing.append(f"reconstruction={reconstruction!r} needs it, pruning without it")
+                reconstruction = "none"
+            if missing:
+                logger.warning("No calibration data given: %s.", "; ".join(missing))
         searching = config.budget_policy == "search" and config.pruning_ratio is None
         if searching and calibration_dataset is None:
             raise CalibrationDataError("budget_policy='search' scores splits on calibration data: pass "
@@ -149,6 +158,8 @@ class IsomorphicPruner:
 
         tick = time.perf_counter()
         layers = layer_widths(plan)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # timm's graph lists blocks last-first
+        layers.sort(key=lambda width: order.get(width.name, len(order)))
         removed = apply_plan(graph, plan)
         timings["surgery"] = time.perf_counter() - tick
 
@@ -181,7 +192,7 @@ class IsomorphicPruner:
             search=search.to_dict() if search else {},
         )
         self.config, self.pruned_model = config, model
-        logger.info("Pruned %s:\n%s", adapter.architecture, self._report.summary())
+        logger.debug("Pruned %s:\n%s", adapter.architecture, self._report.summary())
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, image_processor: Any = None,
@@ -196,9 +207,11 @@ class IsomorphicPruner:
         model = self._require_pruned()
         if image_processor is None:
             image_processor = self._base_image_processor()
+        # The card is written into a staging folder: name the snippets after the target folder, not the stage.
+        card_kwargs.setdefault("repo_id", Path(os.path.abspath(save_directory)).name)
         save_pruned_model(model, save_directory, pruning_config=self.config, report=self.report,
-                          image_processor=image_processor, base_model_name_or_path=self.base_model_name_or_path)
-        save_model_card(save_directory, self.report, **card_kwargs)
+                          image_processor=image_processor, base_model_name_or_path=self.base_model_name_or_path,
+                          write_card=lambda folder: save_model_card(folder, self.report, **card_kwargs))
         return str(save_directory)
 
     def create_model_card(self, **card_kwargs: Any):
@@ -232,7 +245,7 @@ class IsomorphicPruner:
         from transformers import AutoImageProcessor
 
         try:
-            return AutoImageProcessor.from_pretrained(self.base_model_name_or_path)
+            return AutoImageProcessor.from_pretrained(self.base_model_name_or_path, trust_remote_code=False)
         except (OSError, ValueError) as error:
             logger.info("No image processor for %s (%s); saving without one.", self.base_model_name_or_path, error)
             return None
@@ -250,6 +263,7 @@ class IsomorphicPruner:
         if dtypes != {torch.float32}:
             raise ValueError(f"The model has parameters of dtype {sorted(map(str, dtypes))}; prune in float32 "
                              "(model.float()) and cast the pruned model afterwards.")
+        check_finite_parameters(self.model, "The model to prune")
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -257,6 +271,9 @@ class IsomorphicPruner:
     def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int, held_out: bool
                      ) -> tuple[list, list[torch.Tensor]]:
         """Batches for importance and reconstruction, and (for the search policy) held-out images to score splits."""
+        from .data import ensure_prepared
+
+        data = ensure_prepared(data, self.model)  # raw image / label rows: the model's size and normalisation
         count = config.num_calibration_batches + (config.search_batches if held_out else 0)
         batches = list(calibration_batches(data, config.calibration_batch_size, count, config.seed))
         if not batches:

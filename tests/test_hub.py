@@ -138,7 +138,7 @@ def test_card_links_base_model_loading_snippets_and_citation():
     text = str(full_card())
     assert "[facebook/deit-small-patch16-224](https://huggingface.co/facebook/deit-small-patch16-224)" in text
     assert 'AutoModelForImageClassification.from_pretrained("me/deit-small-iso-1G", trust_remote_code=True)' in text
-    assert 'load_pruned_model("me/deit-small-iso-1G")' in text
+    assert 'load_pruned_model(snapshot_download("me/deit-small-iso-1G"))' in text
     assert 'pipeline("image-classification", model="me/deit-small-iso-1G", trust_remote_code=True)' in text
     assert CITATION in text
     assert "Fang, Gongfan and Ma, Xinyin and Mi, Michael Bi and Wang, Xinchao" in text

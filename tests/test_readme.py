@@ -57,7 +57,7 @@ def test_cli_lines_parse():
     assert len(lines) >= 6
     for line in lines:
         args = parser.parse_args(shlex.split(line)[1:])
-        assert args.command in {"prune", "distill", "evaluate", "push", "demo"}, line
+        assert args.command in {"prune", "distill", "evaluate", "push", "export", "demo"}, line
 
 
 def test_no_placeholder_left():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import AttentionLayout, ModelAdapter
 from .timm_models import TIMM_ATTENTION, TimmAdapter
 
@@ -60,7 +61,13 @@ class TransformersAdapter(ModelAdapter):
         return int(getattr(self.model.config, "num_channels", 3))
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixel_values).logits
+        logits = getattr(model(pixel_values=pixel_values), "logits", None)
+        if logits is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} returns no logits: it has no classification head. Prune the classifier "
+                "(AutoModelForImageClassification / ...ForImageClassification), whose head is kept whole."
+            )
+        return logits
 
     def make_traceable(self, model: nn.Module) -> None:
         if self.attentions(model):

@@ -10,6 +10,7 @@ was pruned from unchanged (they describe the stock model that is built first) an
 * ``pruned_attributes``: ``{module name: {attribute: value}}`` for every plain attribute that
   differs (attention ``num_attention_heads`` / ``head_dim`` / ``scaling``, ``in_features``,
   ``groups``, ``normalized_shape``...);
+* ``pruned_checksums``: sha256 of every tensor and of the two mappings above, checked at load time;
 * per-family summary fields (per-layer heads, MLP widths, stage widths) for people reading
   ``config.json``; the model is built from the two generic mappings above, never from these.
 """
@@ -71,6 +72,8 @@ class PrunedConfigMixin(PreTrainedConfig):
     base_model_name_or_path: str | None = None
     pruned_shapes: dict[str, dict[str, list[int]]] | None = None
     pruned_attributes: dict[str, dict[str, Any]] | None = None
+    # sha256 of the weights and of the two mappings above, written at save time and checked at load time.
+    pruned_checksums: dict[str, str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
