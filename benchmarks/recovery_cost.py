@@ -1,7 +1,7 @@
 """Cost of reconstruction and of the search policy at real shapes (random weights: only time and memory count here).
 
-Each configuration runs in a fresh subprocess on timm models at 224 px with Taylor importance over the default
-calibration (8 batches of 16 random images; the search holds out 2 more): wall time of every pruning step
+Each configuration runs in a fresh subprocess on timm models at 224 px with Taylor importance over the calibration
+batches (default 8 of 16 random images, `--batches`; the search holds out 2 more): wall time of every pruning step
 (graph, importance, budget (incl. the search), surgery, reconstruction) and peak RSS. Configurations alternate
 so machine load hits them alike.
 """
@@ -29,12 +29,13 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.manual_seed(0)
     model = timm.create_model(spec["model"], pretrained=False).eval()
-    batches = 8 + (2 if spec["policy"] == "search" else 0)
+    batches = spec["batches"] + (2 if spec["policy"] == "search" else 0)
     x = torch.randn(batches * 16, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pruner = IsomorphicPruner(model)
     config = IsomorphicPruningConfig(target_macs=spec["fraction"] * count_macs(model), reconstruction=spec["reconstruction"],
-                                     budget_policy=spec["policy"], search_candidates=spec.get("candidates", 24))
+                                     budget_policy=spec["policy"], search_candidates=spec.get("candidates", 24),
+                                     num_calibration_batches=spec["batches"], calibration_batch_size=16)
     pruner.prune(config, calibration_dataset=x)
     return dict(spec, timings=pruner.report.timings, rss_before_mb=rss_before,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--configs", default="none:shared,least_squares:shared")
     p.add_argument("--candidates", type=int, default=24)
+    p.add_argument("--batches", type=int, default=8, help="calibration batches of 16 images (importance and refit)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -57,7 +59,7 @@ def main() -> None:
         for config in args.configs.split(","):
             reconstruction, policy = config.split(":")
             spec = dict(model=model, fraction=args.fraction, reconstruction=reconstruction, policy=policy,
-                        candidates=args.candidates)
+                        candidates=args.candidates, batches=args.batches)
             out = subprocess.run([PY, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                                  env={**os.environ, "TQDM_DISABLE": "1"})
             if out.returncode:
