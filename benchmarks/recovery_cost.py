@@ -15,7 +15,7 @@ import resource
 import subprocess
 import sys
 
-from _common import RESULTS, machine, save_json
+from _common import machine, save_json
 
 PY = sys.executable
 
