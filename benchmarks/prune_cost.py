@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from _common import RESULTS, footer, machine, median, save_json
+from _common import machine, save_json
 
 PY = sys.executable
 HERE = os.path.dirname(os.path.abspath(__file__))

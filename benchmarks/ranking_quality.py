@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
-from _common import CACHE, RESULTS, footer, machine, save_json
+from _common import CACHE, RESULTS, machine, save_json
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, count_macs
 from optimum_isoprune.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from optimum_isoprune.distillation import DistillationTrainer, DistillationTrainingArguments

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
-from transformers import AutoModelForImageClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .configuration import IsomorphicPruningConfig
 from .errors import NonFiniteError

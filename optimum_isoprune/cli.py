@@ -548,7 +548,7 @@ class _DeprecatedRatio(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        print(f"warning: --ratio is deprecated, use --prune-ratio (the share REMOVED from every class; "
+        print("warning: --ratio is deprecated, use --prune-ratio (the share REMOVED from every class; "
               "--target-macs 50%% is the share KEPT)".replace("%%", "%"), file=sys.stderr)
         setattr(namespace, self.dest, values)
 

@@ -17,7 +17,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
