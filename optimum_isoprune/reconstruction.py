@@ -162,10 +162,13 @@ def _out_channels(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def _output_rows(module: nn.Module, output: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Conv2d):
+def _original_rows(layer: _Layer, output: torch.Tensor) -> torch.Tensor:
+    """The original layer's output on the channels the pruned layer kept, one row per position; must be finite."""
+    if isinstance(layer.original, nn.Conv2d):
         output = output.movedim(1, -1)
-    return output.reshape(-1, output.shape[-1]).index_select(1, kept.to(output.device))
+    rows = output.reshape(-1, output.shape[-1]).index_select(1, layer.kept_out.to(output.device))
+    _check_finite(rows, f"the original model's output of {layer.name}")
+    return rows
 
 
 def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -268,9 +271,7 @@ def _original_outputs(original: nn.Module, layers: list[_Layer], batches, forwar
 
     def keep(layer: _Layer):
         def hook(module, inputs, output):
-            rows = _output_rows(module, output, layer.kept_out)
-            _check_finite(rows, f"the original model's output of {layer.name}")
-            outputs[layer][-1].append(rows)
+            outputs[layer][-1].append(_original_rows(layer, output))
         return hook
 
     handles = [layer.original.register_forward_hook(keep(layer)) for layer in layers]
@@ -300,9 +301,7 @@ def _accumulate(pruned: nn.Module, original: nn.Module, level: list[_Layer], cal
 
     def keep_output(layer: _Layer):
         def hook(module, inputs, output):
-            rows = _output_rows(module, output, layer.kept_out)
-            _check_finite(rows, f"the original model's output of {layer.name}")
-            held[layer].append(rows)
+            held[layer].append(_original_rows(layer, output))
             count_down(layer)
         return hook
 
