@@ -98,13 +98,15 @@ def peak_rss(every_s: float = 0.005) -> Iterator[dict]:
 
 
 def method_config(method: str) -> dict:
-    """Config fields of a method "<reconstruction>[:<split>]", split one of shared (default), search, allocate,
-    global or uniform (the last two are groupings ranked with the shared policy)."""
+    """Config fields of a method "<reconstruction>[:<split>[@<finalists>]]", split one of shared (default), search,
+    allocate, global or uniform (the last two are groupings ranked with the shared policy); "search@4" sets
+    search_finalists=4."""
     reconstruction, _, split = method.partition(":")
-    split = split or "shared"
+    split, _, finalists = (split or "shared").partition("@")
     if split in ("global", "uniform"):
         return dict(reconstruction=reconstruction, grouping=split)
-    return dict(reconstruction=reconstruction, budget_policy=split)
+    extra = dict(search_finalists=int(finalists)) if finalists else {}
+    return dict(reconstruction=reconstruction, budget_policy=split, **extra)
 
 
 def calibration(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.utils.data.DataLoader:
@@ -245,8 +247,37 @@ def plot(path: Path) -> None:
                      f"{_cell([r['timings'].get('reconstruction', 0.0) for r in rs])} | "
                      f"{_cell([r['prune_rss_peak_mb'] for r in rs], 0)} | {_cell([r['distill_s'] for r in rs], 0)} "
                      f"({max(steps)}) | " + " | ".join(tops) + " |")
+    lines += _versus_best_other(groups, names, cols)
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {path.with_suffix('.png')} and {path.with_suffix('.md')}")
+
+
+def _versus_best_other(groups: dict[tuple, list[dict]], names: list[str], cols: list[int],
+                       reference: str = "least_squares:search") -> list[str]:
+    """Per teacher, MACs fraction and step: the reference method's mean top-1 minus the best other method's (seeds
+    that both have), when the file holds the reference and at least one other method at the same steps."""
+    lines = ["", f"{reference} minus the best other method (mean top-1 over common seeds, points; best other named):",
+             "", "| teacher | target MACs | " + " | ".join(f"@ {s}" for s in cols) + " |", "|---" * (2 + len(cols)) + "|"]
+    found = False
+    for name in names:
+        for fraction in sorted({k[1] for k in groups if k[0] == name}, reverse=True):
+            runs = {k[2]: rs for k, rs in groups.items() if k[:2] == (name, fraction)}
+            if reference not in runs or len(runs) < 2:
+                continue
+            found, cells = True, []
+            seeds = {r["seed"] for r in runs[reference]}
+            for step in cols:
+                def mean(method: str) -> float | None:
+                    values = [100 * r["top1"][str(step)] for r in runs[method] if r["seed"] in seeds]
+                    return statistics.mean(values) if len(values) == len(seeds) else None
+                others = {m: mean(m) for m in runs if m != reference and mean(m) is not None}
+                if not others or mean(reference) is None:
+                    cells.append("-")
+                    continue
+                best = max(others, key=others.get)
+                cells.append(f"{mean(reference) - others[best]:+.2f} ({best.partition(':')[2] or 'shared'})")
+            lines.append(f"| {name} | {fraction:.0%} | " + " | ".join(cells) + " |")
+    return lines if found else []
 
 
 def main() -> None:

@@ -82,6 +82,13 @@ class IsomorphicPruningConfig(JsonFile):
         metadata={"help": "budget_policy='search': candidate splits scored (each costs one forward pass over "
                   "the held-out calibration batches)."},
     )
+    search_finalists: int | None = field(
+        default=None,
+        metadata={"help": "budget_policy='search' with reconstruction: None scores every candidate after "
+                  "reconstruction; a number N ranks candidates without it (one forward pass each, several times "
+                  "faster) and rescores only the starts and the N best others after reconstruction (as good at "
+                  "50% of the MACs, worse at 25% in BENCHMARKS.md part 7)."},
+    )
     search_batches: int = field(
         default=2,
         metadata={"help": "budget_policy='search': calibration batches held out to score splits (taken after the "
@@ -135,6 +142,8 @@ class IsomorphicPruningConfig(JsonFile):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.search_finalists is not None and (not isinstance(self.search_finalists, int) or self.search_finalists < 0):
+            raise ValueError(f"search_finalists must be None or a non-negative integer, got {self.search_finalists!r}.")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size!r}.")
         self.ignored_modules = list(self.ignored_modules)

@@ -313,7 +313,7 @@ class IsomorphicPruner:
         if score is not None:
             starts = {"shared": shared, "global": global_ratios_at(rankings, pinned)}
             plan, summary = search_split(budget, metric, target, name, starts, pinned, score,
-                                         config.search_candidates, config.seed)
+                                         config.search_candidates, config.seed, config.search_finalists)
             summary.calibration_images = sum(len(x) for x in score.batches)
             return plan, summary
         ratios_at = shared

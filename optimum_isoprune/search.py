@@ -12,6 +12,10 @@ The search starts from the better of the shared split (one ratio for every class
 global ranking's amounts, then does coordinate descent on per-class weights: class c loses
 min(1, w_c * s) of its units, s solved to hit the target; each step doubles or halves one weight,
 steps shrink when a sweep finds nothing better. The result never scores worse than its starts.
+
+With reconstruction on, each candidate is scored after the same refit the final model gets (its cost
+is one reconstruction per candidate). `search_finalists=N` trades quality for time: candidates are
+ranked on the masked model without refit and only the starts and the N best are rescored with it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class SearchSummary:
     chosen_score: float | None = None
     chosen_start: str | None = None
     candidates: int = 0
+    rescored: int = 0
     calibration_images: int = 0
     seconds: float = 0.0
 
@@ -53,7 +58,8 @@ class SearchSummary:
 
     def describe(self) -> str:
         starts = ", ".join(f"{k} {v:.4f}" for k, v in self.start_scores.items())
-        return (f"searched over {self.candidates} candidate splits from the {self.chosen_start} start "
+        rescored = f", {self.rescored} rescored after reconstruction" if self.rescored else ""
+        return (f"searched over {self.candidates} candidate splits from the {self.chosen_start} start{rescored} "
                 f"(KL to the original on {self.calibration_images} held-out images: {starts}; chosen {self.chosen_score:.4f})")
 
 
@@ -150,15 +156,17 @@ class CalibrationLoss:
         with torch.no_grad():
             self.reference = [torch.log_softmax(logits(model, x).float(), -1) for x in batches]
 
-    def __call__(self, plan: Plan) -> float:
+    def __call__(self, plan: Plan, refit: bool = True) -> float:
+        """The candidate's loss; `refit=False` skips the reconstruction (the masked model as it is)."""
         self.masks.set_plan(plan)
+        refit = refit and self.refit is not None
         saved = {}
-        if self.refit is not None:
+        if refit:
             saved = {id(p): (p, p.detach().clone()) for layer, _ in self.masks.consumers for p in layer.parameters()}
         total, count = 0.0, 0
         try:
             with self.masks.applied():
-                if self.refit is not None:
+                if refit:
                     self.refit(self.masks.consumers)
                 with torch.no_grad():
                     for x, reference in zip(self.batches, self.reference):
@@ -209,29 +217,40 @@ def search_split(
     name: str,
     starts: dict[str, Callable[[float], Ratios]],
     fixed: Ratios,
-    score: Callable[[Plan], float],
+    score: CalibrationLoss,
     candidates: int,
     seed: int,
+    finalists: int | None,
 ) -> tuple[Plan, SearchSummary]:
-    """The split with the lowest `score` found in at most `candidates` evaluations (see the module docstring)."""
+    """The split with the lowest `score` found in at most `candidates` evaluations (see the module docstring).
+
+    When `score` reconstructs and `finalists` is a number below `candidates`, the descent ranks candidates on the masked model
+    without reconstruction (one forward pass each) and only the starts and the `finalists` best others are
+    rescored after reconstruction; the choice is made on those scores.
+    """
     tick = time.perf_counter()
     summary = SearchSummary()
     pinned = frozenset(fixed)
-    progress = tqdm(total=candidates, desc="Budget search", leave=False)
-    best: tuple[float, Plan] | None = None
-    for label, ratios_at in starts.items():
-        plan = solve(budget, metric, target, ratios_at, name, pinned=pinned)
-        value = score(plan)
+    cheap = score.refit is not None and finalists is not None and finalists < candidates
+    progress = tqdm(total=candidates + (len(starts) + finalists if cheap else 0), desc="Budget search", leave=False)
+
+    def evaluate(plan: Plan, refit: bool) -> float:
+        value = score(plan, refit=refit)
         progress.update()
-        summary.start_scores[label] = value
-        if best is None or value < best[0]:
-            best, summary.chosen_start = (value, plan), label
+        return value
+
+    start_plans = {label: solve(budget, metric, target, ratios_at, name, pinned=pinned)
+                   for label, ratios_at in starts.items()}
+    explored = {label: evaluate(plan, not cheap) for label, plan in start_plans.items()}
+    best_label = min(explored, key=explored.get)
+    best = (explored[best_label], start_plans[best_label])
+    tried: list[tuple[float, Plan]] = []
     free = [c for c in best[1].ratios if c not in fixed]
     weights = {c: max(best[1].ratios[c], MIN_WEIGHT) for c in free}
     order = list(free)
     np.random.default_rng(seed).shuffle(order)
     evaluated, step = len(starts), 2.0
-    seen = {_key(best[1])}
+    seen = {_key(plan) for plan in start_plans.values()}
     while evaluated < candidates and step > 1.05 and len(free) > 1:
         improved = False
         for cls in order:
@@ -243,14 +262,22 @@ def search_split(
                 if _key(plan) in seen:
                     continue  # rounding gave a split already scored
                 seen.add(_key(plan))
-                value = score(plan)
+                value = evaluate(plan, not cheap)
                 evaluated += 1
-                progress.update()
+                tried.append((value, plan))
                 if value < best[0]:
                     best, weights, improved = (value, plan), trial, True
                     break
         if not improved:
             step = step ** 0.5
+    summary.start_scores, summary.chosen_start = explored, best_label
+    if cheap:  # rescore the starts and the best few others after reconstruction; choose among those
+        pool = {label: (evaluate(plan, True), plan) for label, plan in start_plans.items()}
+        summary.start_scores = {label: value for label, (value, _) in pool.items()}
+        tried.sort(key=lambda entry: entry[0])
+        pool.update({f"candidate {i}": (evaluate(plan, True), plan) for i, (_, plan) in enumerate(tried[:finalists])})
+        best = min(pool.values(), key=lambda entry: entry[0])
+        summary.rescored = len(pool)
     progress.close()
     summary.chosen_score, summary.candidates = best[0], evaluated
     summary.seconds = time.perf_counter() - tick

@@ -46,13 +46,15 @@ def test_masks_compute_what_surgery_computes(monkeypatch, name, keep_residual):
         assert not torch.allclose(logits(model, x), masked["logits"], atol=1e-3)  # something was removed
 
 
-@pytest.fixture(scope="module", params=["vit", "convnext"])
+@pytest.fixture(scope="module", params=[("vit", 2), ("convnext", 2), ("vit", None)], ids=lambda p: f"{p[0]}-finalists{p[1]}")
 def searched(request):
-    model = build(request.param)
+    name, finalists = request.param
+    model = build(name)
     pruner = IsomorphicPruner(model)
     x = _images(pruner, 48)
     config = IsomorphicPruningConfig(target_macs=0.5 * count_macs(model), budget_policy="search", search_candidates=8,
-                                     calibration_batch_size=16, num_calibration_batches=2, search_batches=1)
+                                     search_finalists=finalists, calibration_batch_size=16, num_calibration_batches=2,
+                                     search_batches=1)
     pruned = pruner.prune(config, calibration_dataset=x)
     return model, pruner, pruned, config, x
 
@@ -63,8 +65,29 @@ def test_search_never_scores_worse_than_its_starts(searched):
     assert set(search["start_scores"]) == {"shared", "global"}
     assert search["chosen_score"] <= min(search["start_scores"].values())
     assert 2 <= search["candidates"] <= config.search_candidates
+    # fewer finalists than candidates: the starts and the finalists are rescored after reconstruction
+    cheap = config.search_finalists is not None and config.search_finalists < config.search_candidates
+    tried = search["candidates"] - 2  # candidates beyond the two starts
+    assert search["rescored"] == (2 + min(config.search_finalists, tried) if cheap else 0)
     assert abs(pruner.report.macs_after - config.target_macs) / config.target_macs <= 0.01
     assert "split: searched over" in pruner.report.summary()
+
+
+def test_rescored_starts_score_as_when_every_candidate_is_reconstructed():
+    """The cheap ranking changes which candidates are tried, not how a rescored split is scored."""
+    model = build("vit")
+    x = _images(IsomorphicPruner(model), 48)
+    starts = []
+    for finalists in (0, None):
+        pruner = IsomorphicPruner(model)
+        pruner.prune(IsomorphicPruningConfig(target_macs=0.5 * count_macs(model), budget_policy="search",
+                                             search_candidates=8, search_finalists=finalists, search_batches=1,
+                                             calibration_batch_size=16, num_calibration_batches=2),
+                     calibration_dataset=x)
+        starts.append(pruner.report.search["start_scores"])
+    assert starts[0].keys() == starts[1].keys()
+    for label in starts[0]:
+        assert starts[0][label] == pytest.approx(starts[1][label], rel=1e-6)
 
 
 def test_search_is_deterministic_given_the_seed(searched):
