@@ -137,6 +137,13 @@ def check_writable(directory: str | os.PathLike) -> None:
         ) from err
 
 
+def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a local folder written by `save_pruned_model` (it holds `pruning_config.json`)."""
+    from .configuration import CONFIG_NAME as PRUNING_CONFIG_NAME
+
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, PRUNING_CONFIG_NAME))
+
+
 def load_pruned_model(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """Load what `save_pruned_model` / `save_pretrained` wrote, never running code from the folder.
 

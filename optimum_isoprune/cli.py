@@ -151,49 +151,26 @@ def _positive_int(text: str) -> int:
 # ------------------------------------------------------------------------------------- models, data
 
 
-def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is a local folder written by `save_pruned_model`."""
-    from .configuration import CONFIG_NAME
-
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
-
-
 def load_any_model(name: str, random_weights: bool = False) -> Any:
-    """A pruned checkpoint folder, a transformers folder / Hub id, or a `timm/<name>` model."""
-    if is_pruned_checkpoint(name):
-        from .checkpoint import load_pruned_model
+    """`pruner.load_model` (a pruned checkpoint folder, a transformers folder / Hub id, or `timm/<name>`), with its
+    failures said in one line."""
+    from .checkpoint import is_pruned_checkpoint
 
-        return load_pruned_model(name)
-    if name.startswith("timm/") and random_weights:
-        import timm
-
-        return timm.create_model(name[len("timm/"):].split(".")[0], pretrained=False)
-    if random_weights:
+    if random_weights and not name.startswith("timm/") and not is_pruned_checkpoint(name):
         raise CLIError(f"--random-weights works with timm/<name> models only, not {name!r}", exit_code=2)
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or (name.count("/") > 1 and not name.startswith("timm/"))):
         raise CLIError(f"no model folder at {name!r}; give a local folder, a Hub id (org/name) or timm/<name>")
     from .pruner import load_model
 
     try:
-        return load_model(name)
+        return load_model(name, random_weights=random_weights)
     except OSError as err:
+        if is_pruned_checkpoint(name):
+            raise
         raise CLIError(
             f"could not load the model {name!r}: {_first_line(err)} "
             "(a Hub id needs network access or a local cache; a folder needs config.json and weights)"
         ) from err
-
-
-def load_processor(name: str) -> Any | None:
-    """The image processor saved with a model, or None (timm names, folders without one, offline Hub ids)."""
-    if name.startswith("timm/"):
-        return None
-    try:
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
-    except Exception as err:  # a missing processor is not an error: the model's config still gives size/channels
-        logger.debug("No image processor for %s (%s).", name, err)
-        return None
 
 
 def load_split(name: str, split: str, limit: int | None = None, data_dir: str | None = None) -> Any:
@@ -270,11 +247,11 @@ def _first_line(err: BaseException) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .checkpoint import check_writable
+    from .checkpoint import check_writable, is_pruned_checkpoint
     from .configuration import IsomorphicPruningConfig
     from .counting import count_macs, count_params
     from .hub import RANDOM_WEIGHTS_NOTE
-    from .pruner import IsomorphicPruner
+    from .pruner import IsomorphicPruner, load_image_processor
 
     check_writable(args.output)  # before loading and pruning, not after
     if is_pruned_checkpoint(args.output):
@@ -310,7 +287,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         importance=args.importance, grouping=args.grouping, seed=args.seed,
         ignored_modules=args.ignore or [], **target, **{k: v for k, v in optional.items() if v is not None},
     )
-    processor = load_processor(args.model)
+    processor = load_image_processor(args.model)
     calibration = None
     if args.calibration_dataset:
         limit = config.num_calibration_batches * config.calibration_batch_size * 4
@@ -324,11 +301,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .checkpoint import check_writable, save_pruned_model
+    from .checkpoint import check_writable, is_pruned_checkpoint, save_pruned_model
     from .configuration import IsomorphicPruningConfig
     from .distillation import DistillationTrainer, DistillationTrainingArguments
     from .hub import save_model_card
     from .metrics import evaluate_model
+    from .pruner import load_image_processor
     from .report import PruningReport
 
     if not is_pruned_checkpoint(args.student):
@@ -342,7 +320,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     pruning_config = IsomorphicPruningConfig.from_pretrained(args.student)
     student = load_any_model(args.student)
     teacher = load_any_model(args.teacher, random_weights=args.random_teacher)
-    processor = load_processor(args.student)
+    processor = load_image_processor(args.student)
     train = prepare_for(student, load_split(args.dataset, args.train_split, args.limit, args.data_dir), processor,
                         train=True)
     test = None
@@ -357,7 +335,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if test is not None:  # the base and the pruned model on the same split, so the card shows the change
         print(f"Evaluating the teacher and the pruned student on the {args.eval_split!r} split before training...")
         def teacher_accuracy() -> dict[str, Any]:
-            return evaluate_model(teacher, prepare_for(teacher, test_rows, load_processor(args.teacher)))
+            return evaluate_model(teacher, prepare_for(teacher, test_rows, load_image_processor(args.teacher)))
 
         builtin = args.dataset.lower() in BUILTIN_DATASETS
         data_key = (args.data_dir or args.dataset) if builtin else args.dataset
@@ -402,10 +380,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                     **metrics}
             print(json.dumps({"split": args.eval_split, **after}))
         if args.latency_repeats:
-            from .data import model_input_spec
+            from .adapters import adapter_for
             from .latency import compare_latency
 
-            size, channels = model_input_spec(student)
+            size, channels = adapter_for(student).input_spec()
             card["latency"] = compare_latency(teacher, student, image_size=size or report.image_size,
                                               num_channels=channels or 3, repeats=args.latency_repeats,
                                               warmup=max(1, args.latency_repeats // 10))
@@ -420,9 +398,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import evaluate_model
+    from .pruner import load_image_processor
 
     model = load_any_model(args.model, random_weights=args.random_weights)
-    processor = load_processor(args.model)
+    processor = load_image_processor(args.model)
     dataset = prepare_for(model, load_split(args.dataset, args.split, args.limit, args.data_dir), processor)
     result = evaluate_model(model, dataset, batch_size=args.batch_size)
     print(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split, **result}))
@@ -443,6 +422,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import NotACheckpointError, evaluate_onnx, export_onnx, load_for_export, verify_onnx
+    from .pruner import load_image_processor
     from .quantization import quantize_onnx
 
     if args.format != "onnx":
@@ -455,7 +435,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model, source = load_for_export(args.model) if local else (load_any_model(args.model, args.random_weights), None)
     except NotACheckpointError as err:
         raise CLIError(str(err), exit_code=2) from err
-    processor = load_processor(source) if source else None
+    processor = load_image_processor(source) if source else None
     result = export_onnx(model, args.output, opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
                          source_dir=source)
     print(json.dumps({"file": result.path, "precision": "fp32", "opset": result.opset,

@@ -32,16 +32,45 @@ from .surgery import apply_plan, layer_widths
 logger = logging.getLogger(__name__)
 
 
-def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
-    """A classifier from a Hub id or local directory (transformers), or a `timm/` name."""
-    if name_or_path.startswith("timm/") or name_or_path.startswith("hf-hub:"):
+def load_model(name_or_path: str | os.PathLike, random_weights: bool = False, **kwargs: Any) -> nn.Module:
+    """The package's one model loader: a pruned checkpoint folder (`load_pruned_model`, which never runs code from
+    the folder), a transformers classifier (Hub id or local folder) or a timm model (`timm/<name>`, `hf-hub:...`).
+
+    `random_weights=True` builds a `timm/<name>` model without downloading weights (offline tries).
+    """
+    name = str(name_or_path)
+    from .checkpoint import is_pruned_checkpoint, load_pruned_model
+
+    if is_pruned_checkpoint(name):
+        return load_pruned_model(name, **kwargs)
+    if random_weights:
+        if not name.startswith("timm/"):
+            raise ValueError(f"random_weights works with timm/<name> models only, not {name!r}.")
         import timm
 
-        return timm.create_model(name_or_path.replace("timm/", "hf-hub:timm/", 1)
-                                 if name_or_path.startswith("timm/") else name_or_path, pretrained=True, **kwargs)
+        return timm.create_model(name[len("timm/"):].split(".")[0], pretrained=False, **kwargs)
+    if name.startswith("timm/") or name.startswith("hf-hub:"):
+        import timm
+
+        return timm.create_model(name.replace("timm/", "hf-hub:timm/", 1)
+                                 if name.startswith("timm/") else name, pretrained=True, **kwargs)
     from transformers import AutoModelForImageClassification
 
-    return AutoModelForImageClassification.from_pretrained(name_or_path, **{"trust_remote_code": False, **kwargs})
+    return AutoModelForImageClassification.from_pretrained(name, **{"trust_remote_code": False, **kwargs})
+
+
+def load_image_processor(name_or_path: str | None) -> Any:
+    """The image processor saved with a transformers model (local folder or Hub id), or None: timm names, folders
+    without one, Hub ids offline. Never runs code from the folder."""
+    if not name_or_path or str(name_or_path).startswith("timm/"):
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    except Exception as error:  # a missing processor is not an error: the model's config still gives size/channels
+        logger.info("No image processor for %s (%s).", name_or_path, error)
+        return None
 
 
 class IsomorphicPruner:
@@ -64,7 +93,8 @@ class IsomorphicPruner:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "IsomorphicPruner":
-        """Load a transformers classifier (Hub id or local dir) or a timm model (`timm/<name>`)."""
+        """Load a transformers classifier (Hub id or local dir), a timm model (`timm/<name>`) or a pruned
+        checkpoint folder (to prune it again); see `load_model`."""
         name = str(name_or_path)
         return cls(load_model(name, **kwargs), base_model_name_or_path=name)
 
@@ -206,7 +236,7 @@ class IsomorphicPruner:
 
         model = self._require_pruned()
         if image_processor is None:
-            image_processor = self._base_image_processor()
+            image_processor = load_image_processor(self.base_model_name_or_path)
         # The card is written into a staging folder: name the snippets after the target folder, not the stage.
         card_kwargs.setdefault("repo_id", Path(os.path.abspath(save_directory)).name)
         save_pruned_model(model, save_directory, pruning_config=self.config, report=self.report,
@@ -237,18 +267,6 @@ class IsomorphicPruner:
         if self.pruned_model is None:
             raise RuntimeError("Nothing to save yet: call pruner.prune(config) first.")
         return self.pruned_model
-
-    def _base_image_processor(self) -> Any:
-        """The base model's image processor when it can be found locally or on the Hub, else None."""
-        if not self.base_model_name_or_path or self.base_model_name_or_path.startswith("timm/"):
-            return None
-        from transformers import AutoImageProcessor
-
-        try:
-            return AutoImageProcessor.from_pretrained(self.base_model_name_or_path, trust_remote_code=False)
-        except (OSError, ValueError) as error:
-            logger.info("No image processor for %s (%s); saving without one.", self.base_model_name_or_path, error)
-            return None
 
     # -- steps -----------------------------------------------------------------------------------
 

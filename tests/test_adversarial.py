@@ -126,9 +126,9 @@ def test_cli_evaluate_never_runs_checkpoint_code(saved_vit, tmp_path, capsys, no
     rc = main(["evaluate", str(saved_vit), "--dataset", "fashion-mnist"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "not a pruned checkpoint type" in err
-    from optimum_isoprune.cli import load_processor
+    from optimum_isoprune.pruner import load_image_processor
 
-    load_processor(str(saved_vit))  # None or the stock processor: the folder's code is not imported
+    load_image_processor(str(saved_vit))  # None or the stock processor: the folder's code is not imported
     assert not marker.exists()
 
 
