@@ -30,10 +30,10 @@ from .adapters.io import output_logits
 from .data import INDEX_COLUMN, collate_fn, dataset_transform, ensure_prepared
 from .guards import check_finite_parameters, check_labels, require_finite
 from .metrics import IGNORE_INDEX
+from .training_defaults import DISTILLATION_TYPES
 
 logger = logging.getLogger(__name__)
 
-DISTILLATION_TYPES = ("soft", "hard", "none")
 
 
 @dataclass
@@ -161,6 +161,36 @@ class _NumericProgressCallback(ProgressCallback):
             self.training_bar.write(str(shown))
 
 
+class TeacherLogitCache:
+    """The teacher's logits of every training example, filled on first use (`cache_teacher_logits=True`): one
+    teacher forward pass per example for the whole run, exact while the examples are not randomly augmented."""
+
+    def __init__(self, size: int, num_labels: int | None):
+        if num_labels is None:
+            raise ValueError("cache_teacher_logits=True needs the number of classes (config.num_labels or num_classes).")
+        self.logits = torch.zeros(size, num_labels, dtype=torch.float32)
+        self.filled = torch.zeros(size, dtype=torch.bool)
+
+    def check(self, index: torch.Tensor, column: str) -> None:
+        """Indices must be positions in the training set (`column` names the dataset's index column)."""
+        size = len(self.filled)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise ValueError(
+                f"Index column {column!r} holds {int(index.min())}..{int(index.max())}, outside "
+                f"0..{size - 1}: it must hold positions in the training set (data.add_index_column)."
+            )
+
+    def get(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The cached logits of the examples `index`, or None unless every one of them is cached."""
+        index = index.cpu()
+        return self.logits[index] if bool(self.filled[index].all()) else None
+
+    def put(self, index: torch.Tensor, logits: torch.Tensor) -> None:
+        index = index.cpu()
+        self.logits[index] = logits.cpu()
+        self.filled[index] = True
+
+
 class DistillationTrainer(Trainer):
     """`Trainer` whose loss mixes the labels with a frozen teacher's predictions (see the module docstring).
 
@@ -219,8 +249,7 @@ class DistillationTrainer(Trainer):
         if args.distillation_type != "none" and hasattr(self.model, "set_distilled_training"):
             self.model.set_distilled_training(True)  # timm: train mode returns (cls, dist) logits
             logger.info("timm distilled student: the distillation head learns from the teacher.")
-        self._teacher_cache: torch.Tensor | None = None
-        self._teacher_cached: torch.Tensor | None = None
+        self._teacher_cache: TeacherLogitCache | None = None
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("The student has no trainable parameters (was it frozen, e.g. used as a teacher before?); "
                              "call student.requires_grad_(True) first.")
@@ -273,12 +302,11 @@ class DistillationTrainer(Trainer):
     @torch.no_grad()
     def _teacher_logits(self, pixel_values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """Teacher logits (float32), from the cache when every example of the batch is in it."""
-        use_cache = self.args.cache_teacher_logits and index is not None
-        if use_cache:
-            self._ensure_cache(index)
-            index_cpu = index.cpu()
-            if bool(self._teacher_cached[index_cpu].all()):
-                return self._teacher_cache[index_cpu].to(pixel_values.device)
+        cache = self._logit_cache(index) if self.args.cache_teacher_logits and index is not None else None
+        if cache is not None:
+            cached = cache.get(index)
+            if cached is not None:
+                return cached.to(pixel_values.device)
         teacher = self.teacher_model
         if teacher.training:
             teacher.eval()
@@ -287,24 +315,16 @@ class DistillationTrainer(Trainer):
         logits = adapter_for(teacher).predict(pixel_values).float()
         require_finite(logits, "The teacher's logits", f"at training step {self.state.global_step}",
                        "Stopping before the student learns from them; check the teacher's weights and the inputs.")
-        if use_cache:
-            self._teacher_cache[index_cpu] = logits.cpu()
-            self._teacher_cached[index_cpu] = True
+        if cache is not None:
+            cache.put(index, logits)
         return logits
 
-    def _ensure_cache(self, index: torch.Tensor) -> None:
-        size = len(self.train_dataset)
+    def _logit_cache(self, index: torch.Tensor) -> TeacherLogitCache:
         if self._teacher_cache is None:
             num_labels = adapter_for(self.teacher_model).num_labels() or adapter_for(self.model).num_labels()
-            if num_labels is None:
-                raise ValueError("cache_teacher_logits=True needs the number of classes (config.num_labels or num_classes).")
-            self._teacher_cache = torch.zeros(size, num_labels, dtype=torch.float32)
-            self._teacher_cached = torch.zeros(size, dtype=torch.bool)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-            raise ValueError(
-                f"Index column {self.args.teacher_cache_column!r} holds {int(index.min())}..{int(index.max())}, outside "
-                f"0..{size - 1}: it must hold positions in the training set (data.add_index_column)."
-            )
+            self._teacher_cache = TeacherLogitCache(len(self.train_dataset), num_labels)
+        self._teacher_cache.check(index, self.args.teacher_cache_column)
+        return self._teacher_cache
 
     # ---- Trainer hooks -------------------------------------------------------------------------------------------
 

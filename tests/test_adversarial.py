@@ -400,10 +400,10 @@ def _tiny_split(*args, **kwargs):
 
 def test_distill_saves_the_weights_before_a_later_failure(student_dir, tmp_path, capsys, monkeypatch):
     import optimum_isoprune.cli as cli
-    import optimum_isoprune.hub as hub
+    import optimum_isoprune.card as card
 
     monkeypatch.setattr(cli, "load_split", _tiny_split)
-    monkeypatch.setattr(hub, "save_model_card", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("card broke")))
+    monkeypatch.setattr(card, "save_model_card", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("card broke")))
     out = tmp_path / "kd"
     rc = main(["distill", "--student", str(student_dir), "--teacher", str(student_dir), "--dataset", "x",
                "--max-steps", "1", "--batch-size", "4", "--output", str(out), "--cpu", "--latency-repeats", "0"])

@@ -11,18 +11,15 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from optimum_isoprune.hub import (
+from optimum_isoprune.card import (
     BASE_MODEL_RELATION,
     CITATION,
-    HubPublishError,
-    base_model_info_from_hub,
     checkpoint_size,
     create_model_card,
     plot_layer_widths,
-    push_to_hub,
     save_model_card,
-    validate_repo_id,
 )
+from optimum_isoprune.hub import HubPublishError, base_model_info_from_hub, push_to_hub, validate_repo_id
 from optimum_isoprune.report import ClassAmount, LayerWidth, PruningReport
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-PREPROCESSOR_NAME = "preprocessor_config.json"
+from transformers.utils import IMAGE_PROCESSOR_NAME as PREPROCESSOR_NAME
 
 
 def output_logits(outputs: Any) -> torch.Tensor:
