@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-fast demo
+.PHONY: venv test test-fast lint demo
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ venv: $(BIN)/activate
 
 test: venv
 	$(BIN)/python -m pytest -q -ra tests
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests

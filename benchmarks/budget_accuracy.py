@@ -51,7 +51,7 @@ def flop_counter_macs(model) -> int:
     x = torch.zeros(1, 3, SIZE, SIZE)
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(pixel_values=x) if hasattr(model, "config") and hasattr(model.config, "model_type") else model(x)
+        model(pixel_values=x) if hasattr(model, "config") and hasattr(model.config, "model_type") else model(x)
     return counter.get_total_flops() // 2
 
 

@@ -121,7 +121,7 @@ def worker(spec: dict) -> dict:
 def run(spec: dict) -> dict:
     proc = subprocess.run([PY, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True,
                           text=True, cwd=HERE)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return {**spec, "error": proc.stderr[-1500:]}
     result = {**spec, **json.loads(lines[-1][7:])}

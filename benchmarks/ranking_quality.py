@@ -44,9 +44,14 @@ TEACHERS = {
         num_channels=1, patch_size=4, hidden_sizes=[48, 96], depths=[2, 2], num_stages=2, image_size=28,
         num_labels=10)),
 }
-SMALL_VIT = lambda: ViTForImageClassification(ViTConfig(  # noqa: E731  (part 5's "train small" model)
-    hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=192, image_size=28, patch_size=7,
-    num_channels=1, num_labels=10, attn_implementation="eager"))
+
+
+def SMALL_VIT() -> ViTForImageClassification:  # part 5's "train small" model
+    return ViTForImageClassification(ViTConfig(
+        hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=192, image_size=28, patch_size=7,
+        num_channels=1, num_labels=10, attn_implementation="eager"))
+
+
 METHODS = {
     "iso-shared": dict(grouping="isomorphic", budget_policy="shared"),
     "iso-allocate": dict(grouping="isomorphic", budget_policy="allocate"),

@@ -17,8 +17,8 @@ _LAZY = {
     "DistillationTrainer": "distillation", "DistillationTrainingArguments": "distillation",
     "BudgetError": "errors", "CalibrationDataError": "errors", "IsoPruneError": "errors",
     "UnsupportedModelError": "errors", "NonFiniteError": "errors",
-    "HubPublishError": "hub", "create_model_card": "hub", "plot_layer_widths": "hub", "push_to_hub": "hub",
-    "save_model_card": "hub",
+    "HubPublishError": "hub", "create_model_card": "card", "plot_layer_widths": "card", "push_to_hub": "hub",
+    "save_model_card": "card",
     "compare_latency": "latency", "measure_latency": "latency",
     "compute_metrics": "metrics", "evaluate_model": "metrics",
     "PrunedCheckpointError": "modeling", "to_pruned_model": "modeling",
@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from .data import collate_fn, load_fashion_mnist, load_image_dataset, prepare_dataset
     from .distillation import DistillationTrainer, DistillationTrainingArguments
     from .errors import BudgetError, CalibrationDataError, IsoPruneError, NonFiniteError, UnsupportedModelError
-    from .hub import HubPublishError, create_model_card, plot_layer_widths, push_to_hub, save_model_card
+    from .card import create_model_card, plot_layer_widths, save_model_card
+    from .hub import HubPublishError, push_to_hub
     from .latency import compare_latency, measure_latency
     from .metrics import compute_metrics, evaluate_model
     from .modeling import PrunedCheckpointError, to_pruned_model

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .counting import CostModel
 from .errors import BudgetError
@@ -28,7 +29,7 @@ MAX_RATIO = 0.9999
 class ClassRanking:
     """The units of one class sorted by importance, ready to answer "what stays at ratio r?"."""
 
-    cls: IsomorphicClass
+    isoclass: IsomorphicClass
     counts: np.ndarray  # units per group
     min_keep: np.ndarray  # units every group keeps at least
     round_to: int
@@ -38,20 +39,20 @@ class ClassRanking:
     raw_sorted: np.ndarray  # the class's scores, ascending (what global ranking compares across classes)
 
     @classmethod
-    def build(cls, iso_class: IsomorphicClass, scores: dict[PrunableGroup, torch.Tensor], round_to: int,
+    def build(cls, isoclass: IsomorphicClass, scores: dict[PrunableGroup, torch.Tensor], round_to: int,
               min_heads: int) -> "ClassRanking":
-        per_group = [unit_scores(g, scores[g], iso_class.heads).numpy() for g in iso_class.groups]
+        per_group = [unit_scores(g, scores[g], isoclass.heads).numpy() for g in isoclass.groups]
         counts = np.array([len(s) for s in per_group])
-        floor = min_heads if iso_class.heads else round_to
+        floor = min_heads if isoclass.heads else round_to
         concat = np.concatenate(per_group)
         owner = np.repeat(np.arange(len(per_group)), counts)
         median = float(np.median(concat))
         scale = median if median > 0 else float(np.mean(np.abs(concat))) or 1.0
         return cls(
-            cls=iso_class,
+            isoclass=isoclass,
             counts=counts,
             min_keep=np.minimum(floor, counts),
-            round_to=1 if iso_class.heads else round_to,
+            round_to=1 if isoclass.heads else round_to,
             group_of_rank=owner[np.argsort(concat, kind="stable")],
             local_order=[np.argsort(s, kind="stable") for s in per_group],
             normalized=np.sort(concat / scale) + np.arange(len(concat)) * 1e-9,  # strictly increasing
@@ -68,6 +69,10 @@ class ClassRanking:
         return np.maximum(kept, self.min_keep)
 
 
+# (layer, is_out_dim) -> original indices removed from that dimension of the layer
+RemovedIndices = dict[tuple[nn.Module, bool], np.ndarray]
+
+
 @dataclass
 class Plan:
     """Root channels to remove from each group, with the resulting per-class amounts."""
@@ -76,6 +81,21 @@ class Plan:
     ratios: dict[IsomorphicClass, float]
     kept_units: dict[IsomorphicClass, np.ndarray]
     removed_channels: dict[tuple[int, bool], int]  # (id(layer or parameter), is_out_dim) -> channels removed
+
+    def removed_indices(self) -> RemovedIndices:
+        """The original indices each Linear / Conv2d / norm loses on its input or output dimension (bare
+        parameters left out): what surgery removes, and what reconstruction refits."""
+        removed: RemovedIndices = {}
+        for group, root_removed in self.removed.items():
+            if len(root_removed) == 0:
+                continue
+            for target in group.targets:
+                if isinstance(target.target, nn.Parameter):
+                    continue
+                idxs = target.removed(root_removed)
+                key = (target.target, target.is_out)
+                removed[key] = np.union1d(removed[key], idxs) if key in removed else idxs
+        return removed
 
 
 class Budget:
@@ -89,12 +109,12 @@ class Budget:
         self._cache: dict[tuple[int, int, int], tuple[np.ndarray, dict[tuple[int, bool], int]]] = {}
 
     def plan(self, ratios: dict[IsomorphicClass, float]) -> Plan:
-        kept_units = {r.cls: r.kept(ratios[r.cls]) for r in self.rankings}
+        kept_units = {r.isoclass: r.kept(ratios[r.isoclass]) for r in self.rankings}
         heads: dict[PrunableGroup, np.ndarray] = {}
         channels: dict[PrunableGroup, np.ndarray] = {}
         for ranking in self.rankings:
-            for group, order, kept in zip(ranking.cls.groups, ranking.local_order, kept_units[ranking.cls]):
-                (heads if ranking.cls.heads else channels)[group] = order[: len(order) - kept]
+            for group, order, kept in zip(ranking.isoclass.groups, ranking.local_order, kept_units[ranking.isoclass]):
+                (heads if ranking.isoclass.heads else channels)[group] = order[: len(order) - kept]
         removed, counts = {}, {}
         for group in self.groups:
             group_heads, group_channels = heads.get(group, ()), channels.get(group, ())
@@ -130,11 +150,11 @@ class Budget:
 def shared_ratios(rankings: list[ClassRanking], ratio: float, head_ratio: float | None,
                   head_dim_ratio: float | None) -> dict[IsomorphicClass, float]:
     """One ratio for every class; heads and head dims follow it unless fixed by the user."""
+    fixed = {"heads": head_ratio, "head_dims": head_dim_ratio}
     ratios = {}
     for r in rankings:
-        is_head_dim = not r.cls.heads and all(g.attention is not None for g in r.cls.groups)
-        fixed = head_ratio if r.cls.heads else (head_dim_ratio if is_head_dim else None)
-        ratios[r.cls] = ratio if fixed is None else fixed
+        unit_ratio = fixed.get(r.isoclass.unit)
+        ratios[r.isoclass] = ratio if unit_ratio is None else unit_ratio
     return ratios
 
 
@@ -149,25 +169,25 @@ class Allocation:
     """
 
     def __init__(self, budget: Budget, metric: Callable[[Plan], int], fixed: dict[IsomorphicClass, float]):
-        self.rankings = [r for r in budget.rankings if r.cls not in fixed]
+        self.rankings = [r for r in budget.rankings if r.isoclass not in fixed]
         self.fixed = fixed
-        zero = {r.cls: 0.0 for r in budget.rankings} | fixed
+        zero = {r.isoclass: 0.0 for r in budget.rankings} | fixed
         full = metric(budget.plan(zero))
         self.cost = {}
         for r in self.rankings:
-            plan = budget.plan({**zero, r.cls: 0.5})
-            units = int(r.counts.sum() - plan.kept_units[r.cls].sum())
-            self.cost[r.cls] = max(full - metric(plan), 1) / max(units, 1)
-        self.ranks = {r.cls: np.arange(1, len(r.normalized) + 1, dtype=float) for r in self.rankings}
-        self.top = max((r.normalized[-1] / self.cost[r.cls] for r in self.rankings), default=0.0) * 1.001
+            plan = budget.plan({**zero, r.isoclass: 0.5})
+            units = int(r.counts.sum() - plan.kept_units[r.isoclass].sum())
+            self.cost[r.isoclass] = max(full - metric(plan), 1) / max(units, 1)
+        self.ranks = {r.isoclass: np.arange(1, len(r.normalized) + 1, dtype=float) for r in self.rankings}
+        self.top = max((r.normalized[-1] / self.cost[r.isoclass] for r in self.rankings), default=0.0) * 1.001
 
     def ratios_at(self, t: float) -> dict[IsomorphicClass, float]:
         threshold = t * self.top
         ratios = dict(self.fixed)
         for r in self.rankings:
             # Units in rank order along the normalised scores (ties spread by rank): a continuous sweep.
-            removed = np.interp(threshold * self.cost[r.cls], r.normalized, self.ranks[r.cls], left=0.0)
-            ratios[r.cls] = min(float(removed) / len(r.normalized), MAX_RATIO)
+            removed = np.interp(threshold * self.cost[r.isoclass], r.normalized, self.ranks[r.isoclass], left=0.0)
+            ratios[r.isoclass] = min(float(removed) / len(r.normalized), MAX_RATIO)
         return ratios
 
 
@@ -218,15 +238,15 @@ def _descend(budget: Budget, metric: Callable[[Plan], int], target: float, above
     """Coordinate descent from a plan at or above the target: each class in turn prunes up to its crossing."""
     best = above
     for _ in range(REFINEMENT_ROUNDS):
-        for cls in free:
+        for isoclass in free:
             if abs(metric(best) - target) / target <= tolerance:
                 return best
             base = above.ratios
-            lo_c, hi_c = _crossing(lambda r: metric(budget.plan({**base, cls: r})), target, CLASS_BISECTION_STEPS)
-            closer = budget.plan({**base, cls: lo_c})
+            lo_c, hi_c = _crossing(lambda r: metric(budget.plan({**base, isoclass: r})), target, CLASS_BISECTION_STEPS)
+            closer = budget.plan({**base, isoclass: lo_c})
             if target <= metric(closer) < metric(above):
                 above = closer
-            best = min((best, above, budget.plan({**base, cls: hi_c})), key=lambda p: abs(metric(p) - target))
+            best = min((best, above, budget.plan({**base, isoclass: hi_c})), key=lambda p: abs(metric(p) - target))
     return best
 
 

@@ -19,11 +19,12 @@ from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import CONFIG_NAME
 
-from .configuration import IsomorphicPruningConfig
+from .configuration import PRUNING_CONFIG_NAME, IsomorphicPruningConfig
 from .errors import NonFiniteError
-from .modeling import PRUNED_MODEL_CLASSES, PrunedCheckpointError, PrunedModelMixin, to_pruned_model
-from .modeling.convert import _FAMILIES, TIMM_MANIFEST_ATTRIBUTE, rebuild_timm_model, stock_class_of
+from .modeling import FAMILIES, PrunedCheckpointError, PrunedModelMixin, to_pruned_model
+from .modeling.convert import TIMM_MANIFEST_ATTRIBUTE, rebuild_timm_model
 from .modeling.modeling_pruned import (
     SAFE_WEIGHTS_NAME,
     atomic_save,
@@ -41,7 +42,6 @@ from .report import PruningReport
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
 # Keys of a timm config.json that describe the pruned widths (the rest is timm's own layout).
 _TIMM_MANIFEST_KEYS = (
     "base_model_name_or_path",
@@ -137,6 +137,11 @@ def check_writable(directory: str | os.PathLike) -> None:
         ) from err
 
 
+def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a local folder written by `save_pruned_model` (it holds `pruning_config.json`)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, PRUNING_CONFIG_NAME))
+
+
 def load_pruned_model(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """Load what `save_pruned_model` / `save_pretrained` wrote, never running code from the folder.
 
@@ -174,11 +179,10 @@ def load_pruned_model(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
 def _model_classes(config: dict[str, Any]) -> type[nn.Module] | None:
     """This package's pruned class, or transformers' stock class of a supported family, for `config`; else None."""
     model_type = config.get("model_type")
-    pruned = {cls.config_class.model_type: cls for cls in PRUNED_MODEL_CLASSES}
+    pruned = {family.config_class.model_type: family.pruned_class for family in FAMILIES}
     if model_type in pruned:
         return pruned[model_type]
-    stock = [stock_class_of(family.pruned_class) for name, family in _FAMILIES.items() if not name.startswith("Pruned")]
-    candidates = [cls for cls in stock if cls.config_class.model_type == model_type]
+    candidates = [family.stock_class for family in FAMILIES if family.stock_class.config_class.model_type == model_type]
     architectures = config.get("architectures") or []
     named = [cls for cls in candidates if architectures and cls.__name__ == architectures[0]]
     return (named or candidates or [None])[0]
@@ -187,7 +191,7 @@ def _model_classes(config: dict[str, Any]) -> type[nn.Module] | None:
 def _load_transformers_checkpoint(directory: str, config: dict[str, Any], **kwargs: Any) -> nn.Module:
     model_class = _model_classes(config)
     if model_class is None:
-        supported = sorted({cls.config_class.model_type for cls in PRUNED_MODEL_CLASSES})
+        supported = sorted({family.config_class.model_type for family in FAMILIES})
         raise PrunedCheckpointError(
             f"{os.path.join(directory, CONFIG_NAME)} has model_type {config.get('model_type')!r}, which is not a pruned "
             f"checkpoint type ({', '.join(supported)}) nor a supported stock image classifier; refusing to load it "

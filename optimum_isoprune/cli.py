@@ -12,10 +12,12 @@ import os
 import re
 import sys
 import traceback
+from dataclasses import replace
 from typing import Any, Sequence
 
 from ._startup import restore_default_handler
-from .configuration import BUDGET_POLICY_CHOICES, RECONSTRUCTION_CHOICES
+from .errors import IsoPruneError
+from .training_defaults import DISTILLATION_TYPES, TRAINING_DEFAULTS
 
 logger = logging.getLogger("optimum_isoprune.cli")
 
@@ -46,7 +48,7 @@ Amounts take unit suffixes: 1.2G = 1.2e9, 500M = 5e8, 5M, 300K, or a share of th
 """
 
 
-class CLIError(Exception):
+class CLIError(IsoPruneError):
     """A user-facing error: printed as one line, exit code 2 for bad usage, 1 otherwise."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
@@ -151,49 +153,26 @@ def _positive_int(text: str) -> int:
 # ------------------------------------------------------------------------------------- models, data
 
 
-def is_pruned_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is a local folder written by `save_pruned_model`."""
-    from .configuration import CONFIG_NAME
-
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
-
-
 def load_any_model(name: str, random_weights: bool = False) -> Any:
-    """A pruned checkpoint folder, a transformers folder / Hub id, or a `timm/<name>` model."""
-    if is_pruned_checkpoint(name):
-        from .checkpoint import load_pruned_model
+    """`pruner.load_model` (a pruned checkpoint folder, a transformers folder / Hub id, or `timm/<name>`), with its
+    failures said in one line."""
+    from .checkpoint import is_pruned_checkpoint
 
-        return load_pruned_model(name)
-    if name.startswith("timm/") and random_weights:
-        import timm
-
-        return timm.create_model(name[len("timm/"):].split(".")[0], pretrained=False)
-    if random_weights:
+    if random_weights and not name.startswith("timm/") and not is_pruned_checkpoint(name):
         raise CLIError(f"--random-weights works with timm/<name> models only, not {name!r}", exit_code=2)
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or (name.count("/") > 1 and not name.startswith("timm/"))):
         raise CLIError(f"no model folder at {name!r}; give a local folder, a Hub id (org/name) or timm/<name>")
     from .pruner import load_model
 
     try:
-        return load_model(name)
+        return load_model(name, random_weights=random_weights)
     except OSError as err:
+        if is_pruned_checkpoint(name):
+            raise
         raise CLIError(
             f"could not load the model {name!r}: {_first_line(err)} "
             "(a Hub id needs network access or a local cache; a folder needs config.json and weights)"
         ) from err
-
-
-def load_processor(name: str) -> Any | None:
-    """The image processor saved with a model, or None (timm names, folders without one, offline Hub ids)."""
-    if name.startswith("timm/"):
-        return None
-    try:
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
-    except Exception as err:  # a missing processor is not an error: the model's config still gives size/channels
-        logger.debug("No image processor for %s (%s).", name, err)
-        return None
 
 
 def load_split(name: str, split: str, limit: int | None = None, data_dir: str | None = None) -> Any:
@@ -270,11 +249,10 @@ def _first_line(err: BaseException) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .checkpoint import check_writable
-    from .configuration import IsomorphicPruningConfig
+    from .checkpoint import check_writable, is_pruned_checkpoint
     from .counting import count_macs, count_params
-    from .hub import RANDOM_WEIGHTS_NOTE
-    from .pruner import IsomorphicPruner
+    from .card import RANDOM_WEIGHTS_NOTE
+    from .pruner import IsomorphicPruner, load_image_processor
 
     check_writable(args.output)  # before loading and pruning, not after
     if is_pruned_checkpoint(args.output):
@@ -296,21 +274,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         target["pruning_ratio"] = args.ratio
         print(f"Pruning {args.model}: removing {args.ratio:.0%} of every isomorphic class (heads, MLP neurons, "
               f"channels); the MACs kept follow from it.")
-    optional = {
-        "head_pruning_ratio": args.head_ratio,
-        "head_dim_pruning_ratio": args.head_dim_ratio,
-        "round_to": args.round_to,
-        "num_calibration_batches": args.num_calibration_batches,
-        "calibration_batch_size": args.calibration_batch_size,
-        "image_size": args.image_size,
-        "budget_policy": args.budget_policy,
-        "reconstruction": args.reconstruction,
-    }
-    config = IsomorphicPruningConfig(
-        importance=args.importance, grouping=args.grouping, seed=args.seed,
-        ignored_modules=args.ignore or [], **target, **{k: v for k, v in optional.items() if v is not None},
-    )
-    processor = load_processor(args.model)
+    config = config_from_args(args, **target)
+    processor = load_image_processor(args.model)
     calibration = None
     if args.calibration_dataset:
         limit = config.num_calibration_batches * config.calibration_batch_size * 4
@@ -324,13 +289,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .checkpoint import check_writable, save_pruned_model
+    from .checkpoint import check_writable, is_pruned_checkpoint, save_pruned_model
     from .configuration import IsomorphicPruningConfig
-    from .distillation import DistillationTrainer, DistillationTrainingArguments
-    from .hub import save_model_card
+    from .distillation import DistillationTrainer
+    from .card import save_model_card
     from .metrics import evaluate_model
+    from .pruner import load_image_processor
     from .report import PruningReport
-
     if not is_pruned_checkpoint(args.student):
         raise CLIError(f"--student {args.student!r} is not a pruned checkpoint folder (no pruning_config.json); "
                        "make one with `optimum-isoprune prune ... --output DIR`", exit_code=2)
@@ -342,7 +307,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     pruning_config = IsomorphicPruningConfig.from_pretrained(args.student)
     student = load_any_model(args.student)
     teacher = load_any_model(args.teacher, random_weights=args.random_teacher)
-    processor = load_processor(args.student)
+    processor = load_image_processor(args.student)
     train = prepare_for(student, load_split(args.dataset, args.train_split, args.limit, args.data_dir), processor,
                         train=True)
     test = None
@@ -357,7 +322,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if test is not None:  # the base and the pruned model on the same split, so the card shows the change
         print(f"Evaluating the teacher and the pruned student on the {args.eval_split!r} split before training...")
         def teacher_accuracy() -> dict[str, Any]:
-            return evaluate_model(teacher, prepare_for(teacher, test_rows, load_processor(args.teacher)))
+            return evaluate_model(teacher, prepare_for(teacher, test_rows, load_image_processor(args.teacher)))
 
         builtin = args.dataset.lower() in BUILTIN_DATASETS
         data_key = (args.data_dir or args.dataset) if builtin else args.dataset
@@ -365,21 +330,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
                       args.teacher, data_key, args.eval_split, args.eval_limit, teacher_accuracy),
                   "pruned_no_finetune": evaluate_model(student, test)}
     trainer_dir = tempfile.TemporaryDirectory(prefix="isoprune-distill-")  # the Trainer's scratch folder, removed after
-    training_args = DistillationTrainingArguments(
-        output_dir=trainer_dir.name,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=0.05,
-        lr_scheduler_type="cosine",
-        distillation_type=args.distillation_type,
-        alpha=args.alpha,
-        temperature=args.temperature,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=args.cpu,
-        seed=args.seed,
+    recipe = replace(TRAINING_DEFAULTS, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
+    training_args = recipe.training_arguments(
+        trainer_dir.name, max_steps=args.max_steps, distillation_type=args.distillation_type, alpha=args.alpha,
+        temperature=args.temperature, use_cpu=args.cpu, seed=args.seed,
     )
     trainer = DistillationTrainer(model=student, args=training_args, teacher_model=teacher, train_dataset=train)
     with trainer_dir:
@@ -402,10 +356,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                     **metrics}
             print(json.dumps({"split": args.eval_split, **after}))
         if args.latency_repeats:
-            from .data import model_input_spec
+            from .adapters import adapter_for
             from .latency import compare_latency
 
-            size, channels = model_input_spec(student)
+            size, channels = adapter_for(student).input_spec()
             card["latency"] = compare_latency(teacher, student, image_size=size or report.image_size,
                                               num_channels=channels or 3, repeats=args.latency_repeats,
                                               warmup=max(1, args.latency_repeats // 10))
@@ -420,9 +374,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import evaluate_model
+    from .pruner import load_image_processor
 
     model = load_any_model(args.model, random_weights=args.random_weights)
-    processor = load_processor(args.model)
+    processor = load_image_processor(args.model)
     dataset = prepare_for(model, load_split(args.dataset, args.split, args.limit, args.data_dir), processor)
     result = evaluate_model(model, dataset, batch_size=args.batch_size)
     print(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split, **result}))
@@ -443,6 +398,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import NotACheckpointError, evaluate_onnx, export_onnx, load_for_export, verify_onnx
+    from .pruner import load_image_processor
     from .quantization import quantize_onnx
 
     if args.format != "onnx":
@@ -455,7 +411,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model, source = load_for_export(args.model) if local else (load_any_model(args.model, args.random_weights), None)
     except NotACheckpointError as err:
         raise CLIError(str(err), exit_code=2) from err
-    processor = load_processor(source) if source else None
+    processor = load_image_processor(source) if source else None
     result = export_onnx(model, args.output, opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
                          source_dir=source)
     print(json.dumps({"file": result.path, "precision": "fp32", "opset": result.opset,
@@ -488,7 +444,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         for row in deployment["rows"]:
             print(json.dumps({k: row.get(k) for k in ("runtime", "precision", "file", "file_bytes", "latency_ms", "top1")}))
         if source and os.path.isfile(os.path.join(source, "pruning_report.json")):
-            from .hub import save_model_card
+            from .card import save_model_card
             from .report import PruningReport
 
             save_model_card(args.output, PruningReport.from_pretrained(source), deployment=deployment)
@@ -553,6 +509,51 @@ class _DeprecatedRatio(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+# `prune` has one option per IsomorphicPruningConfig field (help and choices from the field's metadata), except the
+# targets, which take units and shares; a few keep shorter names.
+_TARGET_FIELDS = ("target_macs", "target_params", "pruning_ratio")
+_OPTION_NAMES = {"head_pruning_ratio": "--head-ratio", "head_dim_pruning_ratio": "--head-dim-ratio",
+                 "ignored_modules": "--ignore"}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per `IsomorphicPruningConfig` field; unset options keep the config's defaults."""
+    from dataclasses import MISSING, fields
+
+    from .configuration import IsomorphicPruningConfig
+
+    for f in fields(IsomorphicPruningConfig):
+        if f.name in _TARGET_FIELDS:
+            continue
+        default = f.default_factory() if f.default is MISSING else f.default
+        text = f.metadata["help"].replace("%", "%%").rstrip(".")
+        if default not in (None, []):
+            text += f" (default: {default})"
+        kind = str(f.type).removesuffix("| None").strip()
+        options: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
+        if "choices" in f.metadata:
+            options["choices"] = f.metadata["choices"]
+        elif kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind == "int":
+            options.update(type=int if f.name == "seed" else _positive_int, metavar="N")
+        elif kind == "float":
+            options.update(type=_ratio_arg if f.name.endswith("ratio") else float, metavar="X")
+        elif kind == "list[str]":
+            options.update(action="append", metavar="MODULE", help=text + "; repeat the option for more")
+        parser.add_argument(_OPTION_NAMES.get(f.name, "--" + f.name.replace("_", "-")), **options)
+
+
+def config_from_args(args: argparse.Namespace, **target: float) -> Any:
+    """The `IsomorphicPruningConfig` of `prune`'s options: the options given, the config's defaults for the rest."""
+    from dataclasses import fields
+
+    from .configuration import IsomorphicPruningConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(IsomorphicPruningConfig) if f.name not in _TARGET_FIELDS}
+    return IsomorphicPruningConfig(**target, **{k: v for k, v in given.items() if v is not None})
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = _HelpFormatter
     parser = argparse.ArgumentParser(
@@ -583,25 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images for Taylor importance: 'fashion-mnist', a Hub dataset id or an imagefolder dir")
     prune.add_argument("--calibration-split", default="train", help="split of the calibration dataset")
     prune.add_argument("--data-dir", help="folder of Fashion-MNIST's IDX files (default: Debian's)")
-    prune.add_argument("--importance", default="taylor", choices=("taylor", "magnitude", "random"),
-                       help="how channels are ranked; taylor needs --calibration-dataset, else magnitude is used")
-    prune.add_argument("--grouping", default="isomorphic", choices=("isomorphic", "global", "uniform"),
-                       help="which structures are ranked against each other")
-    prune.add_argument("--budget-policy", choices=BUDGET_POLICY_CHOICES,
-                       help="how a target is split across classes (shared; search scores splits on calibration data)")
-    prune.add_argument("--reconstruction", choices=RECONSTRUCTION_CHOICES,
-                       help="refit after surgery on the calibration data (least_squares)")
-    prune.add_argument("--round-to", type=_positive_int, metavar="N", help="kept widths are multiples of N (default: 8)")
-    prune.add_argument("--head-ratio", type=_ratio_arg, help="fraction of attention heads removed")
-    prune.add_argument("--head-dim-ratio", type=_ratio_arg, help="fraction of dimensions removed inside heads")
-    prune.add_argument("--num-calibration-batches", type=_positive_int, metavar="N",
-                       help="calibration batches for Taylor importance (default: 8)")
-    prune.add_argument("--calibration-batch-size", type=_positive_int, metavar="N",
-                       help="images per calibration batch (default: 16)")
-    prune.add_argument("--image-size", type=_positive_int, metavar="PX", help="input size (default: the model's)")
-    prune.add_argument("--ignore", action="append", metavar="MODULE", help="module whose outputs stay whole (repeat)")
+    _add_config_options(prune)
     prune.add_argument("--random-weights", action="store_true", help="timm/<name> with random weights (offline tries)")
-    prune.add_argument("--seed", type=int, default=0, help="seed of the calibration order and random importance")
     prune.add_argument("--output", required=True, metavar="DIR", help="folder for the pruned checkpoint and its card")
     prune.set_defaults(func=cmd_prune)
 
@@ -618,14 +602,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="split on which teacher, pruned and distilled student are evaluated ('' to skip)")
     distill.add_argument("--limit", type=_positive_int, help="train on the first N examples only")
     distill.add_argument("--eval-limit", type=_positive_int, help="evaluate on the first N examples only")
-    distill.add_argument("--epochs", type=_positive_float, default=3.0, help="training epochs")
+    recipe = TRAINING_DEFAULTS
+    distill.add_argument("--epochs", type=_positive_float, default=recipe.epochs, help="training epochs")
     distill.add_argument("--max-steps", type=_positive_int, default=-1, help="training steps; overrides --epochs")
-    distill.add_argument("--batch-size", type=_positive_int, default=128, help="training batch size")
-    distill.add_argument("--learning-rate", type=float, default=5e-4, help="AdamW peak learning rate (cosine decay)")
-    distill.add_argument("--distillation-type", default="soft", choices=("soft", "hard", "none"),
+    distill.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size, help="training batch size")
+    distill.add_argument("--learning-rate", type=float, default=recipe.learning_rate,
+                         help="AdamW peak learning rate (cosine decay)")
+    distill.add_argument("--distillation-type", default=recipe.distillation_type, choices=DISTILLATION_TYPES,
                          help="soft: KL to the teacher's softened logits; hard: its top class; none: labels only")
-    distill.add_argument("--alpha", type=float, default=0.7, help="weight of the distillation term")
-    distill.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of soft distillation")
+    distill.add_argument("--alpha", type=float, default=recipe.alpha, help="weight of the distillation term")
+    distill.add_argument("--temperature", type=float, default=recipe.temperature,
+                         help="softmax temperature of soft distillation")
     distill.add_argument("--latency-repeats", type=int, default=30, metavar="N",
                          help="timed batch-1 forward passes of teacher and student for the card (0 to skip)")
     distill.add_argument("--random-teacher", action="store_true", help="timm/<name> teacher with random weights")

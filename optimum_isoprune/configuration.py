@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from .serialization import JsonFile
 
-CONFIG_NAME = "pruning_config.json"
+PRUNING_CONFIG_NAME = "pruning_config.json"
 
 IMPORTANCE_CHOICES = ("taylor", "magnitude", "random")
 GROUPING_CHOICES = ("isomorphic", "global", "uniform")
@@ -20,7 +20,7 @@ RECONSTRUCTION_CHOICES = ("none", "bias", "least_squares")
 class IsomorphicPruningConfig(JsonFile):
     """Configuration of one pruning run; exactly one of `target_macs`, `target_params`, `pruning_ratio`."""
 
-    file_name: ClassVar[str] = CONFIG_NAME
+    file_name: ClassVar[str] = PRUNING_CONFIG_NAME
 
     target_macs: float | None = field(
         default=None, metadata={"help": "MACs of the pruned model for one image (e.g. 1.2e9)."}
@@ -45,13 +45,16 @@ class IsomorphicPruningConfig(JsonFile):
         default=None, metadata={"help": "Fraction of head dims removed; defaults to the solved channel ratio."}
     )
     importance: str = field(
-        default="taylor", metadata={"help": f"Importance criterion, one of {IMPORTANCE_CHOICES}."}
+        default="taylor",
+        metadata={"help": "Importance criterion; taylor needs calibration data (magnitude is used without).",
+                  "choices": IMPORTANCE_CHOICES},
     )
     grouping: str = field(
         default="isomorphic",
         metadata={
             "help": "Ranking scope: 'isomorphic' (the paper), 'global' (all groups ranked together) "
-            "or 'uniform' (every layer pruned by the same ratio)."
+            "or 'uniform' (every layer pruned by the same ratio).",
+            "choices": GROUPING_CHOICES,
         },
     )
     budget_policy: str = field(
@@ -61,7 +64,8 @@ class IsomorphicPruningConfig(JsonFile):
             "class, the paper's behaviour), 'search' (per-class amounts searched on the distillation loss "
             "of held-out calibration batches, starting from shared and global ranking's amounts) or "
             "'allocate' (experimental: importance normalised by its class median, per MAC saved). "
-            "Ranking stays within classes."
+            "Ranking stays within classes.",
+            "choices": BUDGET_POLICY_CHOICES,
         },
     )
     reconstruction: str = field(
@@ -69,7 +73,8 @@ class IsomorphicPruningConfig(JsonFile):
         metadata={
             "help": "Recovery after surgery, on the calibration data: 'least_squares' refits every layer whose "
             "inputs lost channels to the unpruned model's outputs (closed form, no training), 'bias' refits "
-            "only their biases and re-estimates BatchNorm statistics, 'none' keeps the sliced weights."
+            "only their biases and re-estimates BatchNorm statistics, 'none' keeps the sliced weights.",
+            "choices": RECONSTRUCTION_CHOICES,
         },
     )
     reconstruction_damping: float = field(
@@ -131,10 +136,9 @@ class IsomorphicPruningConfig(JsonFile):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
-        _check_choice("importance", self.importance, IMPORTANCE_CHOICES)
-        _check_choice("grouping", self.grouping, GROUPING_CHOICES)
-        _check_choice("budget_policy", self.budget_policy, BUDGET_POLICY_CHOICES)
-        _check_choice("reconstruction", self.reconstruction, RECONSTRUCTION_CHOICES)
+        for f in fields(self):
+            if "choices" in f.metadata:
+                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         if not self.reconstruction_damping >= 0:
             raise ValueError(f"reconstruction_damping must be >= 0, got {self.reconstruction_damping!r}.")
         for name in ("round_to", "min_heads", "num_calibration_batches", "calibration_batch_size", "search_candidates",

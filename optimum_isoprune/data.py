@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
 
+from .adapters import adapter_for
+from .adapters.io import processor_normalization
+
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -200,30 +203,6 @@ class ImageClassificationTransform:
         return out
 
 
-def model_input_spec(model: torch.nn.Module) -> tuple[int | None, int | None]:
-    """Return (image_size, num_channels) a transformers or timm image model expects, None where unknown."""
-    config = getattr(model, "config", None)
-    size = getattr(config, "image_size", None)
-    channels = getattr(config, "num_channels", None)
-    patch_embed = getattr(model, "patch_embed", None)
-    if size is None and patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
-        size = patch_embed.img_size
-    if channels is None:
-        first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-        channels = first_conv.in_channels if first_conv is not None else None
-    # timm's pretrained_cfg describes the pretrained weights; the built modules above win when they say otherwise,
-    # and its input size binds only models with a fixed input size (CNNs take any).
-    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in pretrained_cfg:
-        if size is None and pretrained_cfg.get("fixed_input_size", False):
-            size = tuple(pretrained_cfg["input_size"][1:])
-        if channels is None:
-            channels = pretrained_cfg["input_size"][0]
-    if isinstance(size, (tuple, list)):
-        size = int(size[0]) if len(set(size)) == 1 else tuple(int(s) for s in size)
-    return size, channels
-
-
 def prepare_dataset(
     dataset: Dataset,
     train: bool = False,
@@ -238,14 +217,14 @@ def prepare_dataset(
     dataset's labels are checked against the model's (`check_labels`) before anything runs.
     """
     if model is not None:
-        size, channels = model_input_spec(model)
+        size, channels = adapter_for(model).input_spec()
         if size is not None:
             transform_kwargs.setdefault("image_size", size)
         if channels is not None:
             transform_kwargs.setdefault("num_channels", channels)
         check_labels(dataset, model, label_column=transform_kwargs.get("label_column", "label"))
     if "mean" not in transform_kwargs and "std" not in transform_kwargs:
-        known = model_normalization(model, image_processor) if (model is not None or image_processor is not None) else None
+        known = _normalization(model, image_processor)
         if known is not None:
             transform_kwargs["mean"], transform_kwargs["std"] = known
         else:
@@ -259,89 +238,19 @@ def prepare_dataset(
     return dataset.with_transform(ImageClassificationTransform(**transform_kwargs))
 
 
+def _normalization(model: torch.nn.Module | None, image_processor: Any) -> tuple[list[float], list[float]] | None:
+    """(mean, std) from `image_processor`, else from what the model knows (`ModelIO.normalization`)."""
+    if model is None:
+        return processor_normalization(image_processor) if image_processor is not None else None
+    return adapter_for(model).normalization(image_processor)
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-PREPROCESSOR_NAME = "preprocessor_config.json"
-
-
-def _processor_dict(model: torch.nn.Module) -> dict[str, Any] | None:
-    """The `preprocessor_config.json` saved beside a transformers model (local folder or Hub cache), never downloaded."""
-    name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    if not name:
-        return None
-    path: str | None = os.path.join(name, PREPROCESSOR_NAME)
-    if not os.path.isfile(path):
-        path = None
-        if not os.path.exists(name):
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                cached = try_to_load_from_cache(name, PREPROCESSOR_NAME)
-                path = cached if isinstance(cached, str) else None
-            except Exception:  # not a valid repo id: no cached processor
-                path = None
-    if path is None:
-        return None
-    import json
-
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def _mean_std(source: Any) -> tuple[list[float], list[float]] | None:
-    get = source.get if isinstance(source, dict) else lambda key, default=None: getattr(source, key, default)
-    if get("do_normalize", True) is False:
-        channels = len(get("image_mean", None) or (0, 0, 0))
-        return [0.0] * channels, [1.0] * channels
-    mean, std = get("image_mean", None), get("image_std", None)
-    if mean is None or std is None:
-        mean, std = get("mean", None), get("std", None)  # timm's pretrained_cfg
-    if mean is None or std is None:
-        return None
-    return [float(v) for v in mean], [float(v) for v in std]
-
-
-def model_normalization(model: torch.nn.Module | None, image_processor: Any = None) -> tuple[list[float], list[float]] | None:
-    """(mean, std) the model was trained with: from `image_processor`, the processor saved beside the model, or
-    timm's `pretrained_cfg`; None when none of them is known."""
-    if image_processor is not None:
-        found = _mean_std(image_processor)
-        if found is not None:
-            return found
-    if model is None:
-        return None
-    for cfg in (getattr(model, "pretrained_cfg", None), getattr(getattr(model, "config", None), "pretrained_cfg", None)):
-        if isinstance(cfg, dict) and cfg.get("mean") is not None and cfg.get("std") is not None:
-            return _mean_std(cfg)
-    processor = _processor_dict(model)
-    return _mean_std(processor) if processor is not None else None
-
-
 _SPLIT_NAMES = {"train", "training", "test", "testing", "validation", "valid", "val", "eval", "dev"}
-
-
-def model_label_names(model: torch.nn.Module) -> list[str] | None:
-    """The model's class names in id order, or None when it has no real names (transformers' LABEL_0, timm)."""
-    config = getattr(model, "config", None)
-    id2label = getattr(config, "id2label", None)
-    if not id2label:
-        return None
-    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
-    if all(re.fullmatch(r"LABEL_\d+", n) or not n for n in names):
-        return None
-    return names
-
-
-def model_num_labels(model: torch.nn.Module) -> int | None:
-    """Number of classes of a transformers (`config.num_labels`) or timm (`num_classes`) classifier."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "num_labels", None) is not None:
-        return int(config.num_labels)
-    num_classes = getattr(model, "num_classes", None)
-    return int(num_classes) if isinstance(num_classes, int) else None
 
 
 def _norm(name: str) -> str:
@@ -361,7 +270,7 @@ def check_labels(dataset: Any, model: torch.nn.Module, label_column: str = "labe
     if not isinstance(feature, ClassLabel):
         return
     data_names = list(feature.names)
-    num_labels = model_num_labels(model)
+    num_labels = adapter_for(model).num_labels()
     if data_names and {n.lower() for n in data_names} <= _SPLIT_NAMES:
         raise ValueError(
             f"The dataset's labels are {data_names}, the names of split folders: the image folder has no class "
@@ -372,7 +281,7 @@ def check_labels(dataset: Any, model: torch.nn.Module, label_column: str = "labe
             f"The dataset has {len(data_names)} classes ({_short(data_names)}) but the model predicts {num_labels}; "
             "use the dataset the model was trained for, or a model with a head for these classes."
         )
-    model_names = model_label_names(model)
+    model_names = adapter_for(model).label_names()
     if num_labels is not None and len(data_names) < num_labels:
         logger.warning(
             "The dataset has %d classes (%s) but the model predicts %d: label i of the data is read as the model's "

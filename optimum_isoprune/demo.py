@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +32,7 @@ from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, add_index_column, load_
 from .metrics import evaluate_model
 from .pruner import IsomorphicPruner
 from .report import PruningReport, format_count
+from .training_defaults import TRAINING_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,18 @@ class DemoConfig:
     image_size: int = field(default=28, metadata={"help": "Input resolution (Fashion-MNIST is 28 px)."})
     teacher_epochs: float = field(default=3.0, metadata={"help": "Teacher training epochs."})
     teacher_learning_rate: float = field(default=1e-3, metadata={"help": "Teacher AdamW peak learning rate."})
-    distill_epochs: float = field(default=3.0, metadata={"help": "Distillation epochs of the pruned student."})
+    distill_epochs: float = field(default=TRAINING_DEFAULTS.epochs,
+                                  metadata={"help": "Distillation epochs of the pruned student."})
     distill_max_steps: int = field(default=-1, metadata={"help": "Distillation steps; overrides epochs when > 0."})
-    distill_learning_rate: float = field(default=5e-4, metadata={"help": "Student AdamW peak learning rate."})
-    distillation_type: str = field(default="soft", metadata={"help": "'soft' (KL), 'hard' (DeiT) or 'none'."})
-    alpha: float = field(default=0.7, metadata={"help": "Weight of the distillation term."})
-    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of soft distillation."})
-    batch_size: int = field(default=128, metadata={"help": "Training batch size (teacher and student)."})
+    distill_learning_rate: float = field(default=TRAINING_DEFAULTS.learning_rate,
+                                         metadata={"help": "Student AdamW peak learning rate."})
+    distillation_type: str = field(default=TRAINING_DEFAULTS.distillation_type,
+                                   metadata={"help": "'soft' (KL), 'hard' (DeiT) or 'none'."})
+    alpha: float = field(default=TRAINING_DEFAULTS.alpha, metadata={"help": "Weight of the distillation term."})
+    temperature: float = field(default=TRAINING_DEFAULTS.temperature,
+                               metadata={"help": "Softmax temperature of soft distillation."})
+    batch_size: int = field(default=TRAINING_DEFAULTS.batch_size,
+                            metadata={"help": "Training batch size (teacher and student)."})
     target_macs_ratio: float = field(default=0.5, metadata={"help": "Pruned MACs as a fraction of the teacher's."})
     importance: str = field(default="taylor", metadata={"help": "Importance criterion of the pruner."})
     num_calibration_batches: int = field(default=8, metadata={"help": "Calibration batches (Taylor importance)."})
@@ -228,23 +234,15 @@ def build_image_processor(config: DemoConfig) -> Any:
 
 def _training_args(output_dir: str, config: DemoConfig, *, epochs: float, learning_rate: float, steps_per_epoch: int,
                    max_steps: int = -1, **kwargs: Any) -> Any:
-    from .distillation import DistillationTrainingArguments
-
     total = max_steps if max_steps > 0 else math.ceil(epochs * steps_per_epoch)
-    return DistillationTrainingArguments(
-        output_dir=output_dir,
-        num_train_epochs=epochs,
+    recipe = replace(TRAINING_DEFAULTS, epochs=epochs, batch_size=config.batch_size, learning_rate=learning_rate)
+    return recipe.training_arguments(
+        output_dir,
         max_steps=max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=learning_rate,
-        weight_decay=0.05,
-        lr_scheduler_type="cosine",
         warmup_steps=max(1, total // 20),
         logging_strategy="steps",
         logging_steps=max(1, total // 4),
-        save_strategy="no",
         eval_strategy="no",
-        report_to="none",
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         seed=config.seed,

@@ -72,7 +72,7 @@ def _openvino_available() -> bool:
 
 def _pytorch_bytes(model: nn.Module, checkpoint_dir: str | None) -> int:
     if checkpoint_dir:
-        from .hub import checkpoint_size
+        from .card import checkpoint_size
 
         size = checkpoint_size(checkpoint_dir)
         if size is not None:

@@ -25,13 +25,15 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .data import INDEX_COLUMN, collate_fn, dataset_transform, ensure_prepared, model_input_spec
+from .adapters import adapter_for
+from .adapters.io import output_logits
+from .data import INDEX_COLUMN, collate_fn, dataset_transform, ensure_prepared
 from .guards import check_finite_parameters, check_labels, require_finite
-from .metrics import IGNORE_INDEX, _accepts_keyword, call_classifier, output_logits
+from .metrics import IGNORE_INDEX
+from .training_defaults import DISTILLATION_TYPES
 
 logger = logging.getLogger(__name__)
 
-DISTILLATION_TYPES = ("soft", "hard", "none")
 
 
 @dataclass
@@ -106,26 +108,18 @@ class DistillationTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def _num_labels(model: nn.Module) -> int | None:
-    """Number of classes of a transformers (`config.num_labels`) or timm (`num_classes`) classifier."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "num_labels", None) is not None:
-        return int(config.num_labels)
-    num_classes = getattr(model, "num_classes", None)
-    return int(num_classes) if isinstance(num_classes, int) else None
-
-
 def _check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """Fail early when the teacher cannot teach this student: other classes or other input images."""
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher_model is a {type(teacher).__name__}; pass a torch.nn.Module classifier (transformers or timm).")
-    student_labels, teacher_labels = _num_labels(student), _num_labels(teacher)
+    student_io, teacher_io = adapter_for(student), adapter_for(teacher)
+    student_labels, teacher_labels = student_io.num_labels(), teacher_io.num_labels()
     if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
         raise ValueError(
             f"The teacher predicts {teacher_labels} classes but the student {student_labels}; distillation needs the same "
             "label set (fine-tune the teacher's head on the student's labels first)."
         )
-    (student_size, student_channels), (teacher_size, teacher_channels) = model_input_spec(student), model_input_spec(teacher)
+    (student_size, student_channels), (teacher_size, teacher_channels) = student_io.input_spec(), teacher_io.input_spec()
     if student_size is not None and teacher_size is not None and student_size != teacher_size:
         raise ValueError(
             f"The student expects {student_size}-pixel images but the teacher {teacher_size}: both see the same batch. "
@@ -165,6 +159,36 @@ class _NumericProgressCallback(ProgressCallback):
         if state.is_world_process_zero and self.training_bar is not None and logs:
             shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
             self.training_bar.write(str(shown))
+
+
+class TeacherLogitCache:
+    """The teacher's logits of every training example, filled on first use (`cache_teacher_logits=True`): one
+    teacher forward pass per example for the whole run, exact while the examples are not randomly augmented."""
+
+    def __init__(self, size: int, num_labels: int | None):
+        if num_labels is None:
+            raise ValueError("cache_teacher_logits=True needs the number of classes (config.num_labels or num_classes).")
+        self.logits = torch.zeros(size, num_labels, dtype=torch.float32)
+        self.filled = torch.zeros(size, dtype=torch.bool)
+
+    def check(self, index: torch.Tensor, column: str) -> None:
+        """Indices must be positions in the training set (`column` names the dataset's index column)."""
+        size = len(self.filled)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise ValueError(
+                f"Index column {column!r} holds {int(index.min())}..{int(index.max())}, outside "
+                f"0..{size - 1}: it must hold positions in the training set (data.add_index_column)."
+            )
+
+    def get(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The cached logits of the examples `index`, or None unless every one of them is cached."""
+        index = index.cpu()
+        return self.logits[index] if bool(self.filled[index].all()) else None
+
+    def put(self, index: torch.Tensor, logits: torch.Tensor) -> None:
+        index = index.cpu()
+        self.logits[index] = logits.cpu()
+        self.filled[index] = True
 
 
 class DistillationTrainer(Trainer):
@@ -225,8 +249,7 @@ class DistillationTrainer(Trainer):
         if args.distillation_type != "none" and hasattr(self.model, "set_distilled_training"):
             self.model.set_distilled_training(True)  # timm: train mode returns (cls, dist) logits
             logger.info("timm distilled student: the distillation head learns from the teacher.")
-        self._teacher_cache: torch.Tensor | None = None
-        self._teacher_cached: torch.Tensor | None = None
+        self._teacher_cache: TeacherLogitCache | None = None
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("The student has no trainable parameters (was it frozen, e.g. used as a teacher before?); "
                              "call student.requires_grad_(True) first.")
@@ -261,13 +284,13 @@ class DistillationTrainer(Trainer):
                 "loss; add labels, or set alpha=1.0 to learn from the teacher only."
             )
         if "labels" in batch:
-            check_labels(batch["labels"], _num_labels(self.model), "of the first training example", allow_all_ignored=True)
+            check_labels(batch["labels"], adapter_for(self.model).num_labels(), "of the first training example", allow_all_ignored=True)
         if args.cache_teacher_logits and args.teacher_cache_column not in batch:
             raise ValueError(
                 f"cache_teacher_logits=True needs a {args.teacher_cache_column!r} index column in the training set (keys: "
                 f"{sorted(batch)}); add it with data.add_index_column(dataset) before prepare_dataset."
             )
-        size, channels = model_input_spec(self.model)
+        size, channels = adapter_for(self.model).input_spec()
         shape = tuple(batch["pixel_values"].shape[1:])
         expected = (channels, *((size, size) if isinstance(size, int) else size)) if size and channels else None
         if expected is not None and shape != expected:
@@ -279,44 +302,35 @@ class DistillationTrainer(Trainer):
     @torch.no_grad()
     def _teacher_logits(self, pixel_values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """Teacher logits (float32), from the cache when every example of the batch is in it."""
-        use_cache = self.args.cache_teacher_logits and index is not None
-        if use_cache:
-            self._ensure_cache(index)
-            index_cpu = index.cpu()
-            if bool(self._teacher_cached[index_cpu].all()):
-                return self._teacher_cache[index_cpu].to(pixel_values.device)
+        cache = self._logit_cache(index) if self.args.cache_teacher_logits and index is not None else None
+        if cache is not None:
+            cached = cache.get(index)
+            if cached is not None:
+                return cached.to(pixel_values.device)
         teacher = self.teacher_model
         if teacher.training:
             teacher.eval()
         if next(teacher.parameters()).device != pixel_values.device:
             teacher.to(pixel_values.device)
-        logits = output_logits(call_classifier(teacher, pixel_values)).float()
+        logits = adapter_for(teacher).predict(pixel_values).float()
         require_finite(logits, "The teacher's logits", f"at training step {self.state.global_step}",
                        "Stopping before the student learns from them; check the teacher's weights and the inputs.")
-        if use_cache:
-            self._teacher_cache[index_cpu] = logits.cpu()
-            self._teacher_cached[index_cpu] = True
+        if cache is not None:
+            cache.put(index, logits)
         return logits
 
-    def _ensure_cache(self, index: torch.Tensor) -> None:
-        size = len(self.train_dataset)
+    def _logit_cache(self, index: torch.Tensor) -> TeacherLogitCache:
         if self._teacher_cache is None:
-            num_labels = _num_labels(self.teacher_model) or _num_labels(self.model)
-            if num_labels is None:
-                raise ValueError("cache_teacher_logits=True needs the number of classes (config.num_labels or num_classes).")
-            self._teacher_cache = torch.zeros(size, num_labels, dtype=torch.float32)
-            self._teacher_cached = torch.zeros(size, dtype=torch.bool)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-            raise ValueError(
-                f"Index column {self.args.teacher_cache_column!r} holds {int(index.min())}..{int(index.max())}, outside "
-                f"0..{size - 1}: it must hold positions in the training set (data.add_index_column)."
-            )
+            num_labels = adapter_for(self.teacher_model).num_labels() or adapter_for(self.model).num_labels()
+            self._teacher_cache = TeacherLogitCache(len(self.train_dataset), num_labels)
+        self._teacher_cache.check(index, self.args.teacher_cache_column)
+        return self._teacher_cache
 
     # ---- Trainer hooks -------------------------------------------------------------------------------------------
 
     def _student_outputs(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         unwrapped = self.accelerator.unwrap_model(model)
-        if _accepts_keyword(unwrapped, "pixel_values"):
+        if adapter_for(unwrapped).accepts_keyword("pixel_values"):
             return model(**inputs)
         return model(inputs["pixel_values"])
 

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from transformers.utils import CONFIG_NAME
+from transformers.utils import IMAGE_PROCESSOR_NAME as PREPROCESSOR_NAME
+
 from .adapters import ModelAdapter, get_adapter
 from .errors import IsoPruneError
 
@@ -47,8 +50,6 @@ __all__ = [
 ]
 
 ONNX_NAME = "model.onnx"
-CONFIG_NAME = "config.json"
-PREPROCESSOR_NAME = "preprocessor_config.json"
 LABELS_NAME = "labels.json"
 EXPORT_INFO_NAME = "onnx_export.json"
 INPUT_NAME = "pixel_values"

@@ -17,6 +17,7 @@ from torch import nn
 
 from .adapters.base import Attention
 
+
 @dataclass(eq=False)
 class GroupTarget:
     """One layer (or bare parameter) touched by a group, with the group's root channel of each index."""
@@ -29,6 +30,10 @@ class GroupTarget:
     @property
     def key(self) -> tuple[int, bool]:
         return id(self.target), self.is_out
+
+    def removed(self, root_removed: np.ndarray) -> np.ndarray:
+        """This layer's own indices (original numbering) of the group's removed root channels."""
+        return self.idxs[np.isin(self.root_idxs, root_removed)]
 
 
 @dataclass(eq=False)
@@ -46,13 +51,22 @@ class PrunableGroup:
     attention: Attention | None = None
 
 
+UNITS = ("channels", "heads", "head_dims")
+
+
 @dataclass(eq=False)
 class IsomorphicClass:
-    """Groups whose units (channels, heads or head dims) are ranked against each other."""
+    """Groups whose units are ranked against each other; `unit` says what one unit is: a channel (an MLP neuron,
+    a conv or residual channel), a whole attention head, or one dimension inside every head ("head_dims")."""
 
     name: str
     groups: list[PrunableGroup] = field(default_factory=list)
-    heads: bool = False  # units are whole heads; otherwise channels (head dims in attention groups)
+    unit: str = "channels"
+
+    @property
+    def heads(self) -> bool:
+        """Units are whole heads (ranked per head, at least `min_heads` kept per layer)."""
+        return self.unit == "heads"
 
 
 def collect_groups(
@@ -123,6 +137,11 @@ def _kind(group: PrunableGroup) -> str:
     return "head_dim" if group.attention is not None else group.kind
 
 
+def _channel_unit(groups: list[PrunableGroup]) -> str:
+    """Channels of attention groups are head dims; a class mixing them with other channels counts as channels."""
+    return "head_dims" if all(g.attention is not None for g in groups) else "channels"
+
+
 def build_classes(
     groups: list[PrunableGroup], grouping: str, prune_heads: bool, prune_head_dims: bool
 ) -> list[IsomorphicClass]:
@@ -143,10 +162,10 @@ def build_classes(
     else:
         partitions = [[g] for g in channel_groups]
     classes = [
-        IsomorphicClass("global" if grouping == "global" else _class_name(_kind(p[0]), p), p)
+        IsomorphicClass("global" if grouping == "global" else _class_name(_kind(p[0]), p), p, _channel_unit(p))
         for p in partitions
     ]
     if prune_heads and attention_groups:
         head_partitions = [[g] for g in attention_groups] if grouping == "uniform" else [attention_groups]
-        classes += [IsomorphicClass(_class_name("heads", p), p, heads=True) for p in head_partitions]
+        classes += [IsomorphicClass(_class_name("heads", p), p, "heads") for p in head_partitions]
     return classes

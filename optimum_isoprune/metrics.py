@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .adapters import adapter_for
 
 logger = logging.getLogger(__name__)
 
@@ -73,33 +74,6 @@ def compute_metrics(eval_pred: Any) -> dict[str, float]:
     return results
 
 
-def _accepts_keyword(model: torch.nn.Module, name: str) -> bool:
-    parameters = inspect.signature(model.forward).parameters
-    return name in parameters or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-
-
-def output_logits(outputs: Any) -> torch.Tensor:
-    """Logits from a transformers output (`.logits`), a timm tensor, or a timm distilled (cls, dist) tuple (averaged)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    logits = getattr(outputs, "logits", None)
-    if logits is not None:
-        return logits
-    if isinstance(outputs, (tuple, list)) and len(outputs) == 2 and all(isinstance(o, torch.Tensor) for o in outputs):
-        return (outputs[0] + outputs[1]) / 2
-    raise TypeError(f"Cannot find logits in a model output of type {type(outputs).__name__}; expected `.logits` or a tensor.")
-
-
-def call_classifier(model: torch.nn.Module, pixel_values: torch.Tensor, signature_of: torch.nn.Module | None = None) -> Any:
-    """Run a transformers (`pixel_values=` keyword) or timm (positional tensor) image model; return its raw output.
-
-    `signature_of` is the unwrapped model whose signature decides the calling convention (for DDP-wrapped models).
-    """
-    if _accepts_keyword(signature_of if signature_of is not None else model, "pixel_values"):
-        return model(pixel_values=pixel_values)
-    return model(pixel_values)
-
-
 def evaluate_model(
     model: torch.nn.Module,
     dataset: Any,
@@ -124,6 +98,7 @@ def evaluate_model(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate, num_workers=num_workers
     )
+    adapter = adapter_for(model)
     was_training = model.training
     model.eval()
     correct1 = correct5 = count = 0
@@ -133,7 +108,7 @@ def evaluate_model(
             for batch in tqdm(loader, desc="Evaluating", disable=disable_tqdm, leave=False):
                 if "labels" not in batch:
                     raise ValueError(f"evaluate_model needs `labels` in each batch; got keys {sorted(batch)}.")
-                logits = output_logits(call_classifier(model, batch["pixel_values"].to(device))).float().cpu().numpy()
+                logits = adapter.predict(batch["pixel_values"].to(device)).float().cpu().numpy()
                 labels = batch["labels"].numpy()
                 num_classes = logits.shape[-1]
                 correct1 += topk_correct(logits, labels, 1)

@@ -7,8 +7,9 @@ import logging
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch_pruning as tp
@@ -22,7 +23,7 @@ from .counting import CostModel, count_params
 from .errors import CalibrationDataError
 from .guards import check_finite_parameters, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
-from .isomorphic import build_classes, collect_groups
+from .isomorphic import IsomorphicClass, PrunableGroup, build_classes, collect_groups
 from .modeling import to_pruned_model
 from .reconstruction import reconstruct
 from .search import CalibrationLoss, ChannelMasks, SearchSummary, global_ratios_at, search_split
@@ -32,16 +33,45 @@ from .surgery import apply_plan, layer_widths
 logger = logging.getLogger(__name__)
 
 
-def load_model(name_or_path: str, **kwargs: Any) -> nn.Module:
-    """A classifier from a Hub id or local directory (transformers), or a `timm/` name."""
-    if name_or_path.startswith("timm/") or name_or_path.startswith("hf-hub:"):
+def load_model(name_or_path: str | os.PathLike, random_weights: bool = False, **kwargs: Any) -> nn.Module:
+    """The package's one model loader: a pruned checkpoint folder (`load_pruned_model`, which never runs code from
+    the folder), a transformers classifier (Hub id or local folder) or a timm model (`timm/<name>`, `hf-hub:...`).
+
+    `random_weights=True` builds a `timm/<name>` model without downloading weights (offline tries).
+    """
+    name = str(name_or_path)
+    from .checkpoint import is_pruned_checkpoint, load_pruned_model
+
+    if is_pruned_checkpoint(name):
+        return load_pruned_model(name, **kwargs)
+    if random_weights:
+        if not name.startswith("timm/"):
+            raise ValueError(f"random_weights works with timm/<name> models only, not {name!r}.")
         import timm
 
-        return timm.create_model(name_or_path.replace("timm/", "hf-hub:timm/", 1)
-                                 if name_or_path.startswith("timm/") else name_or_path, pretrained=True, **kwargs)
+        return timm.create_model(name[len("timm/"):].split(".")[0], pretrained=False, **kwargs)
+    if name.startswith("timm/") or name.startswith("hf-hub:"):
+        import timm
+
+        return timm.create_model(name.replace("timm/", "hf-hub:timm/", 1)
+                                 if name.startswith("timm/") else name, pretrained=True, **kwargs)
     from transformers import AutoModelForImageClassification
 
-    return AutoModelForImageClassification.from_pretrained(name_or_path, **{"trust_remote_code": False, **kwargs})
+    return AutoModelForImageClassification.from_pretrained(name, **{"trust_remote_code": False, **kwargs})
+
+
+def load_image_processor(name_or_path: str | None) -> Any:
+    """The image processor saved with a transformers model (local folder or Hub id), or None: timm names, folders
+    without one, Hub ids offline. Never runs code from the folder."""
+    if not name_or_path or str(name_or_path).startswith("timm/"):
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    except Exception as error:  # a missing processor is not an error: the model's config still gives size/channels
+        logger.info("No image processor for %s (%s).", name_or_path, error)
+        return None
 
 
 class IsomorphicPruner:
@@ -64,7 +94,8 @@ class IsomorphicPruner:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "IsomorphicPruner":
-        """Load a transformers classifier (Hub id or local dir) or a timm model (`timm/<name>`)."""
+        """Load a transformers classifier (Hub id or local dir), a timm model (`timm/<name>`) or a pruned
+        checkpoint folder (to prune it again); see `load_model`."""
         name = str(name_or_path)
         return cls(load_model(name, **kwargs), base_model_name_or_path=name)
 
@@ -93,23 +124,7 @@ class IsomorphicPruner:
         torch.manual_seed(config.seed)
         adapter = self.adapter
         image_size = config.image_size or adapter.image_size()
-        example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
-
-        criterion, reconstruction = config.importance, config.reconstruction
-        if calibration_dataset is None:  # one warning for everything that needed the data
-            missing = []
-            if criterion == "taylor":
-                missing.append("Taylor importance needs gradients, using magnitude instead")
-                criterion = "magnitude"
-            if reconstruction != "none":
-                missing.append(f"reconstruction={reconstruction!r} needs it, pruning without it")
-                reconstruction = "none"
-            if missing:
-                logger.warning("No calibration data given: %s.", "; ".join(missing))
-        searching = config.budget_policy == "search" and config.pruning_ratio is None
-        if searching and calibration_dataset is None:
-            raise CalibrationDataError("budget_policy='search' scores splits on calibration data: pass "
-                                       "calibration_dataset=..., or use budget_policy='shared'.")
+        criterion, reconstruction, searching = self._data_needs(config, calibration_dataset)
         needs_data = criterion == "taylor" or reconstruction != "none" or searching
         batches, held_out = self._calibration(config, calibration_dataset, image_size, searching) if needs_data else ([], [])
 
@@ -117,56 +132,40 @@ class IsomorphicPruner:
         model.eval()
         adapter.make_traceable(model)
         model.requires_grad_(True)  # the pruned copy comes back ready to finetune, even from a frozen teacher
-        attentions = adapter.attentions(model)
-        tick = time.perf_counter()
-        with warnings.catch_warnings(), CostModel.recording(model, attentions) as cost:
-            # Bare parameters (cls token, position embeddings, layer scales) are pruned on their last
-            # dimension, the channel one in every supported family; the support-matrix tests check it.
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
-                model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
-            )
-        adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again
-        macs_before, params_before = cost.macs(), count_params(model)
-        groups = collect_groups(graph, model, attentions, self._ignored(model, config))
-        classes = build_classes(groups, config.grouping, config.prune_heads and bool(attentions),
-                                config.prune_head_dims)
-        timings["graph"] = time.perf_counter() - tick
+        with _timed(timings, "graph"):
+            graph, cost, groups, classes = self._trace(model, config, image_size)
+            macs_before, params_before = cost.macs(), count_params(model)
 
-        tick = time.perf_counter()
-        if criterion == "taylor":
-            count = accumulate_gradients(model, batches, adapter.logits, total=len(batches))
-            logger.info("Taylor importance from %d calibration batches.", count)
-        scores = channel_scores(groups, criterion, config.seed)
-        model.zero_grad(set_to_none=True)
-        timings["importance"] = time.perf_counter() - tick
+        with _timed(timings, "importance"):
+            if criterion == "taylor":
+                count = accumulate_gradients(model, batches, adapter.logits, total=len(batches))
+                logger.info("Taylor importance from %d calibration batches.", count)
+            scores = channel_scores(groups, criterion, config.seed)
+            model.zero_grad(set_to_none=True)
 
-        tick = time.perf_counter()
-        rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
-        budget = Budget(rankings, groups, cost)
-        score = None
-        if searching:
-            def refit(consumers):  # candidates are scored after the reconstruction the final model gets
-                reconstruct(model, self.model, consumers, batches, adapter.logits, reconstruction,
-                            config.reconstruction_damping, warn=False)
+        with _timed(timings, "budget"):
+            rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
+            budget = Budget(rankings, groups, cost)
+            score = None
+            if searching:
+                def refit(consumers):  # candidates are scored after the reconstruction the final model gets
+                    reconstruct(model, self.model, consumers, batches, adapter.logits, reconstruction,
+                                config.reconstruction_damping, warn=False)
 
-            score = CalibrationLoss(model, ChannelMasks(groups), held_out, adapter.logits,
-                                    refit if reconstruction != "none" else None)
-        plan, search = self._solve(budget, rankings, config, score)
-        macs_after = budget.macs(plan)  # counted from the layer shapes before surgery; tests recount the result
-        timings["budget"] = time.perf_counter() - tick
+                score = CalibrationLoss(model, ChannelMasks(groups), held_out, adapter.logits,
+                                        refit if reconstruction != "none" else None)
+            plan, search = self._solve(budget, rankings, config, score)
+            macs_after = budget.macs(plan)  # counted from the layer shapes before surgery; tests recount the result
 
-        tick = time.perf_counter()
-        layers = layer_widths(plan)
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # timm's graph lists blocks last-first
-        layers.sort(key=lambda width: order.get(width.name, len(order)))
-        removed = apply_plan(graph, plan)
-        timings["surgery"] = time.perf_counter() - tick
+        with _timed(timings, "surgery"):
+            layers = layer_widths(plan)
+            order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # timm's graph lists blocks last-first
+            layers.sort(key=lambda width: order.get(width.name, len(order)))
+            removed = apply_plan(graph, plan)
 
-        tick = time.perf_counter()
-        recovery = reconstruct(model, self.model, removed, batches, adapter.logits, reconstruction,
-                               config.reconstruction_damping)
-        timings["reconstruction"] = time.perf_counter() - tick
+        with _timed(timings, "reconstruction"):
+            recovery = reconstruct(model, self.model, removed, batches, adapter.logits, reconstruction,
+                                   config.reconstruction_damping)
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
         timings["total"] = time.perf_counter() - started
@@ -183,8 +182,8 @@ class IsomorphicPruner:
             pruning_ratio=_removed_fraction(rankings, plan, "channels"),
             head_pruning_ratio=_removed_fraction(rankings, plan, "heads"),
             head_dim_pruning_ratio=_removed_fraction(rankings, plan, "head_dims"),
-            classes=[ClassAmount(r.cls.name, len(r.cls.groups), int(r.counts.sum()), int(plan.kept_units[r.cls].sum()))
-                     for r in rankings],
+            classes=[ClassAmount(r.isoclass.name, len(r.isoclass.groups), int(r.counts.sum()),
+                                 int(plan.kept_units[r.isoclass].sum())) for r in rankings],
             layers=layers,
             timings=timings,
             config=config.to_dict(),
@@ -202,11 +201,11 @@ class IsomorphicPruner:
         `card_kwargs` go to `hub.create_model_card` (eval_results, finetuning, latency, ...).
         """
         from .checkpoint import save_pruned_model
-        from .hub import save_model_card
+        from .card import save_model_card
 
         model = self._require_pruned()
         if image_processor is None:
-            image_processor = self._base_image_processor()
+            image_processor = load_image_processor(self.base_model_name_or_path)
         # The card is written into a staging folder: name the snippets after the target folder, not the stage.
         card_kwargs.setdefault("repo_id", Path(os.path.abspath(save_directory)).name)
         save_pruned_model(model, save_directory, pruning_config=self.config, report=self.report,
@@ -216,7 +215,7 @@ class IsomorphicPruner:
 
     def create_model_card(self, **card_kwargs: Any):
         """The model card (a `huggingface_hub.ModelCard`) built from this run's measured numbers."""
-        from .hub import create_model_card
+        from .card import create_model_card
 
         self._require_pruned()
         return create_model_card(self.report, **card_kwargs)
@@ -238,18 +237,6 @@ class IsomorphicPruner:
             raise RuntimeError("Nothing to save yet: call pruner.prune(config) first.")
         return self.pruned_model
 
-    def _base_image_processor(self) -> Any:
-        """The base model's image processor when it can be found locally or on the Hub, else None."""
-        if not self.base_model_name_or_path or self.base_model_name_or_path.startswith("timm/"):
-            return None
-        from transformers import AutoImageProcessor
-
-        try:
-            return AutoImageProcessor.from_pretrained(self.base_model_name_or_path, trust_remote_code=False)
-        except (OSError, ValueError) as error:
-            logger.info("No image processor for %s (%s); saving without one.", self.base_model_name_or_path, error)
-            return None
-
     # -- steps -----------------------------------------------------------------------------------
 
     def _check_model(self) -> None:
@@ -264,6 +251,46 @@ class IsomorphicPruner:
             raise ValueError(f"The model has parameters of dtype {sorted(map(str, dtypes))}; prune in float32 "
                              "(model.float()) and cast the pruned model afterwards.")
         check_finite_parameters(self.model, "The model to prune")
+
+    @staticmethod
+    def _data_needs(config: IsomorphicPruningConfig, calibration_dataset: Any) -> tuple[str, str, bool]:
+        """(importance criterion, reconstruction, whether the budget is searched) given whether data was passed;
+        one warning for everything that needed data and falls back without it."""
+        criterion, reconstruction = config.importance, config.reconstruction
+        if calibration_dataset is None:
+            missing = []
+            if criterion == "taylor":
+                missing.append("Taylor importance needs gradients, using magnitude instead")
+                criterion = "magnitude"
+            if reconstruction != "none":
+                missing.append(f"reconstruction={reconstruction!r} needs it, pruning without it")
+                reconstruction = "none"
+            if missing:
+                logger.warning("No calibration data given: %s.", "; ".join(missing))
+        searching = config.budget_policy == "search" and config.pruning_ratio is None
+        if searching and calibration_dataset is None:
+            raise CalibrationDataError("budget_policy='search' scores splits on calibration data: pass "
+                                       "calibration_dataset=..., or use budget_policy='shared'.")
+        return criterion, reconstruction, searching
+
+    def _trace(self, model: nn.Module, config: IsomorphicPruningConfig, image_size: int
+               ) -> tuple[tp.DependencyGraph, CostModel, list[PrunableGroup], list[IsomorphicClass]]:
+        """Trace the copy once: torch-pruning's dependency graph, the cost model, the groups and their classes."""
+        adapter = self.adapter
+        example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
+        attentions = adapter.attentions(model)
+        with warnings.catch_warnings(), CostModel.recording(model, attentions) as cost:
+            # Bare parameters (cls token, position embeddings, layer scales) are pruned on their last
+            # dimension, the channel one in every supported family; the support-matrix tests check it.
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
+                model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
+            )
+        adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again
+        groups = collect_groups(graph, model, attentions, self._ignored(model, config))
+        classes = build_classes(groups, config.grouping, config.prune_heads and bool(attentions),
+                                config.prune_head_dims)
+        return graph, cost, groups, classes
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -322,15 +349,17 @@ class IsomorphicPruner:
         return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned)), None
 
 
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record the seconds the block takes as `timings[step]` (the report's per-step timings)."""
+    tick = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - tick
+
+
 def _removed_fraction(rankings: list[ClassRanking], plan: Plan, unit: str) -> float:
     """Fraction of all "channels" (outside attention), "heads" or "head_dims" that the plan removes."""
-    def is_unit(ranking: ClassRanking) -> bool:
-        if ranking.cls.heads:
-            return unit == "heads"
-        attention = all(g.attention is not None for g in ranking.cls.groups)
-        return unit == ("head_dims" if attention else "channels")
-
-    chosen = [r for r in rankings if is_unit(r)]
+    chosen = [r for r in rankings if r.isoclass.unit == unit]
     total = sum(int(r.counts.sum()) for r in chosen)
-    kept = sum(int(plan.kept_units[r.cls].sum()) for r in chosen)
+    kept = sum(int(plan.kept_units[r.isoclass].sum()) for r in chosen)
     return 1.0 - kept / total if total else 0.0

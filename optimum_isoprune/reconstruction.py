@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteError
+from .layers import channels, mixes_channels
 
 logger = logging.getLogger(__name__)
 
@@ -141,25 +142,19 @@ def refit_targets(
         if reason or is_out:
             continue
         gone = removed.get((module, True), np.empty(0, dtype=np.int64))
-        kept = np.setdiff1d(np.arange(_out_channels(originals[name])), gone)
+        kept = np.setdiff1d(np.arange(channels(originals[name])), gone)
         layers.append(_Layer(name, module, originals[name], torch.as_tensor(kept, dtype=torch.long)))
     return layers, skipped
 
 
 def _unsupported(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return None
-    if isinstance(module, nn.Conv2d):
-        if module.groups > 1:
+    if not mixes_channels(module):
+        if isinstance(module, nn.Conv2d):
             return "grouped or depthwise convolution (channels are not mixed)"
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            return f"convolution with padding {module.padding!r} / {module.padding_mode!r}"
-        return None
-    return f"{type(module).__name__} (only Linear and Conv2d are refit)"
-
-
-def _out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        return f"{type(module).__name__} (only Linear and Conv2d are refit)"
+    if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
+        return f"convolution with padding {module.padding!r} / {module.padding_mode!r}"
+    return None
 
 
 def _original_rows(layer: _Layer, output: torch.Tensor) -> torch.Tensor:

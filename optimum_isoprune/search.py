@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .budget import MAX_RATIO, Budget, ClassRanking, Plan, solve
 from .errors import NonFiniteError
 from .isomorphic import IsomorphicClass, PrunableGroup
+from .layers import channels, mixes_channels
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +80,14 @@ class ChannelMasks:
             if removed is None or len(removed) == 0:
                 continue
             for target in group.targets:
-                idxs = target.idxs[np.isin(target.root_idxs, removed)]
+                idxs = target.removed(removed)
                 key = (target.target, target.is_out)
-                if not target.is_out and _mixing(target.target):
+                if not target.is_out and mixes_channels(target.target):
                     consumers[key] = np.union1d(consumers.get(key, idxs), idxs)
                 if not self._masked(group, target):
                     continue
                 if key not in masks:
-                    masks[key] = torch.ones(_width(target.target, target.is_out))
+                    masks[key] = torch.ones(channels(target.target, target.is_out))
                 masks[key][idxs] = 0.0
         self.masks, self.consumers = masks, consumers
 
@@ -95,7 +96,7 @@ class ChannelMasks:
         """Attention: q / k / v outputs (exact for heads and head dims); elsewhere: the inputs of channel-mixing layers."""
         if group.attention is not None:
             return target.is_out and any(target.target is p for p in group.attention.projections)
-        return not target.is_out and _mixing(target.target)
+        return not target.is_out and mixes_channels(target.target)
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -110,16 +111,6 @@ class ChannelMasks:
         finally:
             for handle in handles:
                 handle.remove()
-
-
-def _mixing(layer: Any) -> bool:
-    return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1)
-
-
-def _width(layer: nn.Module, is_out: bool) -> int:
-    if isinstance(layer, nn.Linear):
-        return layer.out_features if is_out else layer.in_features
-    return layer.out_channels if is_out else layer.in_channels
 
 
 def _shape(mask: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -185,7 +176,7 @@ class CalibrationLoss:
 
 def global_ratios_at(rankings: list[ClassRanking], fixed: Ratios) -> Callable[[float], Ratios]:
     """Global ranking's amounts per class: all non-head units ranked together, as grouping='global' does."""
-    free = [r for r in rankings if not r.cls.heads and r.cls not in fixed]
+    free = [r for r in rankings if not r.isoclass.heads and r.isoclass not in fixed]
     scores = np.concatenate([r.raw_sorted for r in free]) if free else np.empty(0)
     owner = np.concatenate([np.full(len(r.raw_sorted), i) for i, r in enumerate(free)]) if free else np.empty(0, int)
     order = owner[np.argsort(scores, kind="stable")]
@@ -194,8 +185,8 @@ def global_ratios_at(rankings: list[ClassRanking], fixed: Ratios) -> Callable[[f
     def ratios_at(t: float) -> Ratios:
         count = len(order) - int(len(order) * (1.0 - t))
         removed = np.bincount(order[:count], minlength=len(free))
-        ratios = {r.cls: t for r in rankings if r.cls.heads}  # heads are a class of their own there too
-        ratios.update({r.cls: min(removed[i] / sizes[i], MAX_RATIO) for i, r in enumerate(free)})
+        ratios = {r.isoclass: t for r in rankings if r.isoclass.heads}  # heads are a class of their own there too
+        ratios.update({r.isoclass: min(removed[i] / sizes[i], MAX_RATIO) for i, r in enumerate(free)})
         return {**ratios, **fixed}
 
     return ratios_at

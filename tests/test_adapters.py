@@ -7,6 +7,7 @@ import torch
 
 from models import build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
+from optimum_isoprune.adapters import ModelAdapter, ModelIO, adapter_for
 
 
 @pytest.mark.parametrize("name", ["timm_vit", "timm_swin"])
@@ -28,3 +29,31 @@ def test_timm_fused_and_eager_attention_agree_after_head_dim_pruning(name):
                 module.fused_attn = fused
             outputs.append(logits(pruned, x))
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_input_spec_reads_transformers_and_timm():
+    import timm
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7, num_channels=1))
+    assert adapter_for(vit).input_spec() == (28, 1)
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    assert adapter_for(deit).input_spec() == (28, 1)
+    resnet = timm.create_model("resnet18", pretrained=False, in_chans=1)
+    assert adapter_for(resnet).input_spec() == (None, 1)  # CNNs take any size
+
+
+def test_adapter_for_falls_back_to_model_io_for_models_the_pruner_does_not_know():
+    from torch import nn
+
+    unknown = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    io = adapter_for(unknown)
+    assert type(io) is ModelIO
+    assert io.input_spec() == (None, 1) and io.num_labels() is None and io.label_names() is None
+    assert io.predict(torch.zeros(2, 1, 8, 8)).shape == (2, 3)  # called positionally: no pixel_values keyword
+    vit = build("vit")
+    adapter = adapter_for(vit)
+    assert isinstance(adapter, ModelAdapter) and adapter.accepts_keyword("pixel_values")
+    x = torch.randn(2, 3, adapter.image_size(), adapter.image_size())
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.predict(x), vit(pixel_values=x).logits)

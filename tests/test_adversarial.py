@@ -126,9 +126,9 @@ def test_cli_evaluate_never_runs_checkpoint_code(saved_vit, tmp_path, capsys, no
     rc = main(["evaluate", str(saved_vit), "--dataset", "fashion-mnist"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "not a pruned checkpoint type" in err
-    from optimum_isoprune.cli import load_processor
+    from optimum_isoprune.pruner import load_image_processor
 
-    load_processor(str(saved_vit))  # None or the stock processor: the folder's code is not imported
+    load_image_processor(str(saved_vit))  # None or the stock processor: the folder's code is not imported
     assert not marker.exists()
 
 
@@ -400,10 +400,10 @@ def _tiny_split(*args, **kwargs):
 
 def test_distill_saves_the_weights_before_a_later_failure(student_dir, tmp_path, capsys, monkeypatch):
     import optimum_isoprune.cli as cli
-    import optimum_isoprune.hub as hub
+    import optimum_isoprune.card as card
 
     monkeypatch.setattr(cli, "load_split", _tiny_split)
-    monkeypatch.setattr(hub, "save_model_card", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("card broke")))
+    monkeypatch.setattr(card, "save_model_card", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("card broke")))
     out = tmp_path / "kd"
     rc = main(["distill", "--student", str(student_dir), "--teacher", str(student_dir), "--dataset", "x",
                "--max-steps", "1", "--batch-size", "4", "--output", str(out), "--cpu", "--latency-repeats", "0"])

@@ -277,3 +277,29 @@ def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "optimum_isoprune", "prune", "--help"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "--target-macs" in result.stdout
+
+
+def test_prune_has_an_option_for_every_config_field():
+    """Options are generated from IsomorphicPruningConfig: a new field is a new option, with the config's choices."""
+    from dataclasses import fields
+
+    from optimum_isoprune import IsomorphicPruningConfig
+
+    args = cli.build_parser().parse_args([
+        "prune", "m", "--output", "o", "--target-macs", "1G", "--budget-policy", "search", "--min-heads", "2",
+        "--no-prune-heads", "--no-prune-head-dims", "--search-candidates", "5", "--search-batches", "3",
+        "--reconstruction", "bias", "--reconstruction-damping", "0.5", "--head-ratio", "0.25", "--ignore", "head",
+        "--ignore", "fc", "--seed", "7",
+    ])
+    config = cli.config_from_args(args, target_macs=1e9)
+    assert (config.budget_policy, config.min_heads, config.prune_heads, config.prune_head_dims) == ("search", 2, False, False)
+    assert (config.search_candidates, config.search_batches, config.reconstruction) == (5, 3, "bias")
+    assert (config.reconstruction_damping, config.head_pruning_ratio, config.seed) == (0.5, 0.25, 7)
+    assert config.ignored_modules == ["head", "fc"]
+    untouched = cli.config_from_args(cli.build_parser().parse_args(["prune", "m", "--output", "o", "--prune-ratio", "0.5"]),
+                                     pruning_ratio=0.5)
+    assert untouched == IsomorphicPruningConfig(pruning_ratio=0.5)
+    dests = {a.dest for a in cli.build_parser()._subparsers._group_actions[0].choices["prune"]._actions}
+    assert {f.name for f in fields(IsomorphicPruningConfig)} - {"target_macs", "target_params", "pruning_ratio"} <= dests
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["prune", "m", "--output", "o", "--prune-ratio", "0.5", "--grouping", "nope"])

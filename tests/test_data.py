@@ -15,7 +15,6 @@ from optimum_isoprune.data import (
     dataset_transform,
     load_fashion_mnist,
     load_image_dataset,
-    model_input_spec,
     prepare_dataset,
 )
 
@@ -133,15 +132,3 @@ def test_imagefolder_directory_loads_offline(tmp_path):
     assert prepared[0]["pixel_values"].shape == (1, 28, 28)
     with pytest.raises(ValueError, match="label_column"):
         load_image_dataset(tmp_path, split="train", label_column="fine_label")
-
-
-def test_model_input_spec_reads_transformers_and_timm():
-    import timm
-    from transformers import ViTConfig, ViTForImageClassification
-
-    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7, num_channels=1))
-    assert model_input_spec(vit) == (28, 1)
-    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
-    assert model_input_spec(deit) == (28, 1)
-    resnet = timm.create_model("resnet18", pretrained=False, in_chans=1)
-    assert model_input_spec(resnet) == (None, 1)  # CNNs take any size

@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    Trainer,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from optimum_isoprune.distillation import DistillationTrainer, DistillationTrainingArguments
 
@@ -406,3 +413,30 @@ def test_example_smoke_run_trains_and_saves(tmp_path, extra):
 def test_example_needs_a_teacher_to_distill():
     with pytest.raises(SystemExit):
         _load_example().parse_args(["--student", "some/dir", "--distillation-type", "soft"])
+
+
+def test_teacher_logit_cache_answers_only_for_fully_cached_batches():
+    from optimum_isoprune.distillation import TeacherLogitCache
+
+    cache = TeacherLogitCache(size=4, num_labels=3)
+    logits = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert cache.get(torch.tensor([0, 2])) is None
+    cache.put(torch.tensor([0, 2]), logits)
+    torch.testing.assert_close(cache.get(torch.tensor([2, 0])), logits.flip(0))
+    assert cache.get(torch.tensor([0, 1])) is None  # example 1 was never seen
+    with pytest.raises(ValueError, match="idx.*outside 0..3"):
+        cache.check(torch.tensor([1, 4]), "idx")
+    with pytest.raises(ValueError, match="number of classes"):
+        TeacherLogitCache(size=4, num_labels=None)
+
+
+def test_stock_trainer_still_drops_renamed_weights_when_resuming(tmp_path):
+    """Why DistillationTrainer overrides `_load_from_checkpoint`: transformers (5.24) saves a ViT checkpoint in the
+    original layout and the stock Trainer reads it back with strict=False, skipping the renamed weights. When this
+    test fails, upstream loads every weight: drop DistillationTrainer._load_student_weights and its two hooks."""
+    saved, fresh = tiny_vit(1), tiny_vit(2)
+    saved.save_pretrained(tmp_path / "checkpoint")
+    trainer = Trainer(model=fresh, args=TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none"))
+    trainer._load_from_checkpoint(str(tmp_path / "checkpoint"))
+    stale = [k for k, v in saved.state_dict().items() if not torch.equal(fresh.state_dict()[k], v)]
+    assert stale, "upstream now resumes every weight: the checkpoint workaround in distillation.py can go"

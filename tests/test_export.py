@@ -30,7 +30,7 @@ from optimum_isoprune.cli import main  # noqa: E402
 from optimum_isoprune.deployment import measure_side_by_side  # noqa: E402
 from optimum_isoprune.errors import CalibrationDataError  # noqa: E402
 from optimum_isoprune.export import check_onnx_model, failing_op, onnx_session, runner  # noqa: E402
-from optimum_isoprune.hub import create_model_card  # noqa: E402
+from optimum_isoprune.card import create_model_card  # noqa: E402
 
 # Rows whose export takes more than ~10 s on two shared cores.
 SLOW_ROWS = {"mobilenet_v2", "hf_swin", "timm_swin", "timm_resnet"}

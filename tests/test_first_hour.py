@@ -408,7 +408,7 @@ def test_plot_panel_order_is_stable_and_labelled(tmp_path, monkeypatch):
 
 def test_plural_wording():
     from optimum_isoprune import ClassAmount, PruningReport
-    from optimum_isoprune.hub import _finetuning_context
+    from optimum_isoprune.card import _finetuning_context
 
     report = PruningReport(base_model=None, architecture="X", macs_before=10, macs_after=5, params_before=10,
                            params_after=5, image_size=32, classes=[ClassAmount("residual", 1, 64, 48)])

@@ -112,7 +112,7 @@ def test_vit_summary_fields_match_the_modules():
     attentions = [m for m in converted.modules() if hasattr(m, "q_proj")]
     assert converted.config.layer_num_heads == [a.num_attention_heads for a in attentions]
     assert converted.config.layer_head_dims == [a.head_dim for a in attentions]
-    assert converted.config.layer_intermediate_sizes == [l.mlp.fc1.out_features for l in converted.vit.layers]
+    assert converted.config.layer_intermediate_sizes == [layer.mlp.fc1.out_features for layer in converted.vit.layers]
     assert converted.config.pruned_hidden_size == converted.vit.embeddings.cls_token.shape[-1]
     # The stock fields still describe the architecture before pruning.
     assert converted.config.to_base_config().to_dict()["hidden_size"] == build("vit").config.hidden_size
@@ -330,3 +330,12 @@ def test_fresh_process_without_optimum_isoprune_loads_every_family(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"fresh process ok: {len(HF_FAMILIES)}" in result.stdout
+
+
+def test_every_model_type_the_adapters_accept_has_a_pruned_family():
+    """A model type an adapter prunes but no family saves would fail only at the end of prune(); here it fails first."""
+    from optimum_isoprune.adapters import ADAPTERS
+
+    accepted = {t for adapter in ADAPTERS for t in getattr(adapter, "model_types", {})}
+    assert {"vit", "swin", "timm_wrapper"} <= accepted
+    assert accepted == {family.base_model_type for family in modeling.FAMILIES}

@@ -33,15 +33,6 @@ def _mlp_widths(model) -> list[int]:
     return [layer.mlp.fc1.out_features for layer in model.vit.layers]
 
 
-def test_isomorphic_classes_of_a_vit():
-    pruner = IsomorphicPruner(build("vit"))
-    pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude"))
-    names = sorted(c.name.split(":")[0] for c in pruner.report.classes)
-    assert names == ["channels", "head_dim", "heads", "residual"]
-    mlp = next(c for c in pruner.report.classes if c.name.startswith("channels"))
-    assert mlp.num_groups == 3 and mlp.before == 3 * 256
-
-
 def test_uniform_grouping_prunes_every_layer_alike_and_isomorphic_does_not():
     uniform = IsomorphicPruner(build("vit")).prune(
         IsomorphicPruningConfig(pruning_ratio=0.5, grouping="uniform", importance="taylor"), _calibration())
@@ -51,12 +42,6 @@ def test_uniform_grouping_prunes_every_layer_alike_and_isomorphic_does_not():
         IsomorphicPruningConfig(pruning_ratio=0.5, importance="taylor"), _calibration())
     assert sum(_mlp_widths(isomorphic)) == pytest.approx(3 * 128, abs=3 * 8)
     assert len(set(_mlp_widths(isomorphic))) > 1
-
-
-def test_global_grouping_ranks_everything_in_one_class():
-    pruner = IsomorphicPruner(build("vit"))
-    pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.4, grouping="global", importance="magnitude"))
-    assert sorted(c.name.split(":")[0] for c in pruner.report.classes) == ["global", "heads"]
 
 
 def test_widths_are_multiples_of_round_to():

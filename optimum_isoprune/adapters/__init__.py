@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Attention, AttentionLayout, ModelAdapter
+from .io import ModelIO
 from .swin import SwinTimmAdapter, SwinTransformersAdapter
 from .timm_models import TimmAdapter
 from .transformers_models import TimmWrapperAdapter, TransformersAdapter
@@ -26,4 +27,13 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "Attention", "AttentionLayout", "ModelAdapter", "get_adapter"]
+def adapter_for(model: nn.Module) -> ModelIO:
+    """The model's adapter, or a plain `ModelIO` for a classifier the pruner does not know (calling it, its input
+    size, channels, normalisation and labels work for any transformers or timm classifier)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
+    adapter_cls = next((a for a in ADAPTERS if a.supports(model)), ModelIO)
+    return adapter_cls(model)
+
+
+__all__ = ["ADAPTERS", "Attention", "AttentionLayout", "ModelAdapter", "ModelIO", "adapter_for", "get_adapter"]

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .io import ModelIO
 
 @dataclass
 class AttentionLayout:
@@ -114,18 +115,16 @@ def _has_parameter(module: nn.Module, path: str) -> bool:
     return True
 
 
-class ModelAdapter:
+class ModelAdapter(ModelIO):
     """Per-architecture knowledge; subclasses fill the class attributes and override what differs.
 
     The algorithm only talks to this interface: logits, input shape, modules to keep whole,
-    attention modules, and the switches that make the model traceable (eager attention).
+    attention modules, and the switches that make the model traceable (eager attention); the rest
+    of the package talks to the model through `ModelIO` (calling it, its input, labels, normalisation).
     """
 
     attention_layouts: tuple[AttentionLayout, ...] = ()
     classifier_names: tuple[str, ...] = ()
-
-    def __init__(self, model: nn.Module):
-        self.model = model
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

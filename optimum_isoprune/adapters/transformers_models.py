@@ -86,14 +86,11 @@ class TimmWrapperAdapter(TransformersAdapter):
     """`TimmWrapperForImageClassification`: a transformers shell around a timm model."""
 
     attention_layouts = (TIMM_ATTENTION,)
+    model_types = {"timm_wrapper": "TimmWrapperForImageClassification"}
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return (
-            _is_pretrained_model(model)
-            and model_type(model) == "timm_wrapper"
-            and TimmAdapter.supports(model.timm_model)
-        )
+        return super().supports(model) and TimmAdapter.supports(model.timm_model)
 
     @classmethod
     def describe_supported(cls) -> str:

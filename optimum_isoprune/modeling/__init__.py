@@ -1,73 +1,37 @@
 """Pruned checkpoints in Hugging Face format: config/model classes that rebuild per-layer widths.
 
-`to_pruned_model(model)` turns a physically pruned model into a saveable one; the classes here are
-registered with `AutoConfig` / `AutoModelForImageClassification` on import, and their code travels
-with every saved checkpoint so `trust_remote_code=True` loads it without this package.
+`to_pruned_model(model)` turns a physically pruned model into a saveable one. Every pruned family is one row
+of `families.FAMILIES`; its config and model classes are exported here and registered with `AutoConfig` /
+`AutoModelForImageClassification` on import, and their code travels with every saved checkpoint so
+`trust_remote_code=True` loads it without this package.
 """
 
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from .configuration_pruned import (
-    PRUNED_CONFIG_CLASSES,
-    PrunedConfigMixin,
-    PrunedConvNextConfig,
-    PrunedConvNextV2Config,
-    PrunedDeiTConfig,
-    PrunedDeiTWithTeacherConfig,
-    PrunedMobileNetV2Config,
-    PrunedResNetConfig,
-    PrunedSwinConfig,
-    PrunedTimmWrapperConfig,
-    PrunedViTConfig,
-)
-from .convert import SUPPORTED_ARCHITECTURES, compute_shape_manifest, to_pruned_model
-from .modeling_pruned import (
-    PRUNED_MODEL_CLASSES,
-    PrunedCheckpointError,
-    PrunedConvNextForImageClassification,
-    PrunedConvNextV2ForImageClassification,
-    PrunedDeiTForImageClassification,
-    PrunedDeiTForImageClassificationWithTeacher,
-    PrunedMobileNetV2ForImageClassification,
-    PrunedSwinForImageClassification,
-    PrunedModelMixin,
-    PrunedResNetForImageClassification,
-    PrunedTimmWrapperForImageClassification,
-    PrunedViTForImageClassification,
-    apply_shape_manifest,
-)
+from .configuration_pruned import PrunedConfigMixin
+from .convert import compute_shape_manifest, to_pruned_model
+from .families import FAMILIES, PRUNED_CONFIG_CLASSES, PRUNED_MODEL_CLASSES, SUPPORTED_ARCHITECTURES, Family
+from .modeling_pruned import PrunedCheckpointError, PrunedModelMixin, apply_shape_manifest
 
-for _config_class in PRUNED_CONFIG_CLASSES:
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
-for _model_class in PRUNED_MODEL_CLASSES:
-    AutoModelForImageClassification.register(_model_class.config_class, _model_class, exist_ok=True)
+for _family in FAMILIES:
+    AutoConfig.register(_family.config_class.model_type, _family.config_class, exist_ok=True)
+    AutoModelForImageClassification.register(_family.config_class, _family.pruned_class, exist_ok=True)
+    # PrunedViTConfig, PrunedViTForImageClassification, ...: importable from here
+    globals()[_family.config_class.__name__] = _family.config_class
+    globals()[_family.pruned_class.__name__] = _family.pruned_class
 
 __all__ = [
     "to_pruned_model",
     "compute_shape_manifest",
     "apply_shape_manifest",
     "SUPPORTED_ARCHITECTURES",
+    "FAMILIES",
+    "Family",
     "PrunedCheckpointError",
     "PrunedConfigMixin",
     "PrunedModelMixin",
     "PRUNED_CONFIG_CLASSES",
     "PRUNED_MODEL_CLASSES",
-    "PrunedViTConfig",
-    "PrunedDeiTConfig",
-    "PrunedDeiTWithTeacherConfig",
-    "PrunedConvNextConfig",
-    "PrunedConvNextV2Config",
-    "PrunedResNetConfig",
-    "PrunedSwinConfig",
-    "PrunedMobileNetV2Config",
-    "PrunedTimmWrapperConfig",
-    "PrunedViTForImageClassification",
-    "PrunedDeiTForImageClassification",
-    "PrunedDeiTForImageClassificationWithTeacher",
-    "PrunedConvNextForImageClassification",
-    "PrunedConvNextV2ForImageClassification",
-    "PrunedResNetForImageClassification",
-    "PrunedMobileNetV2ForImageClassification",
-    "PrunedSwinForImageClassification",
-    "PrunedTimmWrapperForImageClassification",
+    *(c.__name__ for c in PRUNED_CONFIG_CLASSES),
+    *(c.__name__ for c in PRUNED_MODEL_CLASSES),
 ]

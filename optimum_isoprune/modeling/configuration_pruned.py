@@ -75,6 +75,11 @@ class PrunedConfigMixin(PreTrainedConfig):
     # sha256 of the weights and of the two mappings above, written at save time and checked at load time.
     pruned_checksums: dict[str, str] | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "model_type" in vars(cls):  # a concrete pruned config: saving it copies this file beside the weights
+            cls.register_for_auto_class("AutoConfig")
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.base_model_type is None:
@@ -199,19 +204,15 @@ class PrunedTimmWrapperConfig(PrunedConfigMixin, TimmWrapperConfig):
     layer_intermediate_sizes: list[int] | None = None
 
 
-PRUNED_CONFIG_CLASSES: tuple[type[PrunedConfigMixin], ...] = (
-    PrunedViTConfig,
-    PrunedDeiTConfig,
-    PrunedDeiTWithTeacherConfig,
-    PrunedConvNextConfig,
-    PrunedConvNextV2Config,
-    PrunedResNetConfig,
-    PrunedMobileNetV2Config,
-    PrunedSwinConfig,
-    PrunedTimmWrapperConfig,
-)
-
-for _cls in PRUNED_CONFIG_CLASSES:
-    _cls.register_for_auto_class("AutoConfig")
-
-__all__ = [cls.__name__ for cls in PRUNED_CONFIG_CLASSES] + ["PrunedConfigMixin", "PRUNED_CONFIG_CLASSES"]
+__all__ = [
+    "PrunedConfigMixin",
+    "PrunedConvNextConfig",
+    "PrunedConvNextV2Config",
+    "PrunedDeiTConfig",
+    "PrunedDeiTWithTeacherConfig",
+    "PrunedMobileNetV2Config",
+    "PrunedResNetConfig",
+    "PrunedSwinConfig",
+    "PrunedTimmWrapperConfig",
+    "PrunedViTConfig",
+]

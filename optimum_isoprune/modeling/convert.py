@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,19 +18,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .configuration_pruned import PrunedConfigMixin
-from .modeling_pruned import (
-    PrunedConvNextForImageClassification,
-    PrunedConvNextV2ForImageClassification,
-    PrunedDeiTForImageClassification,
-    PrunedDeiTForImageClassificationWithTeacher,
-    PrunedMobileNetV2ForImageClassification,
-    PrunedSwinForImageClassification,
-    PrunedModelMixin,
-    PrunedResNetForImageClassification,
-    PrunedTimmWrapperForImageClassification,
-    PrunedViTForImageClassification,
-    apply_shape_manifest,
-)
+from .families import SUPPORTED_ARCHITECTURES, family_of, timm_widths
+from .modeling_pruned import apply_shape_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -105,102 +93,6 @@ _MISSING = object()
 
 
 # ----------------------------------------------------------------------------------------------
-# Readable per-family summaries (never used to build a model)
-# ----------------------------------------------------------------------------------------------
-
-
-def _modules_with(model: nn.Module, *attributes: str) -> list[nn.Module]:
-    return [m for m in model.modules() if all(hasattr(m, a) for a in attributes)]
-
-
-def _vit_widths(model: nn.Module) -> dict[str, Any]:
-    attentions = _modules_with(model, "q_proj", "num_attention_heads")
-    return {
-        "pruned_hidden_size": int(_modules_with(model, "cls_token")[0].cls_token.shape[-1]),
-        "layer_num_heads": [int(a.num_attention_heads) for a in attentions],
-        "layer_head_dims": [int(a.head_dim) for a in attentions],
-        "layer_intermediate_sizes": [_out_width(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
-    }
-
-
-def _convnext_widths(model: nn.Module) -> dict[str, Any]:
-    stages = model.base_model.encoder.stages
-    return {
-        "stage_hidden_sizes": [int(s.layers[-1].pwconv2.out_features) for s in stages],
-        "stage_intermediate_sizes": [[int(block.pwconv1.out_features) for block in s.layers] for s in stages],
-    }
-
-
-def _resnet_widths(model: nn.Module) -> dict[str, Any]:
-    base = model.base_model
-    stages = base.encoder.stages
-    return {
-        "pruned_embedding_size": int(base.embedder.embedder.convolution.out_channels),
-        "stage_hidden_sizes": [int(s.layers[-1].layer[-1].convolution.out_channels) for s in stages],
-        "stage_block_widths": [
-            [[int(conv.convolution.out_channels) for conv in block.layer[:-1]] for block in s.layers] for s in stages
-        ],
-    }
-
-
-def _mobilenet_v2_widths(model: nn.Module) -> dict[str, Any]:
-    base = model.base_model
-    return {
-        "block_expanded_channels": [int(b.expand_1x1.convolution.out_channels) for b in base.layer],
-        "block_out_channels": [int(b.reduce_1x1.convolution.out_channels) for b in base.layer],
-        "pruned_last_channels": int(base.conv_1x1.convolution.out_channels),
-    }
-
-
-def _swin_widths(model: nn.Module) -> dict[str, Any]:
-    return {
-        "layer_num_heads": [int(a.num_attention_heads) for a in _modules_with(model, "q_proj", "num_attention_heads")],
-        "layer_intermediate_sizes": [_out_width(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
-    }
-
-
-def timm_widths(model: nn.Module) -> dict[str, Any]:
-    """Heads per timm attention block and hidden width per timm MLP, in module order."""
-    return {
-        "layer_num_heads": [int(m.num_heads) for m in _modules_with(model, "qkv", "num_heads")],
-        "layer_intermediate_sizes": [_out_width(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
-    }
-
-
-def _out_width(module: nn.Module) -> int:
-    return int(getattr(module, "out_features", None) or module.out_channels)
-
-
-def stock_class_of(pruned_class: type[PrunedModelMixin]) -> type[PreTrainedModel]:
-    """The stock transformers class a pruned class resizes (e.g. `ViTForImageClassification`)."""
-    return next(c for c in pruned_class.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, PrunedModelMixin))
-
-
-@dataclass(frozen=True)
-class _Family:
-    pruned_class: type[PrunedModelMixin]
-    summarize: Callable[[nn.Module], dict[str, Any]]
-
-
-# Keyed by the stock class name; a pruned class maps to itself so pruned models can be pruned again.
-_FAMILIES: dict[str, _Family] = {}
-for _pruned, _summarize in (
-    (PrunedViTForImageClassification, _vit_widths),
-    (PrunedDeiTForImageClassification, _vit_widths),
-    (PrunedDeiTForImageClassificationWithTeacher, _vit_widths),
-    (PrunedConvNextForImageClassification, _convnext_widths),
-    (PrunedConvNextV2ForImageClassification, _convnext_widths),
-    (PrunedResNetForImageClassification, _resnet_widths),
-    (PrunedMobileNetV2ForImageClassification, _mobilenet_v2_widths),
-    (PrunedSwinForImageClassification, _swin_widths),
-    (PrunedTimmWrapperForImageClassification, timm_widths),
-):
-    _FAMILIES[stock_class_of(_pruned).__name__] = _FAMILIES[_pruned.__name__] = _Family(_pruned, _summarize)
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(n for n in _FAMILIES if not n.startswith("Pruned"))
-
-
-# ----------------------------------------------------------------------------------------------
 # to_pruned_model
 # ----------------------------------------------------------------------------------------------
 
@@ -231,7 +123,7 @@ def to_pruned_model(
 
 def _to_pruned_transformers_model(model: PreTrainedModel, base_model_name_or_path: str | None,
                                   share_weights: bool = False) -> PreTrainedModel:
-    family = _FAMILIES.get(type(model).__name__)
+    family = family_of(type(model).__name__)
     if family is None:
         raise TypeError(
             f"No pruned checkpoint class for {type(model).__name__}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
@@ -245,7 +137,7 @@ def _to_pruned_transformers_model(model: PreTrainedModel, base_model_name_or_pat
             f"{pruned_class.config_class.base_config_class.__name__}."
         )
     with torch.device("meta"):
-        reference = stock_class_of(pruned_class)(base_config)
+        reference = family.stock_class(base_config)
     shapes, attributes = compute_shape_manifest(model, reference)
     del reference
 

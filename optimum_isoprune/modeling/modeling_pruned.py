@@ -598,6 +598,11 @@ class PrunedModelMixin:
 
     config: PrunedConfigMixin
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in vars(cls):  # a concrete pruned class: saving it copies this file beside the weights
+            cls.register_for_auto_class("AutoModelForImageClassification")
+
     def __init__(self, config: PrunedConfigMixin, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         apply_shape_manifest(self, config.pruned_shapes, config.pruned_attributes)
@@ -767,23 +772,16 @@ class PrunedTimmWrapperForImageClassification(PrunedModelMixin, TimmWrapperForIm
         return None  # timm checkpoints keep preprocessing in config.json (`pretrained_cfg`)
 
 
-PRUNED_MODEL_CLASSES: tuple[type[PrunedModelMixin], ...] = (
-    PrunedViTForImageClassification,
-    PrunedDeiTForImageClassification,
-    PrunedDeiTForImageClassificationWithTeacher,
-    PrunedConvNextForImageClassification,
-    PrunedConvNextV2ForImageClassification,
-    PrunedResNetForImageClassification,
-    PrunedMobileNetV2ForImageClassification,
-    PrunedSwinForImageClassification,
-    PrunedTimmWrapperForImageClassification,
-)
-
-for _cls in PRUNED_MODEL_CLASSES:
-    _cls.register_for_auto_class("AutoModelForImageClassification")
-
-__all__ = [cls.__name__ for cls in PRUNED_MODEL_CLASSES] + [
-    "PRUNED_MODEL_CLASSES",
+__all__ = [
+    "PrunedConvNextForImageClassification",
+    "PrunedConvNextV2ForImageClassification",
+    "PrunedDeiTForImageClassification",
+    "PrunedDeiTForImageClassificationWithTeacher",
+    "PrunedMobileNetV2ForImageClassification",
+    "PrunedResNetForImageClassification",
+    "PrunedSwinForImageClassification",
+    "PrunedTimmWrapperForImageClassification",
+    "PrunedViTForImageClassification",
     "PrunedCheckpointError",
     "PrunedModelMixin",
     "apply_shape_manifest",

@@ -1,0 +1,142 @@
+"""The one table of pruned families: every pruned model class (its config class is `config_class`) with how
+to summarise its widths for people reading ``config.json``.
+
+Everything that lists families is built from `FAMILIES`: `to_pruned_model`'s lookup (`convert.py`), the exports
+and Auto registrations of `optimum_isoprune.modeling`, and the checkpoint types `load_pruned_model` accepts.
+Adding a family: its config class (`configuration_pruned.py`), its model class (`modeling_pruned.py`), one row
+here, and the model type in its adapter (a test fails while one of them is missing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..layers import channels
+from .configuration_pruned import PrunedConfigMixin
+from .modeling_pruned import (
+    PrunedConvNextForImageClassification,
+    PrunedConvNextV2ForImageClassification,
+    PrunedDeiTForImageClassification,
+    PrunedDeiTForImageClassificationWithTeacher,
+    PrunedMobileNetV2ForImageClassification,
+    PrunedModelMixin,
+    PrunedResNetForImageClassification,
+    PrunedSwinForImageClassification,
+    PrunedTimmWrapperForImageClassification,
+    PrunedViTForImageClassification,
+)
+
+# Readable per-family summaries (never used to build a model)
+
+
+def _modules_with(model: nn.Module, *attributes: str) -> list[nn.Module]:
+    return [m for m in model.modules() if all(hasattr(m, a) for a in attributes)]
+
+
+def _vit_widths(model: nn.Module) -> dict[str, Any]:
+    attentions = _modules_with(model, "q_proj", "num_attention_heads")
+    return {
+        "pruned_hidden_size": int(_modules_with(model, "cls_token")[0].cls_token.shape[-1]),
+        "layer_num_heads": [int(a.num_attention_heads) for a in attentions],
+        "layer_head_dims": [int(a.head_dim) for a in attentions],
+        "layer_intermediate_sizes": [channels(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+    }
+
+
+def _convnext_widths(model: nn.Module) -> dict[str, Any]:
+    stages = model.base_model.encoder.stages
+    return {
+        "stage_hidden_sizes": [int(s.layers[-1].pwconv2.out_features) for s in stages],
+        "stage_intermediate_sizes": [[int(block.pwconv1.out_features) for block in s.layers] for s in stages],
+    }
+
+
+def _resnet_widths(model: nn.Module) -> dict[str, Any]:
+    base = model.base_model
+    stages = base.encoder.stages
+    return {
+        "pruned_embedding_size": int(base.embedder.embedder.convolution.out_channels),
+        "stage_hidden_sizes": [int(s.layers[-1].layer[-1].convolution.out_channels) for s in stages],
+        "stage_block_widths": [
+            [[int(conv.convolution.out_channels) for conv in block.layer[:-1]] for block in s.layers] for s in stages
+        ],
+    }
+
+
+def _mobilenet_v2_widths(model: nn.Module) -> dict[str, Any]:
+    base = model.base_model
+    return {
+        "block_expanded_channels": [int(b.expand_1x1.convolution.out_channels) for b in base.layer],
+        "block_out_channels": [int(b.reduce_1x1.convolution.out_channels) for b in base.layer],
+        "pruned_last_channels": int(base.conv_1x1.convolution.out_channels),
+    }
+
+
+def _swin_widths(model: nn.Module) -> dict[str, Any]:
+    return {
+        "layer_num_heads": [int(a.num_attention_heads) for a in _modules_with(model, "q_proj", "num_attention_heads")],
+        "layer_intermediate_sizes": [channels(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+    }
+
+
+def timm_widths(model: nn.Module) -> dict[str, Any]:
+    """Heads per timm attention block and hidden width per timm MLP, in module order."""
+    return {
+        "layer_num_heads": [int(m.num_heads) for m in _modules_with(model, "qkv", "num_heads")],
+        "layer_intermediate_sizes": [channels(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+    }
+
+
+def stock_class_of(pruned_class: type[PrunedModelMixin]) -> type[PreTrainedModel]:
+    """The stock transformers class a pruned class resizes (e.g. `ViTForImageClassification`)."""
+    return next(c for c in pruned_class.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, PrunedModelMixin))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One pruned family: the pruned model class and how its widths are summarised in ``config.json``."""
+
+    pruned_class: type[PrunedModelMixin]
+    summarize: Callable[[nn.Module], dict[str, Any]]
+
+    @property
+    def config_class(self) -> type[PrunedConfigMixin]:
+        return self.pruned_class.config_class
+
+    @property
+    def stock_class(self) -> type[PreTrainedModel]:
+        return stock_class_of(self.pruned_class)
+
+    @property
+    def base_model_type(self) -> str:
+        """The stock model_type the family prunes (e.g. "vit")."""
+        return self.config_class.base_config_class.model_type
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(PrunedViTForImageClassification, _vit_widths),
+    Family(PrunedDeiTForImageClassification, _vit_widths),
+    Family(PrunedDeiTForImageClassificationWithTeacher, _vit_widths),
+    Family(PrunedConvNextForImageClassification, _convnext_widths),
+    Family(PrunedConvNextV2ForImageClassification, _convnext_widths),
+    Family(PrunedResNetForImageClassification, _resnet_widths),
+    Family(PrunedMobileNetV2ForImageClassification, _mobilenet_v2_widths),
+    Family(PrunedSwinForImageClassification, _swin_widths),
+    Family(PrunedTimmWrapperForImageClassification, timm_widths),
+)
+
+PRUNED_MODEL_CLASSES: tuple[type[PrunedModelMixin], ...] = tuple(f.pruned_class for f in FAMILIES)
+PRUNED_CONFIG_CLASSES: tuple[type[PrunedConfigMixin], ...] = tuple(f.config_class for f in FAMILIES)
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(f.stock_class.__name__ for f in FAMILIES)
+# Keyed by the stock class name; a pruned class maps to itself so pruned models can be pruned again.
+_BY_CLASS_NAME = {name: f for f in FAMILIES for name in (f.stock_class.__name__, f.pruned_class.__name__)}
+
+
+def family_of(class_name: str) -> Family | None:
+    """The family of a stock or pruned model class name (e.g. "ViTForImageClassification"), or None."""
+    return _BY_CLASS_NAME.get(class_name)
