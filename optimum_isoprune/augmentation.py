@@ -101,7 +101,7 @@ class DeiTTrainTransform:
         try:  # the draws of this example only; the caller's random state is left as it was
             random.seed(seed)
             np.random.seed(seed)
-            torch.manual_seed(seed) if not torch.cuda.is_initialized() else torch.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: transforms never draw on an accelerator
             return self.pipeline(image)
         finally:
             random.setstate(saved[0])

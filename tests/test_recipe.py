@@ -204,3 +204,23 @@ def test_recipe_smoke_on_two_processes(tmp_path):
     assert (tmp_path / "checkpoint-6" / EMA_WEIGHTS_NAME).is_file()
     assert (tmp_path / "pruned" / "model.safetensors").is_file() and (tmp_path / "ema" / "model.safetensors").is_file()
     assert "matches every process" in result.stderr  # the pruned models were compared across ranks
+
+
+def test_recipe_arguments_are_checked():
+    recipe = _recipe()
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--model", "some/model"])  # no target
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--model", "m", "--target-macs", "1e9", "--pruning-ratio", "0.5"])
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--smoke", "--bf16", "--fp16"])
+    args = recipe.parse_args(["--model", "m", "--target-macs", "4.2e9"])
+    assert (args.epochs, args.batch_size, args.lr, args.weight_decay, args.smoothing) == (300, 256, 5e-4, 0.05, 0.1)
+    assert (args.mixup, args.cutmix, args.reprob, args.aa) == (0.8, 1.0, 0.25, "rand-m9-mstd0.5-inc1")
+
+
+def test_accelerate_config_example_loads():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(RECIPE.parent / "accelerate_config.yaml"))
+    assert config.distributed_type == "MULTI_GPU" and config.num_processes == 8 and config.mixed_precision == "bf16"
