@@ -3,6 +3,7 @@
     python recipe.py                       # both parts (about 20 minutes on 2 shared cores)
     python recipe.py --part accuracy --steps 300,1000 --seeds 0,1
     python recipe.py --part throughput --throughput-steps 40
+    python recipe.py --tables              # the markdown tables of results/recipe.json
 
 Teacher: the cached Fashion-MNIST `vit` (teachers.py `load_teacher`; 1 channel, 28 px). It is pruned once to 50% of
 its MACs (Taylor importance, least-squares reconstruction, the package defaults) and the same pruned student is then
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +107,36 @@ def throughput(args: argparse.Namespace, teacher: Path, student: Path, workdir: 
     return rows
 
 
+def _mean_sd(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.2f} ± {100 * sd:.2f}"
+
+
+def tables(state: dict) -> str:
+    """Markdown tables of the accuracy and throughput parts."""
+    lines = ["| setting | steps | seeds | test top-1, last weights | test top-1, EMA | train s / run | teacher share |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    accuracy_rows = state.get("accuracy", [])
+    for steps in sorted({r["steps"] for r in accuracy_rows}):
+        for name in SETTINGS:
+            rows = [r for r in accuracy_rows if r["steps"] == steps and r["setting"] == name]
+            if rows:
+                lines.append(f"| {name} | {steps} | {len(rows)} | {_mean_sd([r['student_top1'] for r in rows])} | "
+                             f"{_mean_sd([r['ema_top1'] for r in rows])} | "
+                             f"{statistics.mean(r['train_seconds'] for r in rows):.0f} | "
+                             f"{statistics.mean(r['teacher_share'] for r in rows):.2f} |")
+    lines += ["", "| processes x threads | images/s (all processes) | vs 1 x 1 | teacher share |", "|---|---:|---:|---:|"]
+    through = state.get("throughput", [])
+    base = next((r["images_per_second"] for r in through if r["processes"] == 1 and r["threads_per_process"] == 1),
+                None)
+    for r in through:
+        ratio = f"{r['images_per_second'] / base:.2f}x" if base else "-"
+        lines.append(f"| {r['processes']} x {r['threads_per_process']} | {r['images_per_second']:.1f} | {ratio} | "
+                     f"{r['teacher_share']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["all", "accuracy", "throughput"], default="all")
@@ -113,7 +145,13 @@ def main() -> None:
     p.add_argument("--throughput-steps", type=int, default=40)
     p.add_argument("--cache-dir", type=Path, default=CACHE)
     p.add_argument("--out", type=Path, default=RESULTS / "recipe.json")
+    p.add_argument("--tables", action="store_true", help="only write the tables of --out (recipe.md beside it)")
     args = p.parse_args()
+    if args.tables:
+        text = tables(json.loads(args.out.read_text()))
+        args.out.with_suffix(".md").write_text(text)
+        print(text)
+        return
     state = json.loads(args.out.read_text()) if args.out.exists() else {}
     state["machine"] = machine()
     state["settings"] = {"common": COMMON, **SETTINGS}
@@ -125,6 +163,8 @@ def main() -> None:
         if args.part in ("all", "throughput"):
             state["throughput"] = throughput(args, teacher, student, workdir)
     args.out.write_text(json.dumps(state, indent=2))
+    args.out.with_suffix(".md").write_text(tables(state))
+    print(tables(state))
     print(f"wrote {args.out}")
 
 

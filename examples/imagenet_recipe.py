@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-calibration-batches", type=int, default=50, help="Taylor batches (P: --taylor-batchs 50)")
     g.add_argument("--calibration-batch-size", type=int, default=64, help="(P: --train-batch-size 64)")
     g.add_argument("--round-to", type=int, default=2, help="(P: --round-to 2)")
+    g.add_argument("--reconstruction", default=None,
+                   choices=["none", "bias", "least_squares"],
+                   help="refit after cutting (P: none); default: the package's default, least_squares")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist', an imagefolder dir, or a Hub id")
     g.add_argument("--data-dir", default=None, help=f"Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")
@@ -223,6 +226,7 @@ def prune(args: argparse.Namespace, model: torch.nn.Module, calibration_raw) -> 
         target_macs=args.target_macs, target_params=args.target_params, pruning_ratio=args.pruning_ratio,
         importance="taylor", round_to=args.round_to, num_calibration_batches=args.num_calibration_batches,
         calibration_batch_size=args.calibration_batch_size, seed=args.seed,
+        **({"reconstruction": args.reconstruction} if args.reconstruction else {}),
     )
     pruner = IsomorphicPruner(model, base_model_name_or_path=None if args.smoke else args.model)
     pruned = pruner.prune(config, calibration_dataset=prepare_dataset(calibration_raw, model=model))
