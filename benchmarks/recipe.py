@@ -96,12 +96,17 @@ def accuracy(args: argparse.Namespace, teacher: Path, student: Path, workdir: Pa
 
 def throughput(args: argparse.Namespace, teacher: Path, student: Path, workdir: Path) -> list[dict]:
     rows = []
-    for nproc, threads in ((1, 1), (1, 2), (2, 1)):
+    for nproc, threads, teacher_dtype in ((1, 1, "float32"), (1, 1, "bfloat16"), (1, 2, "float32"),
+                                          (2, 1, "float32")):
         extra = [*COMMON, "--pruned", str(student), "--teacher", str(teacher), "--max-steps",
-                 str(args.throughput_steps), "--train-limit", "12800", "--eval-limit", "64"]
-        found = run_recipe(extra, workdir / f"throughput-{nproc}", nproc=nproc, threads=threads)
-        row = {"processes": nproc, "threads_per_process": threads, "images_per_second": found["images_per_second"],
-               "steps": found["steps"], "teacher_share": found["teacher_share"]}
+                 str(args.throughput_steps), "--train-limit", "12800", "--eval-limit", "64",
+                 "--teacher-dtype", teacher_dtype]
+        load = os.getloadavg()[0]
+        found = run_recipe(extra, workdir / f"throughput-{nproc}-{threads}-{teacher_dtype}", nproc=nproc,
+                           threads=threads)
+        row = {"processes": nproc, "threads_per_process": threads, "teacher_dtype": teacher_dtype,
+               "images_per_second": found["images_per_second"], "steps": found["steps"],
+               "teacher_share": found["teacher_share"], "load_average_1min_before": load}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -126,14 +131,16 @@ def tables(state: dict) -> str:
                              f"{_mean_sd([r['ema_top1'] for r in rows])} | "
                              f"{statistics.mean(r['train_seconds'] for r in rows):.0f} | "
                              f"{statistics.mean(r['teacher_share'] for r in rows):.2f} |")
-    lines += ["", "| processes x threads | images/s (all processes) | vs 1 x 1 | teacher share |", "|---|---:|---:|---:|"]
+    lines += ["", "| processes x threads | teacher dtype | images/s (all processes) | vs 1 x 1 | teacher share | "
+              "load before |", "|---|---|---:|---:|---:|---:|"]
     through = state.get("throughput", [])
     base = next((r["images_per_second"] for r in through if r["processes"] == 1 and r["threads_per_process"] == 1),
                 None)
     for r in through:
         ratio = f"{r['images_per_second'] / base:.2f}x" if base else "-"
-        lines.append(f"| {r['processes']} x {r['threads_per_process']} | {r['images_per_second']:.1f} | {ratio} | "
-                     f"{r['teacher_share']:.2f} |")
+        lines.append(f"| {r['processes']} x {r['threads_per_process']} | {r.get('teacher_dtype', 'float32')} | "
+                     f"{r['images_per_second']:.1f} | {ratio} | {r['teacher_share']:.2f} | "
+                     f"{r.get('load_average_1min_before', float('nan')):.1f} |")
     return "\n".join(lines) + "\n"
 
 
