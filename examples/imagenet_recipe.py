@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
+from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, load_pruned_model, save_pruned_model
 from optimum_isoprune.augmentation import (
     DEIT_AUTO_AUGMENT, DEIT_CUTMIX, DEIT_MIXUP, DEIT_RE_PROB, DEIT_SMOOTHING, AugmentationEpochCallback,
     DeiTTrainTransform, deit_mixup,
@@ -220,7 +220,7 @@ def training_arguments(args: argparse.Namespace) -> DistillationTrainingArgument
     )
 
 
-def prune(args: argparse.Namespace, model: torch.nn.Module, calibration_raw) -> torch.nn.Module:
+def prune(args: argparse.Namespace, model: torch.nn.Module, calibration_raw) -> IsomorphicPruner:
     """Prune `model` to the target; every process runs this (gradients summed, models compared by hash)."""
     config = IsomorphicPruningConfig(
         target_macs=args.target_macs, target_params=args.target_params, pruning_ratio=args.pruning_ratio,
@@ -229,9 +229,9 @@ def prune(args: argparse.Namespace, model: torch.nn.Module, calibration_raw) -> 
         **({"reconstruction": args.reconstruction} if args.reconstruction else {}),
     )
     pruner = IsomorphicPruner(model, base_model_name_or_path=None if args.smoke else args.model)
-    pruned = pruner.prune(config, calibration_dataset=prepare_dataset(calibration_raw, model=model))
+    pruner.prune(config, calibration_dataset=prepare_dataset(calibration_raw, model=model))
     logger.info("%s", pruner.report.summary())
-    return pruned
+    return pruner
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -247,13 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = smoke_model() if args.smoke else (load_model(args.model) if args.model else None)
     if args.pruned:
-        from transformers import AutoModelForImageClassification
-
-        student = AutoModelForImageClassification.from_pretrained(args.pruned, trust_remote_code=True)
+        student = load_pruned_model(args.pruned)  # transformers or timm, never running code from the folder
     else:
-        student = prune(args, model, train_raw)
+        pruner = prune(args, model, train_raw)
+        student = pruner.pruned_model
         if training_args.should_save:
-            student.save_pretrained(os.path.join(args.output_dir, "pruned"))
+            pruner.save_pretrained(os.path.join(args.output_dir, "pruned"))  # with its report and card
     teacher = None
     if args.distillation_type != "none":
         teacher = load_model(args.teacher) if args.teacher else model
@@ -292,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.should_save:
         results["student"] = evaluate_model(trainer.model, eval_set, batch_size=args.batch_size, disable_tqdm=True)
         if ema is not None:
-            ema.ema_model.save_pretrained(os.path.join(args.output_dir, "ema"))
+            save_pruned_model(ema.ema_model, os.path.join(args.output_dir, "ema"))
             results["ema"] = evaluate_model(ema.ema_model, eval_set, batch_size=args.batch_size, disable_tqdm=True)
         with open(os.path.join(args.output_dir, "recipe_results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
