@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-workers", type=int, default=8, help="dataloader worker processes per GPU")
     g = p.add_argument_group("DeiT recipe")
     g.add_argument("--epochs", type=float, default=300.0)
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)")
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (beats --epochs)")
     g.add_argument("--batch-size", type=int, default=256, help="per device (P: 256 on 8 GPUs)")
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--scale-lr", action="store_true", help="D's rule: lr * total batch / 512")

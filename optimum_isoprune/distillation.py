@@ -214,8 +214,8 @@ class DistillationTrainer(Trainer):
                 f"mixup_fn pairs the examples of a batch: it needs an even per_device_train_batch_size (got "
                 f"{args.per_device_train_batch_size}) and dataloader_drop_last=True (got {args.dataloader_drop_last}).")
         if mixup_fn is not None and args.cache_teacher_logits:
-            raise ValueError("mixup_fn mixes every batch anew, so cached teacher logits would be those of other pixels; "
-                             "set cache_teacher_logits=False (the teacher then runs on each mixed batch).")
+            raise ValueError("mixup_fn mixes every batch anew, so cached teacher logits would be those of other "
+                             "pixels; set cache_teacher_logits=False (the teacher then runs on each mixed batch).")
         if args.distillation_type != "none" and teacher_model is None:
             raise ValueError(
                 f"distillation_type={args.distillation_type!r} needs teacher_model=; pass one, or set distillation_type='none'."

@@ -84,7 +84,8 @@ class EMACallback(TrainerCallback):
 
     # ---- Trainer events -------------------------------------------------------------------------------------------
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       **kwargs: Any) -> None:
         if model is None:
             raise ValueError("EMACallback needs the model; add it to a transformers Trainer (trainer.add_callback).")
         self._track(model)  # after the Trainer loaded a resumed checkpoint's weights

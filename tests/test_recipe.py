@@ -1,4 +1,4 @@
-"""The DeiT recipe's pieces (mixup-aware loss, EMA, seeded augmentation, teacher runner) and examples/imagenet_recipe.py."""
+"""The DeiT recipe's pieces (mixup-aware loss, EMA, seeded augmentation, teacher runner) and its example script."""
 
 from __future__ import annotations
 
