@@ -18,7 +18,8 @@ epochs), so each run reports the last weights and the average. Test top-1 is ove
 Accuracy runs use one thread (the two cores are shared with other jobs; oversubscribed OpenMP threads were 5-10x
 slower in a probe). Throughput: the recipe under torchrun with 1 process (1 and 2 threads) and 2 processes (1 thread
 each) on the same two cores, batch 64 per process, dataloader in the main process; images/s is the Trainer's
-train_samples_per_second (all processes together), and the teacher's share of the step time is the recipe's own measurement.
+train_samples_per_second (all processes together), and the teacher's share of the step time is the recipe's own
+measurement. A fourth row runs one process with the teacher in bfloat16.
 """
 
 from __future__ import annotations
