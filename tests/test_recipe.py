@@ -116,6 +116,20 @@ def test_teacher_runner_in_bf16_gives_float32_logits_close_to_float32():
         DistillationTrainingArguments(output_dir="x", use_cpu=True, teacher_dtype="int8")
 
 
+def test_teacher_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    class Broken(torch.nn.Module):
+        def forward(self, pixel_values):
+            raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda module: Broken())
+    teacher, x = _vit(1), torch.randn(2, 1, 28, 28)
+    runner = TeacherRunner(teacher, compile=True)
+    with caplog.at_level("WARNING"):
+        logits = runner(x)
+    assert "running it eagerly" in caplog.text
+    torch.testing.assert_close(logits, teacher(pixel_values=x).logits)
+
+
 # ---- EMA ------------------------------------------------------------------------------------------------------------
 
 
