@@ -28,7 +28,7 @@ demo: venv
 		(echo "Install Debian's dataset-fashion-mnist (needs root) or pass --data-dir" && exit 1)
 	$(BIN)/optimum-isoprune demo $(DEMO_ARGS)
 
-# Regenerate benchmarks/results (JSON + PNG) and the tables of BENCHMARKS.md (about 75 min on 2 shared cores).
+# Regenerate benchmarks/results (JSON + PNG) and the tables of BENCHMARKS.md (about 100 min on 2 shared cores).
 .PHONY: benchmarks
 benchmarks: venv
 	cd benchmarks && ../$(BIN)/python budget_accuracy.py
@@ -42,3 +42,4 @@ benchmarks: venv
 	cd benchmarks && ../$(BIN)/python recovery.py --plot
 	cd benchmarks && ../$(BIN)/python recovery_cost.py --configs none:shared,least_squares:shared,least_squares:search
 	cd benchmarks && ../$(BIN)/python deploy.py && ../$(BIN)/python deploy.py --part tables
+	cd benchmarks && ../$(BIN)/python recipe.py

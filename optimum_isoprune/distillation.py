@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,9 @@ from .adapters import adapter_for
 from .adapters.io import output_logits
 from .data import INDEX_COLUMN, collate_fn, dataset_transform, ensure_prepared
 from .guards import check_finite_parameters, check_labels, require_finite
+from .losses import label_loss
 from .metrics import IGNORE_INDEX
+from .teacher import TEACHER_DTYPES, StepTimeCallback, TeacherRunner
 from .training_defaults import DISTILLATION_TYPES
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,18 @@ class DistillationTrainingArguments(TrainingArguments):
             "pixels every epoch)."
         },
     )
+    teacher_dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype of the teacher's weights and inputs: 'bfloat16' / 'float16' make the per-step teacher "
+                  "forward cheaper on accelerators; logits are returned in float32.", "choices": list(TEACHER_DTYPES)},
+    )
+    teacher_channels_last: bool = field(
+        default=False, metadata={"help": "Run the teacher in channels_last memory format (faster for CNN teachers)."}
+    )
+    teacher_compile: bool = field(
+        default=False,
+        metadata={"help": "Wrap the teacher in torch.compile; falls back to eager mode, with a warning, if it fails."},
+    )
     teacher_cache_column: str = field(
         default=INDEX_COLUMN,
         metadata={"help": "Dataset column holding each training example's position (see `data.add_index_column`)."},
@@ -92,6 +106,8 @@ class DistillationTrainingArguments(TrainingArguments):
             or self.temperature <= 0
         ):
             raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0 (1.0 leaves the logits as they are).")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r} is not one of {sorted(TEACHER_DTYPES)}.")
         if self.cache_teacher_logits and self.distillation_type == "none":
             raise ValueError("cache_teacher_logits=True needs a teacher, but distillation_type='none' uses none; drop one.")
         if self.distillation_type == "hard" and self.temperature != 1.0:
@@ -203,6 +219,7 @@ class DistillationTrainer(Trainer):
         model: nn.Module | None = None,
         args: DistillationTrainingArguments | None = None,
         teacher_model: nn.Module | None = None,
+        mixup_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -216,6 +233,13 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer computes its own loss; do not pass compute_loss_func.")
         if model is None:
             raise ValueError("DistillationTrainer needs the student model (model_init is not supported).")
+        if mixup_fn is not None and not (args.dataloader_drop_last and args.per_device_train_batch_size % 2 == 0):
+            raise ValueError(
+                f"mixup_fn pairs the examples of a batch: it needs an even per_device_train_batch_size (got "
+                f"{args.per_device_train_batch_size}) and dataloader_drop_last=True (got {args.dataloader_drop_last}).")
+        if mixup_fn is not None and args.cache_teacher_logits:
+            raise ValueError("mixup_fn mixes every batch anew, so cached teacher logits would be those of other "
+                             "pixels; set cache_teacher_logits=False (the teacher then runs on each mixed batch).")
         if args.distillation_type != "none" and teacher_model is None:
             raise ValueError(
                 f"distillation_type={args.distillation_type!r} needs teacher_model=; pass one, or set distillation_type='none'."
@@ -242,10 +266,14 @@ class DistillationTrainer(Trainer):
             self.add_callback(_NumericProgressCallback)
 
         self.teacher_model = teacher_model
+        self.mixup_fn = mixup_fn
+        self.teacher_runner: TeacherRunner | None = None
         if teacher_model is not None:
-            teacher_model.requires_grad_(False)
-            teacher_model.eval()
             teacher_model.to(self._student_device())
+            self.teacher_runner = TeacherRunner(teacher_model, args.teacher_dtype, args.teacher_channels_last,
+                                                args.teacher_compile)
+            self.step_timer = StepTimeCallback(self.teacher_runner)  # logs `teacher_share` of the step time
+            self.add_callback(self.step_timer)
         if args.distillation_type != "none" and hasattr(self.model, "set_distilled_training"):
             self.model.set_distilled_training(True)  # timm: train mode returns (cls, dist) logits
             logger.info("timm distilled student: the distillation head learns from the teacher.")
@@ -307,12 +335,7 @@ class DistillationTrainer(Trainer):
             cached = cache.get(index)
             if cached is not None:
                 return cached.to(pixel_values.device)
-        teacher = self.teacher_model
-        if teacher.training:
-            teacher.eval()
-        if next(teacher.parameters()).device != pixel_values.device:
-            teacher.to(pixel_values.device)
-        logits = adapter_for(teacher).predict(pixel_values).float()
+        logits = self.teacher_runner(pixel_values)
         require_finite(logits, "The teacher's logits", f"at training step {self.state.global_step}",
                        "Stopping before the student learns from them; check the teacher's weights and the inputs.")
         if cache is not None:
@@ -350,20 +373,26 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         index = inputs.pop(args.teacher_cache_column, None)
+        targets = labels
+        if self.mixup_fn is not None and model.training and labels is not None:
+            if bool(labels.eq(IGNORE_INDEX).any()):
+                raise ValueError(f"mixup_fn needs a label for every example, but the batch at training step "
+                                 f"{self.state.global_step} has {IGNORE_INDEX} (ignored) labels.")
+            inputs["pixel_values"], targets = self.mixup_fn(inputs["pixel_values"], labels)  # soft targets (B, C)
         outputs = self._student_outputs(model, inputs)
         cls_logits, dist_logits = split_heads(outputs)
         if labels is not None:
             check_labels(labels, cls_logits.shape[-1], f"of the batch at training step {self.state.global_step}",
                          allow_all_ignored=True)
+        smoothing = args.label_smoothing_factor
         eval_logits = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
 
         if args.distillation_type == "none":
             if labels is None:
                 raise ValueError("distillation_type='none' trains on labels, but the batch has no 'labels'.")
-            per_example = F.cross_entropy(cls_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            per_example = label_loss(cls_logits, targets, smoothing)
             if dist_logits is not None:
-                dist_ce = F.cross_entropy(dist_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-                per_example = (per_example + dist_ce) / 2
+                per_example = (per_example + label_loss(dist_logits, targets, smoothing)) / 2
         else:
             teacher_logits = self._teacher_logits(inputs["pixel_values"], index if model.training else None)
             student_logits = cls_logits if dist_logits is None else dist_logits
@@ -371,8 +400,7 @@ class DistillationTrainer(Trainer):
             if args.alpha < 1:
                 if labels is None:
                     raise ValueError(f"alpha={args.alpha} < 1 weights the label loss, but the batch has no 'labels'.")
-                ce = F.cross_entropy(cls_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-                per_example = per_example + (1 - args.alpha) * ce
+                per_example = per_example + (1 - args.alpha) * label_loss(cls_logits, targets, smoothing)
 
         if labels is None:
             loss = per_example.mean()

@@ -20,6 +20,7 @@ from .budget import Allocation, Budget, ClassRanking, Plan, shared_ratios, solve
 from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
+from .distributed import all_reduce_gradients, check_same_model_on_all_ranks, shard
 from .errors import CalibrationDataError
 from .guards import check_finite_parameters, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
@@ -138,7 +139,8 @@ class IsomorphicPruner:
 
         with _timed(timings, "importance"):
             if criterion == "taylor":
-                count = accumulate_gradients(model, batches, adapter.logits, total=len(batches))
+                mine = shard(batches)  # under torchrun / accelerate each process takes its share; sums are all-reduced
+                count = all_reduce_gradients(model, accumulate_gradients(model, mine, adapter.logits, total=len(mine)))
                 logger.info("Taylor importance from %d calibration batches.", count)
             scores = channel_scores(groups, criterion, config.seed)
             model.zero_grad(set_to_none=True)
@@ -168,6 +170,7 @@ class IsomorphicPruner:
                                    config.reconstruction_damping)
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
+        check_same_model_on_all_ranks(model)  # DDP starts from one model; no-op in a single process
         timings["total"] = time.perf_counter() - started
         self._report = PruningReport(
             base_model=self.base_model_name_or_path,
