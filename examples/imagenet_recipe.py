@@ -48,8 +48,9 @@ from optimum_isoprune.augmentation import (
 )
 from optimum_isoprune.data import (
     FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, add_index_column,
-    load_fashion_mnist, load_image_dataset, model_input_spec, model_normalization, model_num_labels, prepare_dataset,
+    load_fashion_mnist, load_image_dataset, prepare_dataset,
 )
+from optimum_isoprune.adapters import adapter_for
 from optimum_isoprune.distillation import DistillationTrainer, DistillationTrainingArguments
 from optimum_isoprune.ema import EMACallback
 from optimum_isoprune.metrics import compute_metrics, evaluate_model
@@ -168,10 +169,10 @@ def train_transform(args: argparse.Namespace, model: torch.nn.Module, train_raw)
     """The training set: DeiT's augmentation (or flips only), normalised as the model expects."""
     if args.augmentation == "flip":
         return prepare_dataset(train_raw, train=True, model=model)
-    size, channels = model_input_spec(model)
+    size, channels = adapter_for(model).input_spec()
     if not isinstance(size, int) or channels is None:
         raise ValueError(f"Cannot tell the model's square input size and channels (got {size}, {channels}).")
-    known = model_normalization(model)
+    known = adapter_for(model).normalization()
     mean, std = known if known is not None else (
         (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD))
     transform = DeiTTrainTransform(size, channels, mean, std, auto_augment=None if args.aa == "none" else args.aa,
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         if teacher is None:
             raise SystemExit("--pruned without --model: pass --teacher (or --distillation-type none).")
 
-    num_labels = model_num_labels(student)
+    num_labels = adapter_for(student).num_labels()
     mixup = deit_mixup(num_labels, args.mixup, args.cutmix, label_smoothing=args.smoothing)
     callbacks = [AugmentationEpochCallback()]
     ema = None if args.no_ema else EMACallback(args.ema_decay, warmup=args.ema_warmup)
