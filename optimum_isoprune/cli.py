@@ -118,6 +118,15 @@ def _target_arg(text: str) -> tuple[float, bool]:
     return value, share
 
 
+def _latency_arg(text: str) -> float:
+    """A latency in milliseconds: '20ms', '20' (ms) or '0.02s'."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|s)?\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a latency; expected milliseconds such as 20ms or 0.02s")
+    value = float(match.group(1))
+    return value * 1e3 if (match.group(2) or "ms").lower() == "s" else value
+
+
 def _ratio_arg(text: str) -> float:
     try:
         value = float(text)
@@ -292,6 +301,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                            f"{name}: nothing to prune; give a smaller amount or a share such as 50%", exit_code=2)
         print(f"Pruning {args.model}: keeping {format_amount(goal)} of {format_amount(total)} {name} "
               f"({goal / total:.0%}), removing the rest.")
+    elif args.target_latency is not None:
+        target["target_latency"] = args.target_latency
+        print(f"Pruning {args.model} to {args.target_latency:g} ms per batch of {args.latency_batch_size or 1}, "
+              "as measured on this machine (a latency model is timed first, then cached).")
     else:
         target["pruning_ratio"] = args.ratio
         print(f"Pruning {args.model}: removing {args.ratio:.0%} of every isomorphic class (heads, MLP neurons, "
@@ -305,6 +318,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "image_size": args.image_size,
         "budget_policy": args.budget_policy,
         "reconstruction": args.reconstruction,
+        "latency_batch_size": args.latency_batch_size,
+        "latency_device": args.latency_device,
+        "latency_threads": args.latency_threads,
     }
     config = IsomorphicPruningConfig(
         importance=args.importance, grouping=args.grouping, seed=args.seed,
@@ -576,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MACs per image to KEEP, e.g. 1.2G, or 50%% of the model's")
     target.add_argument("--target-params", type=_target_arg, metavar="AMOUNT",
                         help="parameters to KEEP, e.g. 5M, or 50%% of the model's")
+    target.add_argument("--target-latency", type=_latency_arg, metavar="TIME",
+                        help="latency per batch on this machine, e.g. 20ms (see --latency-batch-size/-device/-threads)")
     target.add_argument("--prune-ratio", dest="ratio", type=_ratio_arg, metavar="R",
                         help="fraction REMOVED from every isomorphic class, e.g. 0.5 (keeps about half the MACs)")
     target.add_argument("--ratio", dest="ratio", type=_ratio_arg, action=_DeprecatedRatio, help=argparse.SUPPRESS)
@@ -599,6 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-batch-size", type=_positive_int, metavar="N",
                        help="images per calibration batch (default: 16)")
     prune.add_argument("--image-size", type=_positive_int, metavar="PX", help="input size (default: the model's)")
+    prune.add_argument("--latency-batch-size", type=_positive_int, metavar="N",
+                       help="--target-latency: the batch size it refers to (default: 1)")
+    prune.add_argument("--latency-device", metavar="DEVICE",
+                       help="--target-latency: the device it refers to, cpu or cuda (default: the model's)")
+    prune.add_argument("--latency-threads", type=_positive_int, metavar="N",
+                       help="--target-latency: CPU threads it refers to (default: torch's setting)")
     prune.add_argument("--ignore", action="append", metavar="MODULE", help="module whose outputs stay whole (repeat)")
     prune.add_argument("--random-weights", action="store_true", help="timm/<name> with random weights (offline tries)")
     prune.add_argument("--seed", type=int, default=0, help="seed of the calibration order and random importance")

@@ -19,10 +19,11 @@ from .budget import Allocation, Budget, ClassRanking, Plan, shared_ratios, solve
 from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
-from .errors import CalibrationDataError
+from .errors import BudgetError, CalibrationDataError
 from .guards import check_finite_parameters, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import build_classes, collect_groups
+from .latency_model import LatencyModel, Timer, build_latency_model
 from .modeling import to_pruned_model
 from .reconstruction import reconstruct
 from .search import CalibrationLoss, ChannelMasks, SearchSummary, global_ratios_at, search_split
@@ -61,6 +62,7 @@ class IsomorphicPruner:
         self.pruned_model: nn.Module | None = None
         self.config: IsomorphicPruningConfig | None = None
         self._report: PruningReport | None = None
+        self.latency_timer: Timer | None = None  # target_latency: how ops are timed (default: the wall clock)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "IsomorphicPruner":
@@ -144,6 +146,12 @@ class IsomorphicPruner:
         tick = time.perf_counter()
         rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
         budget = Budget(rankings, groups, cost)
+        latency = None
+        if config.target_latency is not None:
+            latency = build_latency_model(model, example, adapter.logits, classes, cost, config, macs_before,
+                                          self.latency_timer)
+            latency.round_widths(rankings)
+            timings["latency_model"] = time.perf_counter() - tick
         score = None
         if searching:
             def refit(consumers):  # candidates are scored after the reconstruction the final model gets
@@ -152,7 +160,12 @@ class IsomorphicPruner:
 
             score = CalibrationLoss(model, ChannelMasks(groups), held_out, adapter.logits,
                                     refit if reconstruction != "none" else None)
-        plan, search = self._solve(budget, rankings, config, score)
+        try:
+            plan, search = self._solve(budget, rankings, config, score, latency)
+        except BudgetError as error:
+            if latency is None:
+                raise
+            raise BudgetError(f"{error} Latencies are {latency.describe_target()}.") from None
         macs_after = budget.macs(plan)  # counted from the layer shapes before surgery; tests recount the result
         timings["budget"] = time.perf_counter() - tick
 
@@ -169,6 +182,10 @@ class IsomorphicPruner:
         timings["reconstruction"] = time.perf_counter() - tick
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
+        if latency is not None:
+            tick = time.perf_counter()
+            latency_summary = latency.summarize(model, plan, macs_after, config.target_latency, self.latency_timer)
+            timings["latency_check"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - started
         self._report = PruningReport(
             base_model=self.base_model_name_or_path,
@@ -180,6 +197,8 @@ class IsomorphicPruner:
             image_size=image_size,
             target_macs=config.target_macs,
             target_params=config.target_params,
+            target_latency=config.target_latency,
+            latency=latency_summary.to_dict() if latency is not None else {},
             pruning_ratio=_removed_fraction(rankings, plan, "channels"),
             head_pruning_ratio=_removed_fraction(rankings, plan, "heads"),
             head_dim_pruning_ratio=_removed_fraction(rankings, plan, "head_dims"),
@@ -300,14 +319,18 @@ class IsomorphicPruner:
         return ignored
 
     def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig,
-               score: CalibrationLoss | None) -> tuple[Plan, SearchSummary | None]:
+               score: CalibrationLoss | None, latency: LatencyModel | None) -> tuple[Plan, SearchSummary | None]:
         def shared(ratio: float) -> dict:
             return shared_ratios(rankings, ratio, config.head_pruning_ratio, config.head_dim_pruning_ratio)
 
         if config.pruning_ratio is not None:
             return budget.plan(shared(config.pruning_ratio)), None
-        name, target = ("macs", config.target_macs) if config.target_macs is not None else ("params", config.target_params)
-        metric = budget.macs if name == "macs" else budget.params
+        if latency is not None:
+            name, target, metric = "latency", config.target_latency, latency.predict
+        elif config.target_macs is not None:
+            name, target, metric = "macs", config.target_macs, budget.macs
+        else:
+            name, target, metric = "params", config.target_params, budget.params
         low, high = shared(0.0), shared(0.5)
         pinned = {c: r for c, r in low.items() if high[c] == r}  # head ratios the user fixed
         if score is not None:
