@@ -4,9 +4,14 @@ Every operation whose cost depends on kept widths (Linear and Conv2d layers, dep
 LayerNorm / BatchNorm, the activations after them, and the attention product itself) is timed in
 isolation, at the batch size, device, dtype and threads of the target, on a coarse grid of kept widths
 (multiples of the rounding step); between grid points the time is interpolated. Layers of the same
-shape share one table, so a 12-block ViT times each shape once. What the tables do not cover (adds,
-reshapes, Python overhead) is the difference between the unpruned model's measured end-to-end latency
-and the sum of its tables, kept as a constant. Warm-up runs come first and each point is a median.
+shape share one table, so a 12-block ViT times each shape once. Warm-up runs come first and each point
+is a median. The tables give relative costs; end-to-end measurements set the scale: at first the
+unpruned model's latency alone (prediction = base latency x tables(plan) / tables(unpruned)); once a
+pruned model has been measured too, a line through both points (prediction = fixed + slope x tables),
+which separates what does not shrink with the widths (Python overhead, copies) from what does (weights
+that no longer sit in cache, adds, reshapes). The pruner measures every latency-targeted result; when it
+lands further than `CALIBRATION_TOLERANCE` from the prediction, that measurement becomes the second
+point and the budget is solved once more.
 
 Measurements are cached on disk (`latency_cache_dir`), keyed by the device description, the model's
 shape, batch size, dtype, threads, grid and library versions; any change measures again.
@@ -39,9 +44,10 @@ from .latency import describe_machine
 
 logger = logging.getLogger(__name__)
 
+CALIBRATION_TOLERANCE = 0.03  # measured vs predicted: further apart, the measurement refits the model
 NOISE_WARNING = 0.10  # interquartile range / median of repeated timings above which the device counts as busy
 CACHE_ENV = "OPTIMUM_ISOPRUNE_CACHE"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -140,6 +146,7 @@ class LatencySummary:
     machine: str
     repeats: int
     cached: bool  # the tables came from the disk cache
+    two_point: bool  # calibrated on a pruned model's measurement as well as the base model's
     timed_points: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,7 +251,9 @@ class LatencyModel:
         self.ops, self.tables, self.settings, self.shape_key = ops, tables, settings, shape_key
         self.input_shape = input_shape  # one image: channels, height, width
         self.forward = forward
-        self.overhead_ms = 0.0
+        self.scale, self.offset_ms = 1.0, 0.0  # prediction = offset + scale x sum of the tables
+        self.probe: tuple[float, float] | None = None  # (sum of the tables, measured ms) of one pruned model
+        self.path: Path | None = None
         self.base_ms = 0.0
         self.base_times: list[float] = []
         self.cached = False
@@ -293,10 +302,17 @@ class LatencyModel:
         digest = hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:20]
         return self.settings.cache_folder() / f"{digest}.json"
 
-    def measure(self, model: nn.Module, model_macs: int, timer: Timer | None = None, disable_tqdm: bool = False
-                ) -> "LatencyModel":
-        """Fill the tables (from the cache when it matches) and the overhead; warns when timings are noisy."""
-        path = self.cache_path()
+    def measure(self, model: nn.Module, model_macs: int, timer: Timer | None = None, disable_tqdm: bool = False,
+                previous: "LatencyModel | None" = None) -> "LatencyModel":
+        """Fill the tables (from `previous` or the cache when they match, else by timing) and calibrate them on the
+        measured end-to-end latency; warns when timings are noisy."""
+        self.path = path = self.cache_path()
+        if previous is not None and previous.path == path:
+            for mine, theirs in zip(self.tables, previous.tables):
+                mine.values = theirs.values
+            self.base_times, self.probe, self.cached = previous.base_times, previous.probe, previous.cached
+            self._calibrate()
+            return self
         if self._load(path):
             self.cached = True
             logger.info("Latency model loaded from %s.", path)
@@ -319,8 +335,7 @@ class LatencyModel:
                     spreads.append(relative_spread(times))
                     bar.update(1)
                 table.values = values
-        self.base_ms = statistics.median(self.base_times)
-        self.overhead_ms = self.base_ms - self._sum_tables(None)
+        self._calibrate()
         spread = float(np.median(spreads))
         if spread > NOISE_WARNING or relative_spread(self.base_times) > NOISE_WARNING:
             logger.warning(
@@ -344,12 +359,34 @@ class LatencyModel:
         for t in self.tables:
             t.values = np.asarray(tables[t.key()], dtype=float).reshape([len(a) for a in t.axes])
         self.base_times = list(data["base_times"])
-        self.base_ms = statistics.median(self.base_times)
-        self.overhead_ms = self.base_ms - self._sum_tables(None)
+        self.probe = tuple(data["probe"]) if data.get("probe") else None
+        self._calibrate()
         return True
 
+    def _calibrate(self) -> None:
+        self.base_ms = statistics.median(self.base_times)
+        full = self._sum_tables(None)
+        self.scale, self.offset_ms = (self.base_ms / full if full > 0 else 1.0), 0.0
+        if self.probe is not None:
+            tables, measured = self.probe
+            if full - tables > 0.02 * full and self.base_ms > measured:
+                self.scale = (self.base_ms - measured) / (full - tables)
+                self.offset_ms = self.base_ms - self.scale * full
+
+    def add_probe(self, plan: Plan, measured_ms: float) -> bool:
+        """Use a pruned model's measured latency as the second calibration point when the prediction missed it by
+        more than `CALIBRATION_TOLERANCE` (once per device and shape; cached). True when the predictions changed."""
+        if self.probe is not None or abs(self.predict(plan) - measured_ms) <= CALIBRATION_TOLERANCE * measured_ms:
+            return False
+        self.probe = (self._sum_tables(plan), measured_ms)
+        before = (self.scale, self.offset_ms)
+        self._calibrate()
+        if self.path is not None:
+            self._save(self.path)
+        return (self.scale, self.offset_ms) != before
+
     def _save(self, path: Path) -> None:
-        data = {"key": self.cache_key(), "base_times": self.base_times,
+        data = {"key": self.cache_key(), "base_times": self.base_times, "probe": self.probe,
                 "tables": {t.key(): t.values.ravel().tolist() for t in self.tables}}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +401,7 @@ class LatencyModel:
 
     def predict(self, plan: Plan) -> float:
         """Predicted milliseconds per batch of the model pruned by `plan`."""
-        return self.overhead_ms + self._sum_tables(plan)
+        return self.offset_ms + self.scale * self._sum_tables(plan)
 
     def _sum_tables(self, plan: Plan | None) -> float:
         if plan is None:
@@ -385,11 +422,15 @@ class LatencyModel:
             machine, threads = describe_machine(s.torch_device), torch.get_num_threads()
         return LatencySummary(
             target_ms=target_ms, predicted_ms=self.predict(plan), measured_ms=statistics.median(times),
-            base_measured_ms=self.base_ms, base_predicted_ms=self.overhead_ms + self._sum_tables(None),
+            base_measured_ms=self.base_ms, base_predicted_ms=self.predict_base(),
+            two_point=self.probe is not None,
             measured_spread=spread, batch_size=s.batch_size, device=s.device, dtype=s.dtype, threads=threads,
             machine=machine, repeats=len(times), cached=self.cached,
             timed_points=sum(int(np.prod([len(a) for a in t.axes])) for t in self.tables),
         )
+
+    def predict_base(self) -> float:
+        return self.offset_ms + self.scale * self._sum_tables(None)
 
     def describe_target(self) -> str:
         """What a latency number of this model refers to, for error messages."""
@@ -623,7 +664,7 @@ class _Builder:
 
 def build_latency_model(model: nn.Module, example: torch.Tensor, forward: Callable[[nn.Module, torch.Tensor], Any],
                         classes: Sequence[IsomorphicClass], cost: CostModel, config: Any, macs_per_image: int,
-                        timer: Timer | None = None) -> LatencyModel:
+                        timer: Timer | None = None, previous: LatencyModel | None = None) -> LatencyModel:
     """The latency model of `model` for a config's `latency_*` settings, measured (or read from the cache)."""
     settings = LatencySettings(
         batch_size=config.latency_batch_size, device=config.latency_device or str(example.device),
@@ -636,4 +677,4 @@ def build_latency_model(model: nn.Module, example: torch.Tensor, forward: Callab
                          "device you deploy to, or use latency_device='cpu'.")
     latency = LatencyModel.from_model(model, example, forward, classes, cost, settings, config.round_to,
                                       config.min_heads)
-    return latency.measure(model, macs_per_image, timer)
+    return latency.measure(model, macs_per_image, timer, previous=previous)

@@ -63,6 +63,7 @@ class IsomorphicPruner:
         self.config: IsomorphicPruningConfig | None = None
         self._report: PruningReport | None = None
         self.latency_timer: Timer | None = None  # target_latency: how ops are timed (default: the wall clock)
+        self._latency_retry: LatencyModel | None = None  # set during the second pass of a latency-targeted run
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "IsomorphicPruner":
@@ -149,7 +150,7 @@ class IsomorphicPruner:
         latency = None
         if config.target_latency is not None:
             latency = build_latency_model(model, example, adapter.logits, classes, cost, config, macs_before,
-                                          self.latency_timer)
+                                          self.latency_timer, previous=self._latency_retry)
             latency.round_widths(rankings)
             timings["latency_model"] = time.perf_counter() - tick
         score = None
@@ -186,6 +187,14 @@ class IsomorphicPruner:
             tick = time.perf_counter()
             latency_summary = latency.summarize(model, plan, macs_after, config.target_latency, self.latency_timer)
             timings["latency_check"] = time.perf_counter() - tick
+            if self._latency_retry is None and latency.add_probe(plan, latency_summary.measured_ms):
+                logger.info("Measured %.4g ms where the latency model predicted %.4g ms: refitted on that measurement, "
+                            "solving again.", latency_summary.measured_ms, latency_summary.predicted_ms)
+                self._latency_retry = latency
+                try:
+                    return self.prune(config, calibration_dataset)
+                finally:
+                    self._latency_retry = None
         timings["total"] = time.perf_counter() - started
         self._report = PruningReport(
             base_model=self.base_model_name_or_path,

@@ -18,18 +18,19 @@ import optimum_isoprune.latency_model as latency_model
 
 
 class FakeTimer:
-    """Time proportional to MACs (1 ms per 1e6), nothing for element-wise work, 0.5 ms fixed per model call;
+    """Time proportional to MACs (1 ms per 1e6), nothing for element-wise work, a whole model 25% slower than its
+    layers timed alone;
     `round_to` makes a Linear cost as if its widths were rounded up to that multiple."""
 
-    def __init__(self, round_to: int = 1, runs=(1.0,)):
-        self.round_to, self.runs, self.calls = round_to, runs, []
+    def __init__(self, round_to: int = 1, runs=(1.0,), fixed_ms: float = 0.0):
+        self.round_to, self.runs, self.fixed_ms, self.calls = round_to, runs, fixed_ms, []
 
     def __call__(self, op):
         self.calls.append(op.kind)
         if op.kind in ("elementwise", "layer_norm", "batch_norm"):
             ms = 0.0
         elif op.kind == "model":
-            ms = op.macs * 1e-6 + 0.5
+            ms = op.macs * 1.25e-6 + self.fixed_ms
         elif op.kind == "linear" and self.round_to > 1:
             up = [math.ceil(w / self.round_to) * self.round_to for w in op.widths]
             ms = op.macs / (op.widths[0] * op.widths[1]) * up[0] * up[1] * 1e-6
@@ -47,7 +48,7 @@ def prune(name, timer, tmp_path, model=None, **kwargs):
 
 
 def base_ms(name, batch=4):
-    return count_macs(build(name)) * batch * 1e-6 + 0.5
+    return count_macs(build(name)) * batch * 1.25e-6
 
 
 @pytest.mark.parametrize("name", ["vit", "convnext", "timm_vit", "timm_convnext"])
@@ -62,6 +63,23 @@ def test_target_latency_is_hit_with_a_deterministic_timer(name, tmp_path):
     assert report.target_error == pytest.approx(abs(lat["measured_ms"] - target) / target)
     assert report.target_latency == target and lat["batch_size"] == 4 and lat["device"] == "cpu"
     assert report.macs_after < report.macs_before
+
+
+def test_a_missed_prediction_refits_on_the_measurement_and_solves_again(tmp_path):
+    # A fixed 40% of the base latency that no width removes: scaling the tables alone predicts too low.
+    fixed = 0.4 * base_ms("vit")
+    timer = FakeTimer(fixed_ms=fixed)
+    target = 0.8 * (base_ms("vit") + fixed)
+    lat = prune("vit", timer, tmp_path, target_latency=target).report.latency
+    assert timer.calls.count("model") == 3  # the base, the first result (missed), the second result
+    assert lat["two_point"] and abs(lat["measured_ms"] - target) / target < 0.01
+    assert lat["predicted_ms"] == pytest.approx(lat["measured_ms"], rel=1e-6)
+
+    again = FakeTimer(fixed_ms=fixed)  # the refit is cached: another target is hit at once
+    target = 0.75 * (base_ms("vit") + fixed)
+    lat = prune("vit", again, tmp_path, target_latency=target).report.latency
+    assert again.calls == ["model"] and lat["cached"] and lat["two_point"]
+    assert abs(lat["measured_ms"] - target) / target < 0.01
 
 
 def test_widths_no_faster_than_a_larger_one_are_not_kept(tmp_path):
@@ -91,7 +109,7 @@ def test_measurements_are_cached_and_remeasured_when_device_or_shape_changes(tmp
 
     wider = FakeTimer()  # another shape: a wider MLP
     model = ViTForImageClassification(ViTConfig(**{**VIT_KWARGS, "intermediate_size": 320}))
-    prune("vit", wider, tmp_path, model=model, target_latency=0.7 * (count_macs(model) * 4e-6 + 0.5))
+    prune("vit", wider, tmp_path, model=model, target_latency=0.7 * count_macs(model) * 5e-6)
     assert "linear" in wider.calls
 
     monkeypatch.setattr(latency_model, "describe_machine", lambda device=None: "another machine")
