@@ -45,7 +45,8 @@ from .latency import describe_machine
 logger = logging.getLogger(__name__)
 
 CALIBRATION_TOLERANCE = 0.03  # measured vs predicted: further apart, the measurement refits the model
-NOISE_WARNING = 0.10  # interquartile range / median of repeated timings above which the device counts as busy
+NOISE_WARNING = 0.10
+SIDE_BY_SIDE_ROUNDS = 2  # the pruned result is timed alternately with the unpruned model, so that load hits both  # interquartile range / median of repeated timings above which the device counts as busy
 CACHE_ENV = "OPTIMUM_ISOPRUNE_CACHE"
 CACHE_FORMAT = 2
 
@@ -214,6 +215,14 @@ class _Op:
     keys: list[tuple[int, bool] | None] = field(default_factory=list)  # removal key of each axis (channel axes)
 
 
+def _no_cheaper_below(values: np.ndarray) -> np.ndarray:
+    """Each width costs at most what any larger width costs (per axis): keeping the larger one is always an option,
+    and a load spike while timing a small width must not make it look dearer than the full layer."""
+    for axis in range(values.ndim):
+        values = np.flip(np.minimum.accumulate(np.flip(values, axis), axis=axis), axis)
+    return values
+
+
 def _grid(full: int, step: int, lowest: int, points: int) -> np.ndarray:
     """About `points` kept widths from `lowest` to `full`, multiples of `step` (plus `full` itself)."""
     lowest = max(1, min(lowest, full))
@@ -334,7 +343,7 @@ class LatencyModel:
                     values[index] = statistics.median(times)
                     spreads.append(relative_spread(times))
                     bar.update(1)
-                table.values = values
+                table.values = _no_cheaper_below(values)
         self._calibrate()
         spread = float(np.median(spreads))
         if spread > NOISE_WARNING or relative_spread(self.base_times) > NOISE_WARNING:
@@ -357,7 +366,7 @@ class LatencyModel:
         if any(t.key() not in tables for t in self.tables):
             return False
         for t in self.tables:
-            t.values = np.asarray(tables[t.key()], dtype=float).reshape([len(a) for a in t.axes])
+            t.values = _no_cheaper_below(np.asarray(tables[t.key()], dtype=float).reshape([len(a) for a in t.axes]))
         self.base_times = list(data["base_times"])
         self.probe = tuple(data["probe"]) if data.get("probe") else None
         self._calibrate()
@@ -373,9 +382,13 @@ class LatencyModel:
                 self.scale = (self.base_ms - measured) / (full - tables)
                 self.offset_ms = self.base_ms - self.scale * full
 
-    def add_probe(self, plan: Plan, measured_ms: float) -> bool:
+    def add_probe(self, plan: Plan, summary: LatencySummary) -> bool:
         """Use a pruned model's measured latency as the second calibration point when the prediction missed it by
-        more than `CALIBRATION_TOLERANCE` (once per device and shape; cached). True when the predictions changed."""
+        more than `CALIBRATION_TOLERANCE` (once per device and shape; cached). True when the predictions changed.
+
+        The measurement enters relative to the unpruned model timed beside it, rescaled to the base latency the
+        tables were calibrated on, so that a change of load since the tables were timed does not bend the line."""
+        measured_ms = summary.measured_ms / summary.base_measured_ms * self.base_ms
         if self.probe is not None or abs(self.predict(plan) - measured_ms) <= CALIBRATION_TOLERANCE * measured_ms:
             return False
         self.probe = (self._sum_tables(plan), measured_ms)
@@ -408,24 +421,28 @@ class LatencyModel:
             return sum(op.table([float(a[-1]) for a in op.table.axes]) for op in self.ops)
         return sum(op.table([w(plan) for w in op.widths]) for op in self.ops)
 
-    def summarize(self, pruned: nn.Module, plan: Plan, macs_per_image: int, target_ms: float,
+    def summarize(self, pruned: nn.Module, base: nn.Module, plan: Plan, macs: tuple[int, int], target_ms: float,
                   timer: Timer | None = None) -> LatencySummary:
-        """Measure the pruned model end to end, with the settings of the tables, next to the prediction."""
+        """Measure the pruned model end to end next to the unpruned one (alternating, `SIDE_BY_SIDE_ROUNDS` rounds
+        each, with the settings of the tables), and compare it with the prediction. `macs`: (pruned, base) per image."""
         s = self.settings
-        times = time_model(pruned, self.forward, self.input_shape, macs_per_image, s,
-                           timer or WallClock(s.torch_device, s.warmup(), s.repeats))
-        spread = relative_spread(times)
+        timer = timer or WallClock(s.torch_device, s.warmup(), s.repeats)
+        times: dict[str, list[float]] = {"pruned": [], "base": []}
+        for _ in range(SIDE_BY_SIDE_ROUNDS):
+            for name, model, count in (("pruned", pruned, macs[0]), ("base", base, macs[1])):
+                times[name] += time_model(model, self.forward, self.input_shape, count, s, timer)
+        spread = relative_spread(times["pruned"])
         if spread > NOISE_WARNING:
             logger.warning("The device looks busy: the pruned model's timed runs varied by %.0f%% (interquartile "
                            "range / median); its measured latency is less reliable.", 100 * spread)
         with s.threads_set():
             machine, threads = describe_machine(s.torch_device), torch.get_num_threads()
         return LatencySummary(
-            target_ms=target_ms, predicted_ms=self.predict(plan), measured_ms=statistics.median(times),
-            base_measured_ms=self.base_ms, base_predicted_ms=self.predict_base(),
+            target_ms=target_ms, predicted_ms=self.predict(plan), measured_ms=statistics.median(times["pruned"]),
+            base_measured_ms=statistics.median(times["base"]), base_predicted_ms=self.predict_base(),
             two_point=self.probe is not None,
             measured_spread=spread, batch_size=s.batch_size, device=s.device, dtype=s.dtype, threads=threads,
-            machine=machine, repeats=len(times), cached=self.cached,
+            machine=machine, repeats=len(times["pruned"]), cached=self.cached,
             timed_points=sum(int(np.prod([len(a) for a in t.axes])) for t in self.tables),
         )
 

@@ -185,14 +185,18 @@ class IsomorphicPruner:
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
         if latency is not None:
             tick = time.perf_counter()
-            latency_summary = latency.summarize(model, plan, macs_after, config.target_latency, self.latency_timer)
+            latency_summary = latency.summarize(model, self.model, plan, (macs_after, macs_before),
+                                                config.target_latency, self.latency_timer)
             timings["latency_check"] = time.perf_counter() - tick
-            if self._latency_retry is None and latency.add_probe(plan, latency_summary.measured_ms):
+            if self._latency_retry is None and latency.add_probe(plan, latency_summary):
                 logger.info("Measured %.4g ms where the latency model predicted %.4g ms: refitted on that measurement, "
                             "solving again.", latency_summary.measured_ms, latency_summary.predicted_ms)
                 self._latency_retry = latency
                 try:
                     return self.prune(config, calibration_dataset)
+                except BudgetError as error:  # the refit moved the target out of reach: keep this result
+                    logger.warning("Keeping the first result (%.4g ms measured): after refitting on it, %s",
+                                   latency_summary.measured_ms, error)
                 finally:
                     self._latency_retry = None
         timings["total"] = time.perf_counter() - started
