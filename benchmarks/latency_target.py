@@ -1,7 +1,7 @@
 """Part 7 - pruning to a latency target measured on this machine (issue 18).
 
 Shapes: timm ViT-B/16, DeiT-S and ConvNeXt-B (random weights are fine for latency), 224 px, CPU. For each model and
-batch size: the base model's latency is measured (median of 5), the latency target is `--fraction` of it, and the
+batch size: the base model's latency is measured (median of 9), the latency target is `--fraction` of it, and the
 model is pruned with `target_latency` (magnitude importance, round_to 8, budget_policy shared, the latency model
 timed on this machine at the same batch size and threads). A MACs-targeted copy is then pruned to the MACs the
 latency-targeted model came out with (equal MACs). Base, MACs-targeted and latency-targeted models are then timed
@@ -72,7 +72,7 @@ def shapes(args: argparse.Namespace, cache: str) -> None:
         base = timm.create_model(MODELS[key], pretrained=False).eval()
         macs = count_macs(base)
         tick = time.perf_counter()
-        base_ms = measure_latency(base, 224, 3, batch_size=batch, repeats=5, warmup=1)["median_ms"]
+        base_ms = measure_latency(base, 224, 3, batch_size=batch, repeats=9, warmup=1)["median_ms"]
         target = args.fraction * base_ms
         common = dict(importance="magnitude", round_to=8, seed=0, reconstruction="none")
         pruner = IsomorphicPruner(base)

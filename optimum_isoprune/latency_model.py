@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -46,9 +47,12 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_TOLERANCE = 0.03  # measured vs predicted: further apart, the measurement refits the model
 NOISE_WARNING = 0.10
-SIDE_BY_SIDE_ROUNDS = 2  # the pruned result is timed alternately with the unpruned model, so that load hits both  # interquartile range / median of repeated timings above which the device counts as busy
+COLD_BYTES = 64 * 2**20  # parameters cycled through per timed layer shape, to keep them out of the caches
+MAX_COPIES = 64
+SIDE_BY_SIDE_ROUNDS = 2
+MAX_FIXED_SHARE = 0.5  # a refit may attribute at most this share of the base latency to width-independent work  # the pruned result is timed alternately with the unpruned model, so that load hits both  # interquartile range / median of repeated timings above which the device counts as busy
 CACHE_ENV = "OPTIMUM_ISOPRUNE_CACHE"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # raise when the way of timing changes: older caches are then measured again
 
 
 @dataclass
@@ -140,6 +144,7 @@ class LatencySummary:
     base_measured_ms: float
     base_predicted_ms: float
     measured_spread: float  # interquartile range / median of the pruned model's timed runs
+    base_spread: float  # the same for the unpruned model timed beside it
     batch_size: int
     device: str
     dtype: str
@@ -213,6 +218,10 @@ class _Op:
     table: _Table
     widths: list[Width]
     keys: list[tuple[int, bool] | None] = field(default_factory=list)  # removal key of each axis (channel axes)
+
+
+def _with_bias(params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return params[0], (params[1] if len(params) > 1 else None)
 
 
 def _no_cheaper_below(values: np.ndarray) -> np.ndarray:
@@ -381,6 +390,9 @@ class LatencyModel:
             if full - tables > 0.02 * full and self.base_ms > measured:
                 self.scale = (self.base_ms - measured) / (full - tables)
                 self.offset_ms = self.base_ms - self.scale * full
+                if not 0.0 <= self.offset_ms <= MAX_FIXED_SHARE * self.base_ms:  # one noisy point must not bend it far
+                    self.offset_ms = float(np.clip(self.offset_ms, 0.0, MAX_FIXED_SHARE * self.base_ms))
+                    self.scale = (measured - self.offset_ms) / tables
 
     def add_probe(self, plan: Plan, summary: LatencySummary) -> bool:
         """Use a pruned model's measured latency as the second calibration point when the prediction missed it by
@@ -390,6 +402,11 @@ class LatencyModel:
         tables were calibrated on, so that a change of load since the tables were timed does not bend the line."""
         measured_ms = summary.measured_ms / summary.base_measured_ms * self.base_ms
         if self.probe is not None or abs(self.predict(plan) - measured_ms) <= CALIBRATION_TOLERANCE * measured_ms:
+            return False
+        if max(summary.measured_spread, summary.base_spread) > NOISE_WARNING:
+            logger.warning("The pruned model measured %.4g ms where %.4g ms were predicted, but the timings are too noisy "
+                           "to refit the latency model on (spread %.0f%%); keeping this result.", summary.measured_ms,
+                           summary.predicted_ms, 100 * max(summary.measured_spread, summary.base_spread))
             return False
         self.probe = (self._sum_tables(plan), measured_ms)
         before = (self.scale, self.offset_ms)
@@ -440,6 +457,7 @@ class LatencyModel:
         return LatencySummary(
             target_ms=target_ms, predicted_ms=self.predict(plan), measured_ms=statistics.median(times["pruned"]),
             base_measured_ms=statistics.median(times["base"]), base_predicted_ms=self.predict_base(),
+            base_spread=relative_spread(times["base"]),
             two_point=self.probe is not None,
             measured_spread=spread, batch_size=s.batch_size, device=s.device, dtype=s.dtype, threads=threads,
             machine=machine, repeats=len(times["pruned"]), cached=self.cached,
@@ -517,6 +535,16 @@ class _Builder:
     def _tensor(self, shape: Sequence[int]) -> torch.Tensor:
         return torch.randn(*shape, device=self.s.torch_device).to(self.s.torch_dtype)
 
+    def _cold(self, shapes: list[tuple[int, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Copies of a layer's parameters, taken in turn, enough of them to outgrow the processor's caches: inside a
+        model a layer's weights are evicted by the other layers' before it runs again, so a timing that reuses one
+        warm copy makes narrow layers look cheaper than they are."""
+        size = sum(int(np.prod(shape)) for shape in shapes) * torch.empty((), dtype=self.s.torch_dtype).element_size()
+        count = int(np.clip(np.ceil(COLD_BYTES / max(size, 1)), 1, MAX_COPIES))
+        device, dtype = self.s.torch_device, self.s.torch_dtype
+        return itertools.cycle([tuple(torch.full(shape, 0.01, device=device, dtype=dtype) for shape in shapes)
+                                for _ in range(count)])
+
     def _table(self, kind: str, signature: tuple, axes: list[np.ndarray],
                build: Callable[[tuple[int, ...]], TimedOp]) -> _Table:
         key = (kind, signature, tuple(len(a) for a in axes))
@@ -559,9 +587,9 @@ class _Builder:
             bias = m.bias is not None
 
             def build(w, rows=rows, bias=bias):
-                x, weight = self._tensor((rows, w[0])), self._tensor((w[1], w[0]))
-                bias_t = self._tensor((w[1],)) if bias else None
-                return TimedOp("linear", w, rows * w[0] * w[1], lambda: F.linear(x, weight, bias_t))
+                x = self._tensor((rows, w[0]))
+                params = self._cold([(w[1], w[0])] + ([(w[1],)] if bias else []))
+                return TimedOp("linear", w, rows * w[0] * w[1], lambda: F.linear(x, *next(params)))
 
             table = self._table("linear", (rows, m.in_features, m.out_features, bias), [ax_in, ax_out], build)
             self.ops.append(_Op(table, [w_in, w_out], [k_in, k_out]))
@@ -591,11 +619,11 @@ class _Builder:
 
             def build(w, kernel=m.kernel_size):
                 c = w[0]
-                x, weight = self._tensor((b, c, h, w_)), self._tensor((c, 1, *kernel))
-                bias_t = self._tensor((c,)) if bias else None
+                x = self._tensor((b, c, h, w_))
+                params = self._cold([(c, 1, *kernel), (c,)] if bias else [(c, 1, *kernel)])
                 macs = b * h_out * w_out * c * kernel[0] * kernel[1]
-                return TimedOp("depthwise", w, macs, lambda: F.conv2d(x, weight, bias_t, m.stride, m.padding,
-                                                                        m.dilation, c))
+                return TimedOp("depthwise", w, macs, lambda: F.conv2d(x, *_with_bias(next(params)), m.stride,
+                                                                        m.padding, m.dilation, c))
 
             table = self._table("depthwise", (b, h, w_, m.out_channels, spec, bias), [axis], build)
             self.ops.append(_Op(table, [width], [keys[0] if keys else None]))
@@ -606,10 +634,11 @@ class _Builder:
         ax_out, w_o, k_out = self._axis((id(m), True), m.out_channels)
 
         def build(w, kernel=m.kernel_size):
-            x, weight = self._tensor((b, w[0], h, w_)), self._tensor((w[1], w[0], *kernel))
-            bias_t = self._tensor((w[1],)) if bias else None
+            x = self._tensor((b, w[0], h, w_))
+            params = self._cold([(w[1], w[0], *kernel), (w[1],)] if bias else [(w[1], w[0], *kernel)])
             macs = b * h_out * w_out * w[1] * w[0] * kernel[0] * kernel[1]
-            return TimedOp("conv", w, macs, lambda: F.conv2d(x, weight, bias_t, m.stride, m.padding, m.dilation))
+            return TimedOp("conv", w, macs, lambda: F.conv2d(x, *_with_bias(next(params)), m.stride, m.padding,
+                                                             m.dilation))
 
         table = self._table("conv", (b, h, w_, m.in_channels, m.out_channels, spec, bias), [ax_in, ax_out], build)
         self.ops.append(_Op(table, [w_in, w_o], [k_in, k_out]))
