@@ -183,6 +183,38 @@ def plot() -> None:
     print(f"wrote {RESULTS / 'latency_target.png'}")
 
 
+def table() -> str:
+    """Markdown tables of both parts (also written to results/latency_target.md)."""
+    state = load_state()
+    lines = ["| model | batch | threads | base ms (spread) | target ms | predicted ms | measured ms (spread) | "
+             "vs target | MACs kept | speed-up / MACs reduction: MACs-targeted | latency-targeted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(state["rows"], key=lambda r: (r["threads"], r["batch"], r["model"])):
+        sb = r["side_by_side"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['threads']} | {sb['base']['median_ms']:.1f} ({sb['base']['spread']:.0%}) "
+            f"| {r['target_ms']:.1f} | {r['predicted_ms']:.1f} | {r['latency_ms']:.1f} ({sb['latency']['spread']:.0%}) "
+            f"| {r['error_vs_target']:+.1%} | {r['macs_latency'] / r['macs']:.2f} | {r['per_macs_macs']:.2f} "
+            f"| {r['per_macs_latency']:.2f} |")
+    if state.get("fmnist"):
+        lines += ["", "| teacher (top-1) | batch | MACs-targeted: MACs kept, ms, top-1 after 0 / N steps | "
+                  "latency-targeted: MACs kept, ms, top-1 after 0 / N steps | target ms | predicted ms |",
+                  "|---|---|---|---|---|---|"]
+        for r in state["fmnist"]:
+            sb, n = r["side_by_side"], str(r["steps"])
+
+            def cell(k: str, macs: int) -> str:
+                t = r["top1"][k]
+                return (f"{macs / r['macs_teacher']:.2f}, {sb[k]['median_ms']:.2f} ms ({sb[k]['spread']:.0%}), "
+                        f"{100 * t['0']:.1f} / {100 * t[n]:.1f}")
+
+            lines.append(f"| {r['teacher']} ({100 * r['teacher_top1']:.1f}) | {r['batch']} | {cell('macs', r['macs_macs'])} "
+                         f"| {cell('latency', r['macs_latency'])} | {r['target_ms']:.2f} | {r['predicted_ms']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "latency_target.md").write_text(text)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=("shapes", "fmnist"))
@@ -194,7 +226,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--fmnist-batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=300, help="distillation steps of each Fashion-MNIST student")
-    p.add_argument("--plot", action="store_true")
+    p.add_argument("--plot", action="store_true", help="draw results/latency_target.png and print the tables")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as cache:  # a fresh latency model per run: its cost is part of the result
@@ -204,6 +236,7 @@ def main() -> None:
             fmnist(args, cache)
     if args.plot:
         plot()
+        print(table())
 
 
 if __name__ == "__main__":

@@ -5,13 +5,11 @@ LayerNorm / BatchNorm, the activations after them, and the attention product its
 isolation, at the batch size, device, dtype and threads of the target, on a coarse grid of kept widths
 (multiples of the rounding step); between grid points the time is interpolated. Layers of the same
 shape share one table, so a 12-block ViT times each shape once. Warm-up runs come first and each point
-is a median. The tables give relative costs; end-to-end measurements set the scale: at first the
-unpruned model's latency alone (prediction = base latency x tables(plan) / tables(unpruned)); once a
-pruned model has been measured too, a line through both points (prediction = fixed + slope x tables),
-which separates what does not shrink with the widths (Python overhead, copies) from what does (weights
-that no longer sit in cache, adds, reshapes). The pruner measures every latency-targeted result; when it
-lands further than `CALIBRATION_TOLERANCE` from the prediction, that measurement becomes the second
-point and the budget is solved once more.
+is a median. The tables give relative costs; the unpruned model's measured end-to-end latency sets the
+scale (prediction = base latency x tables(plan) / tables(unpruned)). The pruner measures every
+latency-targeted result beside the unpruned model; when the measured ratio misses the predicted one by
+more than `CALIBRATION_TOLERANCE`, the predictions are corrected by that miss (a secant step: the error is
+taken as locally proportional, never extrapolated to other widths) and the budget is solved once more.
 
 Measurements are cached on disk (`latency_cache_dir`), keyed by the device description, the model's
 shape, batch size, dtype, threads, grid and library versions; any change measures again.
@@ -45,14 +43,13 @@ from .latency import describe_machine
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_TOLERANCE = 0.03  # measured vs predicted: further apart, the measurement refits the model
-NOISE_WARNING = 0.10
+CALIBRATION_TOLERANCE = 0.03  # measured vs predicted further apart than this: the budget is solved once more
+NOISE_WARNING = 0.10  # interquartile range / median of repeated timings above which the device counts as busy
 COLD_BYTES = 64 * 2**20  # parameters cycled through per timed layer shape, to keep them out of the caches
 MAX_COPIES = 64
-SIDE_BY_SIDE_ROUNDS = 2
-MAX_FIXED_SHARE = 0.5  # a refit may attribute at most this share of the base latency to width-independent work  # the pruned result is timed alternately with the unpruned model, so that load hits both  # interquartile range / median of repeated timings above which the device counts as busy
+SIDE_BY_SIDE_ROUNDS = 2  # the pruned result is timed alternately with the unpruned model, so that load hits both
 CACHE_ENV = "OPTIMUM_ISOPRUNE_CACHE"
-CACHE_FORMAT = 3  # raise when the way of timing changes: older caches are then measured again
+CACHE_FORMAT = 4  # raise when the way of timing changes: older caches are then measured again
 
 
 @dataclass
@@ -152,7 +149,7 @@ class LatencySummary:
     machine: str
     repeats: int
     cached: bool  # the tables came from the disk cache
-    two_point: bool  # calibrated on a pruned model's measurement as well as the base model's
+    correction: float  # measured / predicted of a first result that missed, applied to a second solve (else 1)
     timed_points: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,8 +266,8 @@ class LatencyModel:
         self.ops, self.tables, self.settings, self.shape_key = ops, tables, settings, shape_key
         self.input_shape = input_shape  # one image: channels, height, width
         self.forward = forward
-        self.scale, self.offset_ms = 1.0, 0.0  # prediction = offset + scale x sum of the tables
-        self.probe: tuple[float, float] | None = None  # (sum of the tables, measured ms) of one pruned model
+        self.scale = 1.0  # prediction = correction x scale x sum of the tables
+        self.correction = 1.0
         self.path: Path | None = None
         self.base_ms = 0.0
         self.base_times: list[float] = []
@@ -328,7 +325,7 @@ class LatencyModel:
         if previous is not None and previous.path == path:
             for mine, theirs in zip(self.tables, previous.tables):
                 mine.values = theirs.values
-            self.base_times, self.probe, self.cached = previous.base_times, previous.probe, previous.cached
+            self.base_times, self.correction, self.cached = previous.base_times, previous.correction, previous.cached
             self._calibrate()
             return self
         if self._load(path):
@@ -377,46 +374,32 @@ class LatencyModel:
         for t in self.tables:
             t.values = _no_cheaper_below(np.asarray(tables[t.key()], dtype=float).reshape([len(a) for a in t.axes]))
         self.base_times = list(data["base_times"])
-        self.probe = tuple(data["probe"]) if data.get("probe") else None
         self._calibrate()
         return True
 
     def _calibrate(self) -> None:
         self.base_ms = statistics.median(self.base_times)
         full = self._sum_tables(None)
-        self.scale, self.offset_ms = (self.base_ms / full if full > 0 else 1.0), 0.0
-        if self.probe is not None:
-            tables, measured = self.probe
-            if full - tables > 0.02 * full and self.base_ms > measured:
-                self.scale = (self.base_ms - measured) / (full - tables)
-                self.offset_ms = self.base_ms - self.scale * full
-                if not 0.0 <= self.offset_ms <= MAX_FIXED_SHARE * self.base_ms:  # one noisy point must not bend it far
-                    self.offset_ms = float(np.clip(self.offset_ms, 0.0, MAX_FIXED_SHARE * self.base_ms))
-                    self.scale = (measured - self.offset_ms) / tables
+        self.scale = self.base_ms / full if full > 0 else 1.0
 
-    def add_probe(self, plan: Plan, summary: LatencySummary) -> bool:
-        """Use a pruned model's measured latency as the second calibration point when the prediction missed it by
-        more than `CALIBRATION_TOLERANCE` (once per device and shape; cached). True when the predictions changed.
-
-        The measurement enters relative to the unpruned model timed beside it, rescaled to the base latency the
-        tables were calibrated on, so that a change of load since the tables were timed does not bend the line."""
+    def correct(self, plan: Plan, summary: LatencySummary) -> bool:
+        """After a first result missed its prediction by more than `CALIBRATION_TOLERANCE` (measured relative to the
+        unpruned model timed beside it), scale the predictions by the miss; True when they changed. Not when the
+        timings were too noisy to learn from, and only once per run."""
         measured_ms = summary.measured_ms / summary.base_measured_ms * self.base_ms
-        if self.probe is not None or abs(self.predict(plan) - measured_ms) <= CALIBRATION_TOLERANCE * measured_ms:
+        predicted_ms = self.predict(plan)
+        if self.correction != 1.0 or abs(predicted_ms - measured_ms) <= CALIBRATION_TOLERANCE * measured_ms:
             return False
         if max(summary.measured_spread, summary.base_spread) > NOISE_WARNING:
             logger.warning("The pruned model measured %.4g ms where %.4g ms were predicted, but the timings are too noisy "
-                           "to refit the latency model on (spread %.0f%%); keeping this result.", summary.measured_ms,
+                           "to correct the latency model with (spread %.0f%%); keeping this result.", summary.measured_ms,
                            summary.predicted_ms, 100 * max(summary.measured_spread, summary.base_spread))
             return False
-        self.probe = (self._sum_tables(plan), measured_ms)
-        before = (self.scale, self.offset_ms)
-        self._calibrate()
-        if self.path is not None:
-            self._save(self.path)
-        return (self.scale, self.offset_ms) != before
+        self.correction = measured_ms / predicted_ms
+        return True
 
     def _save(self, path: Path) -> None:
-        data = {"key": self.cache_key(), "base_times": self.base_times, "probe": self.probe,
+        data = {"key": self.cache_key(), "base_times": self.base_times, 
                 "tables": {t.key(): t.values.ravel().tolist() for t in self.tables}}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -431,7 +414,7 @@ class LatencyModel:
 
     def predict(self, plan: Plan) -> float:
         """Predicted milliseconds per batch of the model pruned by `plan`."""
-        return self.offset_ms + self.scale * self._sum_tables(plan)
+        return self.correction * self.scale * self._sum_tables(plan)
 
     def _sum_tables(self, plan: Plan | None) -> float:
         if plan is None:
@@ -458,14 +441,14 @@ class LatencyModel:
             target_ms=target_ms, predicted_ms=self.predict(plan), measured_ms=statistics.median(times["pruned"]),
             base_measured_ms=statistics.median(times["base"]), base_predicted_ms=self.predict_base(),
             base_spread=relative_spread(times["base"]),
-            two_point=self.probe is not None,
+            correction=self.correction,
             measured_spread=spread, batch_size=s.batch_size, device=s.device, dtype=s.dtype, threads=threads,
             machine=machine, repeats=len(times["pruned"]), cached=self.cached,
             timed_points=sum(int(np.prod([len(a) for a in t.axes])) for t in self.tables),
         )
 
     def predict_base(self) -> float:
-        return self.offset_ms + self.scale * self._sum_tables(None)
+        return self.correction * self.scale * self._sum_tables(None)
 
     def describe_target(self) -> str:
         """What a latency number of this model refers to, for error messages."""

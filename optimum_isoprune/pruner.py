@@ -188,14 +188,14 @@ class IsomorphicPruner:
             latency_summary = latency.summarize(model, self.model, plan, (macs_after, macs_before),
                                                 config.target_latency, self.latency_timer)
             timings["latency_check"] = time.perf_counter() - tick
-            if self._latency_retry is None and latency.add_probe(plan, latency_summary):
-                logger.info("Measured %.4g ms where the latency model predicted %.4g ms: refitted on that measurement, "
-                            "solving again.", latency_summary.measured_ms, latency_summary.predicted_ms)
+            if self._latency_retry is None and latency.correct(plan, latency_summary):
+                logger.info("Measured %.4g ms where the latency model predicted %.4g ms: predictions corrected by "
+                            "the miss, solving again.", latency_summary.measured_ms, latency_summary.predicted_ms)
                 self._latency_retry = latency
                 try:
                     return self.prune(config, calibration_dataset)
-                except BudgetError as error:  # the refit moved the target out of reach: keep this result
-                    logger.warning("Keeping the first result (%.4g ms measured): after refitting on it, %s",
+                except BudgetError as error:  # the correction moved the target out of reach: keep this result
+                    logger.warning("Keeping the first result (%.4g ms measured): after correcting on it, %s",
                                    latency_summary.measured_ms, error)
                 finally:
                     self._latency_retry = None
