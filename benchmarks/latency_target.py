@@ -187,14 +187,16 @@ def table() -> str:
     """Markdown tables of both parts (also written to results/latency_target.md)."""
     state = load_state()
     lines = ["| model | batch | threads | base ms (spread) | target ms | predicted ms | measured ms (spread) | "
-             "vs target | MACs kept | speed-up / MACs reduction: MACs-targeted | latency-targeted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs target | predicted / measured share of base | MACs kept | speed-up / MACs reduction: MACs-targeted "
+             "| latency-targeted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(state["rows"], key=lambda r: (r["threads"], r["batch"], r["model"])):
         sb = r["side_by_side"]
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['threads']} | {sb['base']['median_ms']:.1f} ({sb['base']['spread']:.0%}) "
             f"| {r['target_ms']:.1f} | {r['predicted_ms']:.1f} | {r['latency_ms']:.1f} ({sb['latency']['spread']:.0%}) "
-            f"| {r['error_vs_target']:+.1%} | {r['macs_latency'] / r['macs']:.2f} | {r['per_macs_macs']:.2f} "
+            f"| {r['error_vs_target']:+.1%} | {r['predicted_ms'] / r['latency_model_base_ms']:.2f} / "
+            f"{r['relative_latency']:.2f} | {r['macs_latency'] / r['macs']:.2f} | {r['per_macs_macs']:.2f} "
             f"| {r['per_macs_latency']:.2f} |")
     if state.get("fmnist"):
         lines += ["", "| teacher (top-1) | batch | MACs-targeted: MACs kept, ms, top-1 after 0 / N steps | "
