@@ -161,14 +161,14 @@ def plot() -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     labels = [f"{r['model']}\nb{r['batch']} t{r['threads']}" for r in rows]
     xs = range(len(rows))
-    ax1.bar([x - 0.2 for x in xs], [r["target_ms"] / r["side_by_side"]["base"]["median_ms"] for r in rows], 0.4,
-            label="target / base")
+    ax1.bar([x - 0.2 for x in xs], [r["predicted_ms"] / r["latency_model_base_ms"] for r in rows], 0.4,
+            label="predicted / base (latency model)")
     ax1.bar([x + 0.2 for x in xs], [r["relative_latency"] for r in rows], 0.4,
             yerr=[r["side_by_side"]["latency"]["spread"] * r["relative_latency"] for r in rows],
-            label="measured / base (IQR across rounds)")
+            label="measured / base, side by side (IQR across rounds)")
     ax1.set_xticks(list(xs), labels, fontsize=7)
     ax1.set_ylabel("latency relative to the base model")
-    ax1.set_title("latency target vs measured")
+    ax1.set_title("share of the base latency: predicted vs measured")
     ax1.legend(fontsize=7)
     ax2.bar([x - 0.2 for x in xs], [r["per_macs_macs"] for r in rows], 0.4, label="MACs-targeted")
     ax2.bar([x + 0.2 for x in xs], [r["per_macs_latency"] for r in rows], 0.4, label="latency-targeted")
