@@ -37,6 +37,7 @@ class ClassRanking:
     local_order: list[np.ndarray]  # per group: its units from least to most important
     normalized: np.ndarray  # the class's scores divided by its median, ascending
     raw_sorted: np.ndarray  # the class's scores, ascending (what global ranking compares across classes)
+    widths: list[np.ndarray] | None = None  # per group: the widths worth keeping, ascending (from a latency model)
 
     @classmethod
     def build(cls, isoclass: IsomorphicClass, scores: dict[PrunableGroup, torch.Tensor], round_to: int,
@@ -66,7 +67,10 @@ class ClassRanking:
         kept = self.counts - removed
         if self.round_to > 1:
             kept = np.where(removed > 0, kept - kept % self.round_to, kept)
-        return np.maximum(kept, self.min_keep)
+        kept = np.maximum(kept, self.min_keep)
+        if self.widths is not None:  # snap up to the next width that is worth keeping
+            kept = np.array([w[min(np.searchsorted(w, k), len(w) - 1)] for w, k in zip(self.widths, kept)])
+        return kept
 
 
 # (layer, is_out_dim) -> original indices removed from that dimension of the layer

@@ -436,6 +436,13 @@ def create_model_card(
         target = f"{format_count(report.target_macs)} MACs ({format_count(2 * report.target_macs)} FLOPs)"
     elif report.target_params is not None:
         target = f"{format_count(report.target_params)} parameters"
+    elif report.target_latency is not None and report.latency:
+        lat = report.latency
+        target = (f"{report.target_latency:.4g} ms per batch of {lat['batch_size']} ({lat['dtype']}, "
+                  f"{lat['threads']} threads) on {lat['machine']}. The latency model measured on that machine "
+                  f"predicted {lat['predicted_ms']:.4g} ms; measured end to end: {lat['measured_ms']:.4g} ms "
+                  f"(base model {lat['base_measured_ms']:.4g} ms, spread of the timed runs "
+                  f"{lat['measured_spread']:.1%})")
     template_vars = {
         "model_title": model_name,
         "repo_id": repo_id or model_name,

@@ -120,6 +120,15 @@ def _target_arg(text: str) -> tuple[float, bool]:
     return value, share
 
 
+def _latency_arg(text: str) -> float:
+    """A latency in milliseconds: '20ms', '20' (ms) or '0.02s'."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|s)?\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a latency; expected milliseconds such as 20ms or 0.02s")
+    value = float(match.group(1))
+    return value * 1e3 if (match.group(2) or "ms").lower() == "s" else value
+
+
 def _ratio_arg(text: str) -> float:
     try:
         value = float(text)
@@ -270,6 +279,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                            f"{name}: nothing to prune; give a smaller amount or a share such as 50%", exit_code=2)
         print(f"Pruning {args.model}: keeping {format_amount(goal)} of {format_amount(total)} {name} "
               f"({goal / total:.0%}), removing the rest.")
+    elif args.target_latency is not None:
+        target["target_latency"] = args.target_latency
+        print(f"Pruning {args.model} to {args.target_latency:g} ms per batch of {args.latency_batch_size or 1}, "
+              "as measured on this machine (a latency model is timed first, then cached).")
     else:
         target["pruning_ratio"] = args.ratio
         print(f"Pruning {args.model}: removing {args.ratio:.0%} of every isomorphic class (heads, MLP neurons, "
@@ -511,7 +524,7 @@ class _DeprecatedRatio(argparse.Action):
 
 # `prune` has one option per IsomorphicPruningConfig field (help and choices from the field's metadata), except the
 # targets, which take units and shares; a few keep shorter names.
-_TARGET_FIELDS = ("target_macs", "target_params", "pruning_ratio")
+_TARGET_FIELDS = ("target_macs", "target_params", "target_latency", "pruning_ratio")
 _OPTION_NAMES = {"head_pruning_ratio": "--head-ratio", "head_dim_pruning_ratio": "--head-dim-ratio",
                  "ignored_modules": "--ignore"}
 
@@ -536,7 +549,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         elif kind == "bool":
             options["action"] = argparse.BooleanOptionalAction
         elif kind == "int":
-            options.update(type=int if f.name == "seed" else _positive_int, metavar="N")
+            options.update(type=int if f.name in ("seed", "search_finalists") else _positive_int, metavar="N")
         elif kind == "float":
             options.update(type=_ratio_arg if f.name.endswith("ratio") else float, metavar="X")
         elif kind == "list[str]":
@@ -577,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MACs per image to KEEP, e.g. 1.2G, or 50%% of the model's")
     target.add_argument("--target-params", type=_target_arg, metavar="AMOUNT",
                         help="parameters to KEEP, e.g. 5M, or 50%% of the model's")
+    target.add_argument("--target-latency", type=_latency_arg, metavar="TIME",
+                        help="latency per batch on this machine, e.g. 20ms (see --latency-batch-size/-device/-threads)")
     target.add_argument("--prune-ratio", dest="ratio", type=_ratio_arg, metavar="R",
                         help="fraction REMOVED from every isomorphic class, e.g. 0.5 (keeps about half the MACs)")
     target.add_argument("--ratio", dest="ratio", type=_ratio_arg, action=_DeprecatedRatio, help=argparse.SUPPRESS)

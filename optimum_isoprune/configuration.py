@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -14,11 +15,14 @@ IMPORTANCE_CHOICES = ("taylor", "magnitude", "random")
 GROUPING_CHOICES = ("isomorphic", "global", "uniform")
 BUDGET_POLICY_CHOICES = ("shared", "allocate", "search")
 RECONSTRUCTION_CHOICES = ("none", "bias", "least_squares")
+LATENCY_DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+TARGETS = ("target_macs", "target_params", "target_latency", "pruning_ratio")
 
 
 @dataclass
 class IsomorphicPruningConfig(JsonFile):
-    """Configuration of one pruning run; exactly one of `target_macs`, `target_params`, `pruning_ratio`."""
+    """Configuration of one pruning run; exactly one of `target_macs`, `target_params`, `target_latency`,
+    `pruning_ratio`."""
 
     file_name: ClassVar[str] = PRUNING_CONFIG_NAME
 
@@ -27,6 +31,42 @@ class IsomorphicPruningConfig(JsonFile):
     )
     target_params: float | None = field(
         default=None, metadata={"help": "Parameter count of the pruned model (e.g. 5e6)."}
+    )
+    target_latency: float | None = field(
+        default=None,
+        metadata={"help": "Latency of the pruned model in milliseconds per batch of latency_batch_size on "
+                  "latency_device, predicted by a latency model measured on this machine (e.g. 20.0)."},
+    )
+    latency_batch_size: int = field(
+        default=1, metadata={"help": "target_latency: the batch size the latency refers to."}
+    )
+    latency_device: str | None = field(
+        default=None,
+        metadata={"help": "target_latency: the device it refers to ('cpu', 'cuda', 'cuda:1'); defaults to the "
+                  "model's device."},
+    )
+    latency_threads: int | None = field(
+        default=None,
+        metadata={"help": "target_latency: CPU threads it refers to; defaults to torch's current setting."},
+    )
+    latency_dtype: str = field(
+        default="float32",
+        metadata={"help": "target_latency: the inference dtype it refers to.", "choices": LATENCY_DTYPE_CHOICES},
+    )
+    latency_grid_points: int = field(
+        default=6,
+        metadata={"help": "target_latency: kept widths timed per layer shape (a coarse grid of multiples of "
+                  "round_to, interpolated in between)."},
+    )
+    latency_repeats: int = field(
+        default=10,
+        metadata={"help": "target_latency: timed runs per measurement (the median counts), after a quarter as "
+                  "many warm-up runs."},
+    )
+    latency_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "target_latency: folder of cached latency measurements; defaults to "
+                  "$OPTIMUM_ISOPRUNE_CACHE/latency or ~/.cache/optimum_isoprune/latency."},
     )
     pruning_ratio: float | None = field(
         default=None,
@@ -121,14 +161,13 @@ class IsomorphicPruningConfig(JsonFile):
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), str(f.type))
-        targets = {k: getattr(self, k) for k in ("target_macs", "target_params", "pruning_ratio")}
-        given = [k for k, v in targets.items() if v is not None]
+        given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"Set exactly one of target_macs, target_params, pruning_ratio (got {given or 'none'}); "
+                f"Set exactly one of {', '.join(TARGETS)} (got {given or 'none'}); "
                 "e.g. IsomorphicPruningConfig(target_macs=1.2e9)."
             )
-        for name in ("target_macs", "target_params"):
+        for name in ("target_macs", "target_params", "target_latency"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
@@ -139,15 +178,21 @@ class IsomorphicPruningConfig(JsonFile):
         for f in fields(self):
             if "choices" in f.metadata:
                 _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        if self.latency_device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.latency_device):
+            raise ValueError(f"latency_device must be 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {self.latency_device!r}.")
         if not self.reconstruction_damping >= 0:
             raise ValueError(f"reconstruction_damping must be >= 0, got {self.reconstruction_damping!r}.")
         for name in ("round_to", "min_heads", "num_calibration_batches", "calibration_batch_size", "search_candidates",
-                     "search_batches"):
+                     "search_batches", "latency_batch_size", "latency_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.search_finalists is not None and (not isinstance(self.search_finalists, int) or self.search_finalists < 0):
             raise ValueError(f"search_finalists must be None or a non-negative integer, got {self.search_finalists!r}.")
+        if self.latency_threads is not None and self.latency_threads < 1:
+            raise ValueError(f"latency_threads must be a positive integer, got {self.latency_threads!r}.")
+        if self.latency_grid_points < 2:
+            raise ValueError(f"latency_grid_points must be at least 2, got {self.latency_grid_points!r}.")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size!r}.")
         self.ignored_modules = list(self.ignored_modules)

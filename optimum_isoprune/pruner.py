@@ -21,10 +21,11 @@ from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .distributed import all_reduce_gradients, check_same_model_on_all_ranks, shard
-from .errors import CalibrationDataError
+from .errors import BudgetError, CalibrationDataError
 from .guards import check_finite_parameters, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import IsomorphicClass, PrunableGroup, build_classes, collect_groups
+from .latency_model import LatencyModel, Timer, build_latency_model
 from .modeling import to_pruned_model
 from .reconstruction import reconstruct
 from .search import CalibrationLoss, ChannelMasks, SearchSummary, global_ratios_at, search_split
@@ -92,6 +93,8 @@ class IsomorphicPruner:
         self.pruned_model: nn.Module | None = None
         self.config: IsomorphicPruningConfig | None = None
         self._report: PruningReport | None = None
+        self.latency_timer: Timer | None = None  # target_latency: how ops are timed (default: the wall clock)
+        self._latency_retry: LatencyModel | None = None  # set during the second pass of a latency-targeted run
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "IsomorphicPruner":
@@ -145,9 +148,17 @@ class IsomorphicPruner:
             scores = channel_scores(groups, criterion, config.seed)
             model.zero_grad(set_to_none=True)
 
+        rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
+        budget = Budget(rankings, groups, cost)
+        latency = None
+        if config.target_latency is not None:
+            with _timed(timings, "latency_model"):
+                example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
+                latency = build_latency_model(model, example, adapter.logits, classes, cost, config, macs_before,
+                                              self.latency_timer, previous=self._latency_retry)
+                latency.round_widths(rankings)
+
         with _timed(timings, "budget"):
-            rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
-            budget = Budget(rankings, groups, cost)
             score = None
             if searching:
                 def refit(consumers):  # candidates are scored after the reconstruction the final model gets
@@ -156,7 +167,12 @@ class IsomorphicPruner:
 
                 score = CalibrationLoss(model, ChannelMasks(groups), held_out, adapter.logits,
                                         refit if reconstruction != "none" else None)
-            plan, search = self._solve(budget, rankings, config, score)
+            try:
+                plan, search = self._solve(budget, rankings, config, score, latency)
+            except BudgetError as error:
+                if latency is None:
+                    raise
+                raise BudgetError(f"{error} Latencies are {latency.describe_target()}.") from None
             macs_after = budget.macs(plan)  # counted from the layer shapes before surgery; tests recount the result
 
         with _timed(timings, "surgery"):
@@ -170,6 +186,21 @@ class IsomorphicPruner:
                                    config.reconstruction_damping)
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
+        if latency is not None:
+            with _timed(timings, "latency_check"):
+                latency_summary = latency.summarize(model, self.model, plan, (macs_after, macs_before),
+                                                    config.target_latency, self.latency_timer)
+            if self._latency_retry is None and latency.correct(plan, latency_summary):
+                logger.info("Measured %.4g ms where the latency model predicted %.4g ms: predictions corrected by "
+                            "the miss, solving again.", latency_summary.measured_ms, latency_summary.predicted_ms)
+                self._latency_retry = latency
+                try:
+                    return self.prune(config, calibration_dataset)
+                except BudgetError as error:  # the correction moved the target out of reach: keep this result
+                    logger.warning("Keeping the first result (%.4g ms measured): after correcting on it, %s",
+                                   latency_summary.measured_ms, error)
+                finally:
+                    self._latency_retry = None
         check_same_model_on_all_ranks(model)  # DDP starts from one model; no-op in a single process
         timings["total"] = time.perf_counter() - started
         self._report = PruningReport(
@@ -182,6 +213,8 @@ class IsomorphicPruner:
             image_size=image_size,
             target_macs=config.target_macs,
             target_params=config.target_params,
+            target_latency=config.target_latency,
+            latency=latency_summary.to_dict() if latency is not None else {},
             pruning_ratio=_removed_fraction(rankings, plan, "channels"),
             head_pruning_ratio=_removed_fraction(rankings, plan, "heads"),
             head_dim_pruning_ratio=_removed_fraction(rankings, plan, "head_dims"),
@@ -330,14 +363,18 @@ class IsomorphicPruner:
         return ignored
 
     def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig,
-               score: CalibrationLoss | None) -> tuple[Plan, SearchSummary | None]:
+               score: CalibrationLoss | None, latency: LatencyModel | None) -> tuple[Plan, SearchSummary | None]:
         def shared(ratio: float) -> dict:
             return shared_ratios(rankings, ratio, config.head_pruning_ratio, config.head_dim_pruning_ratio)
 
         if config.pruning_ratio is not None:
             return budget.plan(shared(config.pruning_ratio)), None
-        name, target = ("macs", config.target_macs) if config.target_macs is not None else ("params", config.target_params)
-        metric = budget.macs if name == "macs" else budget.params
+        if latency is not None:
+            name, target, metric = "latency", config.target_latency, latency.predict
+        elif config.target_macs is not None:
+            name, target, metric = "macs", config.target_macs, budget.macs
+        else:
+            name, target, metric = "params", config.target_params, budget.params
         low, high = shared(0.0), shared(0.5)
         pinned = {c: r for c, r in low.items() if high[c] == r}  # head ratios the user fixed
         if score is not None:

@@ -53,6 +53,7 @@ class PruningReport(JsonFile):
     image_size: int
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None  # ms per batch; `latency` says of which batch, device and machine
     # Achieved fractions removed: channels outside attention, whole heads, and dims inside heads.
     pruning_ratio: float = 0.0
     head_pruning_ratio: float = 0.0
@@ -63,6 +64,7 @@ class PruningReport(JsonFile):
     peak_memory_mb: float | None = None
     reconstruction: dict[str, Any] = field(default_factory=dict)  # a ReconstructionSummary, when one ran
     search: dict[str, Any] = field(default_factory=dict)  # a SearchSummary, for budget_policy="search"
+    latency: dict[str, Any] = field(default_factory=dict)  # a LatencySummary, for target_latency
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -75,7 +77,9 @@ class PruningReport(JsonFile):
 
     @property
     def target_error(self) -> float | None:
-        """Relative distance of the achieved MACs/params from the target (None for a plain ratio)."""
+        """Relative distance of the achieved MACs/params (measured latency) from the target (None for a plain ratio)."""
+        if self.target_latency is not None and self.latency:
+            return abs(self.latency["measured_ms"] - self.target_latency) / self.target_latency
         if self.target_macs is not None:
             return abs(self.macs_after - self.target_macs) / self.target_macs
         if self.target_params is not None:
@@ -110,6 +114,10 @@ class PruningReport(JsonFile):
             from .search import SearchSummary
 
             lines.append("  split: " + SearchSummary(**self.search).describe())
+        if self.latency:
+            from .latency_model import LatencySummary
+
+            lines.append("  latency: " + LatencySummary(**self.latency).describe())
         if self.target_error is not None:
             lines.append(f"  target error: {self.target_error:.2%}")
         if self.timings:
