@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
+from transformers import Dinov2Config, Dinov2ForImageClassification
 
-from models import TIMM_FAMILY_BUILDERS, build, logits
+from models import TIMM_FAMILY_BUILDERS, TIMM_VIT_KWARGS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.checkpoint import load_pruned_model
 from optimum_isoprune.counting import count_macs, count_params
+from optimum_isoprune.errors import UnsupportedModelError
 from test_pruner import _inputs, independent_macs
 
 FAMILIES = sorted(TIMM_FAMILY_BUILDERS)
@@ -120,3 +123,27 @@ def test_layer_scale_is_pruned_with_the_residual_width():
     assert width < model.cls_token.shape[-1]
     for block in pruned.blocks:
         assert block.ls1.gamma.shape == (width,) and block.ls2.gamma.shape == (width,)
+
+
+_REFUSED = {
+    "beit": (lambda: timm.create_model("beit_base_patch16_224", pretrained=False, **TIMM_VIT_KWARGS), "vit_*",
+             "reshapes the heads back to the residual width"),
+    "eva02": (lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TIMM_VIT_KWARGS), "vit_*",
+              "rotary embeddings"),
+    "swinv2": (lambda: timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=32, patch_size=2,
+                                         embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=10),
+               "swin_*", "logit scale"),
+    "dinov2": (lambda: Dinov2ForImageClassification(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                                 intermediate_size=64, image_size=32, patch_size=8)),
+               "ViTForImageClassification", "pruned checkpoint class"),
+    "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REFUSED))
+def test_refusal_names_the_nearest_family_and_what_is_missing(name):
+    builder, family, missing = _REFUSED[name]
+    with pytest.raises(UnsupportedModelError) as error:
+        IsomorphicPruner(builder())
+    message = str(error.value)
+    assert "Nearest supported family" in message and family in message and missing in message, message
