@@ -32,9 +32,9 @@ SWIN_KWARGS = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
 
 
-def _timm_wrapper() -> torch.nn.Module:
-    model_args = {k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"}
-    config = TimmWrapperConfig(architecture="vit_tiny_patch16_224", num_labels=10, model_args=model_args,
+def _timm_wrapper(architecture: str = "vit_tiny_patch16_224", vit: bool = True) -> torch.nn.Module:
+    model_args = {k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"} if vit else None
+    config = TimmWrapperConfig(architecture=architecture, num_labels=10, model_args=model_args,
                                pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "num_classes": 10})
     return TimmWrapperForImageClassification(config)
 
@@ -78,6 +78,9 @@ TIMM_FAMILY_BUILDERS = {
     "timm_mobilenetv3": lambda: _timm_cnn("mobilenetv3_small_050"),  # hard-swish SE, a conv head after pooling
     "timm_regnety": lambda: _timm_cnn("regnety_002", 32),  # grouped convs + SE
     "timm_deit3": lambda: timm.create_model("deit3_small_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),  # layer scale
+    # the transformers shell around them
+    "timm_wrapper_deit3": lambda: _timm_wrapper("deit3_small_patch16_224"),
+    "timm_wrapper_mobilenetv3": lambda: _timm_wrapper("mobilenetv3_small_050", vit=False),
 }
 
 
