@@ -97,6 +97,9 @@ def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup
             targets.append(GroupTarget(layer, layer_is_out, np.resize(root_idxs, len(layer_idxs)), layer_idxs))
             signature.append((type(layer).__name__, layer_is_out, len(layer_idxs)))
             producers += int(layer_is_out and isinstance(layer, (nn.Linear, nn.Conv2d)))
+            if _conv_groups(layer) > 1 and not np.array_equal(layer_idxs, root_idxs):
+                raise ValueError(f"{names.get(layer, layer)}: a grouped convolution whose channels are reordered "
+                                 "relative to its group's root cannot keep equal conv groups; not supported.")
             channel_groups = max(channel_groups, _conv_groups(layer))
     root, root_fn = group[0].dep.target.module, group[0].dep.handler
     width = len(group[0].idxs)
