@@ -77,7 +77,8 @@ TIMM_FAMILY_BUILDERS = {
     "timm_efficientnet": lambda: _timm_cnn("efficientnet_b0", 32),  # depthwise convs + squeeze-and-excitation
     "timm_mobilenetv3": lambda: _timm_cnn("mobilenetv3_small_050"),  # hard-swish SE, a conv head after pooling
     "timm_regnety": lambda: _timm_cnn("regnety_002", 32),  # grouped convs + SE
-    "timm_deit3": lambda: timm.create_model("deit3_small_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),  # layer scale
+    # layer scale
+    "timm_deit3": lambda: timm.create_model("deit3_small_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
     # the transformers shell around them
     "timm_wrapper_deit3": lambda: _timm_wrapper("deit3_small_patch16_224"),
     "timm_wrapper_mobilenetv3": lambda: _timm_wrapper("mobilenetv3_small_050", vit=False),

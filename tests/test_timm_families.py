@@ -93,12 +93,13 @@ def test_grouped_convs_keep_their_groups_with_equal_widths(round_to):
 
 
 def _squeeze_excitations(model: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Conv2d]]:
-    """(reduce, expand) convs of every SE module: timm's SqueezeExcite (efficientnet, mobilenetv3) or SEModule (regnet)."""
+    """(reduce, expand) convs of every SE module: timm's SqueezeExcite (efficientnet, mobilenetv3), SEModule (regnet)."""
     pairs = {}
     for name, module in model.named_modules():
         for reduce, expand in (("conv_reduce", "conv_expand"), ("fc1", "fc2")):
-            if isinstance(getattr(module, reduce, None), nn.Conv2d) and isinstance(getattr(module, expand, None), nn.Conv2d):
-                pairs[name] = (getattr(module, reduce), getattr(module, expand))
+            convs = getattr(module, reduce, None), getattr(module, expand, None)
+            if all(isinstance(conv, nn.Conv2d) for conv in convs):
+                pairs[name] = convs
     return pairs
 
 
@@ -133,8 +134,8 @@ _REFUSED = {
     "swinv2": (lambda: timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=32, patch_size=2,
                                          embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=10),
                "swin_*", "logit scale"),
-    "dinov2": (lambda: Dinov2ForImageClassification(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                                 intermediate_size=64, image_size=32, patch_size=8)),
+    "dinov2": (lambda: Dinov2ForImageClassification(Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)),
                "ViTForImageClassification", "pruned checkpoint class"),
     "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
 }

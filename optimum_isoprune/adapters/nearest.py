@@ -10,7 +10,8 @@ from torch import nn
 _TIMM_VIT = "timm vit_* / deit3_* (VisionTransformer)"
 _HF_VIT = "transformers ViTForImageClassification"
 _RESHAPE = "its attention reshapes the heads back to the residual width, so heads and residual channels cannot shrink "
-_FUSED_BIAS = "the qkv projection runs as F.linear on qkv.weight with separate q/v biases, which torch-pruning cannot trace"
+_FUSED_BIAS = ("the qkv projection runs as F.linear on qkv.weight with separate q/v biases, which torch-pruning "
+               "cannot trace")
 _NEEDS_CLASS = "a pruned checkpoint class in optimum_isoprune/modeling that records its per-layer widths"
 
 # timm class (module.name) or transformers model_type -> (nearest supported family, what is missing).
