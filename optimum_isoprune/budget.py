@@ -7,6 +7,7 @@ re-using the scores (nothing is re-estimated per trial; each trial is arithmetic
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,6 +45,8 @@ class ClassRanking:
               min_heads: int) -> "ClassRanking":
         per_group = [unit_scores(g, scores[g], isoclass.heads).numpy() for g in isoclass.groups]
         counts = np.array([len(s) for s in per_group])
+        if not isoclass.heads:  # a unit of a grouped conv is one channel per conv group: round the channel count
+            round_to = max(round_to // math.gcd(round_to, g.channel_groups) for g in isoclass.groups)
         floor = min_heads if isoclass.heads else round_to
         concat = np.concatenate(per_group)
         owner = np.repeat(np.arange(len(per_group)), counts)
@@ -135,7 +138,7 @@ class Budget:
         if key not in self._cache:
             mask = np.zeros(group.width, dtype=bool)
             if group.attention is None:
-                mask[channels] = True
+                mask.reshape(group.channel_groups, -1)[:, channels] = True
             else:
                 grid = mask.reshape(group.attention.num_heads, group.attention.head_dim)
                 grid[heads, :] = True

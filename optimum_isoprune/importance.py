@@ -77,6 +77,7 @@ def unit_scores(group: PrunableGroup, scores: torch.Tensor, heads: bool) -> torc
     head-dim score is the mean over heads; a head's score is the mean over its dims.
     """
     if group.attention is None:
-        return scores
+        # Grouped convolutions: one offset leaves every conv group, so its score is the mean over groups.
+        return scores.view(group.channel_groups, -1).mean(0) if group.channel_groups > 1 else scores
     per_head = scores.view(group.attention.num_heads, group.attention.head_dim)
     return per_head.mean(1) if heads else per_head.mean(0)

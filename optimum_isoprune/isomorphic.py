@@ -49,6 +49,9 @@ class PrunableGroup:
     targets: list[GroupTarget]
     tp_group: tp.dependency.Group
     attention: Attention | None = None
+    # Grouped convolutions (not depthwise) in the group: channel c lives in conv group c // (width // channel_groups),
+    # and every conv group must lose the same offsets, so a unit is one offset taken from all of them.
+    channel_groups: int = 1
 
 
 UNITS = ("channels", "heads", "head_dims")
@@ -94,7 +97,7 @@ def collect_groups(
 
 
 def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup:
-    targets, signature, producers = [], [], 0
+    targets, signature, producers, channel_groups = [], [], 0, 1
     for item in group:
         target, is_out = item.dep.target.module, graph.is_out_channel_pruning_fn(item.dep.handler)
         if not (isinstance(target, nn.Parameter) or target in names):
@@ -108,20 +111,35 @@ def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup
             targets.append(GroupTarget(layer, layer_is_out, np.resize(root_idxs, len(layer_idxs)), layer_idxs))
             signature.append((type(layer).__name__, layer_is_out, len(layer_idxs)))
             producers += int(layer_is_out and isinstance(layer, (nn.Linear, nn.Conv2d)))
+            if _conv_groups(layer) > 1 and not np.array_equal(layer_idxs, root_idxs):
+                raise ValueError(f"{names.get(layer, layer)}: a grouped convolution whose channels are reordered "
+                                 "relative to its group's root cannot keep equal conv groups; not supported.")
+            channel_groups = max(channel_groups, _conv_groups(layer))
     root, root_fn = group[0].dep.target.module, group[0].dep.handler
     width = len(group[0].idxs)
     kind = "attention" if attention is not None else ("residual" if producers > 1 else "channels")
+    if width % channel_groups:
+        raise ValueError(f"{names[root]}: {width} channels cannot be split into {channel_groups} convolution groups.")
     return PrunableGroup(
         name=names[root],
         root=root,
         root_fn=root_fn,
         width=width,
         kind=kind,
-        signature=(kind, width, tuple(signature)),
+        signature=(kind, width, channel_groups, tuple(signature)),
         targets=targets,
         tp_group=group,
         attention=attention,
+        channel_groups=channel_groups,
     )
+
+
+def _conv_groups(layer: nn.Module | nn.Parameter) -> int:
+    """The groups of a grouped (not depthwise) convolution, else 1; torch-pruning couples a depthwise conv's
+    input and output channel by channel, but slices a grouped conv's input assuming equal offsets per group."""
+    if isinstance(layer, nn.Conv2d) and 1 < layer.groups < layer.in_channels:
+        return layer.groups
+    return 1
 
 
 def _pattern(name: str) -> str:

@@ -32,9 +32,9 @@ SWIN_KWARGS = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
 
 
-def _timm_wrapper() -> torch.nn.Module:
-    model_args = {k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"}
-    config = TimmWrapperConfig(architecture="vit_tiny_patch16_224", num_labels=10, model_args=model_args,
+def _timm_wrapper(architecture: str = "vit_tiny_patch16_224", vit: bool = True) -> torch.nn.Module:
+    model_args = {k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"} if vit else None
+    config = TimmWrapperConfig(architecture=architecture, num_labels=10, model_args=model_args,
                                pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "num_classes": 10})
     return TimmWrapperForImageClassification(config)
 
@@ -66,9 +66,28 @@ BUILDERS = {
 }
 
 
+def _timm_cnn(name: str, image_size: int = 64) -> torch.nn.Module:
+    """A timm CNN at its real width, fed small images (its pretrained_cfg says which size) to stay fast."""
+    return timm.create_model(name, pretrained=False, num_classes=10,
+                             pretrained_cfg_overlay=dict(input_size=(3, image_size, image_size)))
+
+
+# timm families beyond the support matrix above (tests/test_timm_families.py): what each adds is in the comment.
+TIMM_FAMILY_BUILDERS = {
+    "timm_efficientnet": lambda: _timm_cnn("efficientnet_b0", 32),  # depthwise convs + squeeze-and-excitation
+    "timm_mobilenetv3": lambda: _timm_cnn("mobilenetv3_small_050"),  # hard-swish SE, a conv head after pooling
+    "timm_regnety": lambda: _timm_cnn("regnety_002", 32),  # grouped convs + SE
+    # layer scale
+    "timm_deit3": lambda: timm.create_model("deit3_small_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
+    # the transformers shell around them
+    "timm_wrapper_deit3": lambda: _timm_wrapper("deit3_small_patch16_224"),
+    "timm_wrapper_mobilenetv3": lambda: _timm_wrapper("mobilenetv3_small_050", vit=False),
+}
+
+
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = BUILDERS[name]().eval()
+    model = {**BUILDERS, **TIMM_FAMILY_BUILDERS}[name]().eval()
     with torch.no_grad():  # transformers initialises Swin's bias tables to zero: make every head's column distinct
         for param_name, param in model.named_parameters():
             if param_name.endswith("relative_position_bias_table"):

@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import Attention, AttentionLayout, ModelAdapter
 from .io import ModelIO
+from .nearest import nearest_family
 from .swin import SwinTimmAdapter, SwinTransformersAdapter
 from .timm_models import TimmAdapter
 from .transformers_models import TimmWrapperAdapter, TransformersAdapter
@@ -22,8 +23,10 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         if adapter_cls.supports(model):
             return adapter_cls(model)
     supported = "; ".join(a.describe_supported() for a in ADAPTERS)
+    family, missing = nearest_family(model)
     raise UnsupportedModelError(
-        f"{type(model).__name__} is not supported by the isomorphic pruner. Supported: {supported}."
+        f"{type(model).__name__} is not supported by the isomorphic pruner. Nearest supported family: {family}; "
+        f"missing: {missing}. Supported: {supported}."
     )
 
 

@@ -1,4 +1,9 @@
-"""Adapters for timm models (vit / deit incl. distilled, convnext, resnet)."""
+"""Adapters for timm models (vit / deit / deit3 incl. distilled, convnext, resnet, efficientnet, mobilenetv3, regnety).
+
+Squeeze-and-excitation (efficientnet, mobilenetv3, regnety), depthwise convolutions and layer scale need no
+code here: torch-pruning couples them through the graph. Grouped convolutions (regnety) are ranked by offset
+across conv groups in `isomorphic.py`, so every conv group keeps the same width.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,13 @@ TIMM_ATTENTION = AttentionLayout(
 
 # timm model classes (by module and name) that the pruner handles.
 SUPPORTED_TIMM_CLASSES = {
-    "timm.models.vision_transformer.VisionTransformer": "vit_*, deit_*",
+    "timm.models.vision_transformer.VisionTransformer": "vit_*, deit_*, deit3_*",
     "timm.models.deit.VisionTransformerDistilled": "deit_*_distilled_*",
     "timm.models.convnext.ConvNeXt": "convnext_*",
     "timm.models.resnet.ResNet": "resnet*",
+    "timm.models.efficientnet.EfficientNet": "efficientnet_*",
+    "timm.models.mobilenetv3.MobileNetV3": "mobilenetv3_*",
+    "timm.models.regnet.RegNet": "regnety_*",
 }
 
 
