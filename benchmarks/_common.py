@@ -46,8 +46,10 @@ def machine() -> dict:
 
 def stamp(meta: dict, seed) -> str:
     """One line for a figure footer: machine, versions, seed."""
-    return (f"{meta['machine']} | transformers {meta['transformers']}, timm {meta['timm']}, "
-            f"torch-pruning {meta['torch_pruning']}, optimum-isoprune {meta['optimum_isoprune']} | seed {seed}")
+    return (
+        f"{meta['machine']} | transformers {meta['transformers']}, timm {meta['timm']}, "
+        f"torch-pruning {meta['torch_pruning']}, optimum-isoprune {meta['optimum_isoprune']} | seed {seed}"
+    )
 
 
 def footer(fig, meta: dict, seed) -> None:

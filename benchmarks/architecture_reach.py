@@ -44,14 +44,26 @@ def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def run(name: str, args: dict, batches: int, batch_size: int, reconstruction: str) -> dict:
     torch.manual_seed(0)
-    build = lambda: timm.create_model(name, pretrained=False, num_classes=1000,  # noqa: E731
-                                      pretrained_cfg_overlay={"input_size": (3, IMAGE_SIZE, IMAGE_SIZE)}, **args).eval()
+
+    def build() -> torch.nn.Module:
+        return timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=1000,
+            pretrained_cfg_overlay={"input_size": (3, IMAGE_SIZE, IMAGE_SIZE)},
+            **args,
+        ).eval()
+
     model = build()
     pruner = IsomorphicPruner(model)
     data = torch.randn(batches * batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     target = count_macs(model) * 0.5
-    config = IsomorphicPruningConfig(target_macs=target, num_calibration_batches=batches,
-                                     calibration_batch_size=batch_size, reconstruction=reconstruction)
+    config = IsomorphicPruningConfig(
+        target_macs=target,
+        num_calibration_batches=batches,
+        calibration_batch_size=batch_size,
+        reconstruction=reconstruction,
+    )
     started = time.perf_counter()
     pruned = pruner.prune(config, calibration_dataset=data)
     seconds = time.perf_counter() - started
@@ -94,9 +106,12 @@ def main() -> None:
     for row, (name, args) in FAMILIES.items():
         rows[row] = run(name, args, cli.batches, cli.batch_size, cli.reconstruction)
         r = rows[row]
-        print(f"{row}: budget error {r['budget_error']:+.4f}, MACs agreement {r['macs_agreement_error']:.2e}, "
-              f"params {r['params_before'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M, "
-              f"save/load exact {r['save_load_bit_identical']}, {r['pruning_seconds']:.1f} s", flush=True)
+        print(
+            f"{row}: budget error {r['budget_error']:+.4f}, MACs agreement {r['macs_agreement_error']:.2e}, "
+            f"params {r['params_before'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M, "
+            f"save/load exact {r['save_load_bit_identical']}, {r['pruning_seconds']:.1f} s",
+            flush=True,
+        )
     save_json("architecture_reach.json", {"meta": meta, "target_fraction": 0.5, "rows": rows})
 
 

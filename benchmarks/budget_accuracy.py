@@ -18,11 +18,18 @@ import time
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (ConvNextConfig, ConvNextForImageClassification, MobileNetV2Config,
-                          MobileNetV2ForImageClassification, ResNetConfig, ResNetForImageClassification, ViTConfig,
-                          ViTForImageClassification)
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
-from _common import footer, machine, save_json, RESULTS
+from _common import RESULTS, footer, machine, save_json
 from optimum_isoprune import BudgetError, IsomorphicPruner, IsomorphicPruningConfig, count_macs
 
 SIZE = 112
@@ -30,19 +37,36 @@ EAGER = dict(attn_implementation="eager")
 
 
 def models():
-    vit = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
-               image_size=SIZE, patch_size=16, num_labels=10, **EAGER)
+    vit = dict(
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=SIZE,
+        patch_size=16,
+        num_labels=10,
+        **EAGER,
+    )
     return {
         "hf_vit (192d, 6L, 3h)": lambda: ViTForImageClassification(ViTConfig(**vit)),
-        "hf_convnext (48-384, 2-2-4-2)": lambda: ConvNextForImageClassification(ConvNextConfig(
-            hidden_sizes=[48, 96, 192, 384], depths=[2, 2, 4, 2], image_size=SIZE, num_labels=10)),
-        "hf_resnet (basic, 1-1-1-1)": lambda: ResNetForImageClassification(ResNetConfig(
-            embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic",
-            num_labels=10)),
-        "hf_mobilenet_v2 (x0.5)": lambda: MobileNetV2ForImageClassification(MobileNetV2Config(
-            image_size=SIZE, depth_multiplier=0.5, num_labels=10)),
-        "timm_deit_tiny": lambda: timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=SIZE,
-                                                    num_classes=10, depth=6),
+        "hf_convnext (48-384, 2-2-4-2)": lambda: ConvNextForImageClassification(
+            ConvNextConfig(hidden_sizes=[48, 96, 192, 384], depths=[2, 2, 4, 2], image_size=SIZE, num_labels=10)
+        ),
+        "hf_resnet (basic, 1-1-1-1)": lambda: ResNetForImageClassification(
+            ResNetConfig(
+                embedding_size=32,
+                hidden_sizes=[32, 64, 128, 256],
+                depths=[1, 1, 1, 1],
+                layer_type="basic",
+                num_labels=10,
+            )
+        ),
+        "hf_mobilenet_v2 (x0.5)": lambda: MobileNetV2ForImageClassification(
+            MobileNetV2Config(image_size=SIZE, depth_multiplier=0.5, num_labels=10)
+        ),
+        "timm_deit_tiny": lambda: timm.create_model(
+            "deit_tiny_patch16_224", pretrained=False, img_size=SIZE, num_classes=10, depth=6
+        ),
         "timm_convnext_atto": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10),
     }
 
@@ -75,26 +99,45 @@ def main() -> None:
                 row = dict(model=name, policy=policy, fraction=fraction)
                 try:
                     base = None
-                    cfg = IsomorphicPruningConfig(target_macs=1.0, importance="magnitude", budget_policy=policy,
-                                                  round_to=args.round_to, seed=args.seed, image_size=SIZE)
+                    cfg = IsomorphicPruningConfig(
+                        target_macs=1.0,
+                        importance="magnitude",
+                        budget_policy=policy,
+                        round_to=args.round_to,
+                        seed=args.seed,
+                        image_size=SIZE,
+                    )
                     # the original MACs come from the package's counter (same one that checks the target)
                     base = count_macs(model, image_size=SIZE)
                     cfg.target_macs = fraction * base
                     pruned = pruner.prune(cfg)
                     rep = pruner.report
-                    row.update(macs_before=rep.macs_before, target=cfg.target_macs, achieved=rep.macs_after,
-                               rel_error=abs(rep.macs_after - cfg.target_macs) / cfg.target_macs,
-                               flopcounter_before=base_flops,
-                               flopcounter_after=flop_counter_macs(pruned),
-                               budget_s=rep.timings["budget"], total_s=rep.timings["total"])
+                    row.update(
+                        macs_before=rep.macs_before,
+                        target=cfg.target_macs,
+                        achieved=rep.macs_after,
+                        rel_error=abs(rep.macs_after - cfg.target_macs) / cfg.target_macs,
+                        flopcounter_before=base_flops,
+                        flopcounter_after=flop_counter_macs(pruned),
+                        budget_s=rep.timings["budget"],
+                        total_s=rep.timings["total"],
+                    )
                 except BudgetError as error:
                     row.update(error=str(error).split(";")[0])
                 row["wall_s"] = time.perf_counter() - tick
                 rows.append(row)
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                       if k not in ("flopcounter_before",)}, flush=True)
-    save_json("budget_accuracy.json", dict(meta=meta, seed=args.seed, image_size=SIZE, round_to=args.round_to,
-                                            importance="magnitude", rows=rows))
+                print(
+                    {
+                        k: (round(v, 4) if isinstance(v, float) else v)
+                        for k, v in row.items()
+                        if k not in ("flopcounter_before",)
+                    },
+                    flush=True,
+                )
+    save_json(
+        "budget_accuracy.json",
+        dict(meta=meta, seed=args.seed, image_size=SIZE, round_to=args.round_to, importance="magnitude", rows=rows),
+    )
     plot(rows, meta, args.seed)
 
 
@@ -107,8 +150,11 @@ def plot(rows, meta, seed) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, policy in zip(axes, ("shared", "allocate")):
         for name in dict.fromkeys(r["model"] for r in rows):
-            pts = [(r["fraction"], 100 * r["rel_error"]) for r in rows
-                   if r["model"] == name and r["policy"] == policy and "rel_error" in r]
+            pts = [
+                (r["fraction"], 100 * r["rel_error"])
+                for r in rows
+                if r["model"] == name and r["policy"] == policy and "rel_error" in r
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=name)
         ax.axhline(1.0, color="red", ls="--", lw=1, label="goal: 1%")

@@ -51,7 +51,9 @@ def latency(args) -> None:
         pruner = IsomorphicPruner(base)
         for fraction in [float(f) for f in args.fractions.split(",")]:
             if fraction < 1:
-                cfg = IsomorphicPruningConfig(target_macs=fraction * base_macs, importance="magnitude", round_to=8, seed=0)
+                cfg = IsomorphicPruningConfig(
+                    target_macs=fraction * base_macs, importance="magnitude", round_to=8, seed=0
+                )
                 model = pruner.prune(cfg).eval()
             else:
                 model = base
@@ -66,17 +68,44 @@ def latency(args) -> None:
             quantize_onnx(export.path, "int8-dynamic")
             dynamic_s = time.perf_counter() - start
             start = time.perf_counter()
-            quantize_onnx(export.path, "int8-static", calibration_dataset=calibration, calibration_batch_size=8,
-                          num_calibration_batches=max(1, args.calibration_images // 8))
+            quantize_onnx(
+                export.path,
+                "int8-static",
+                calibration_dataset=calibration,
+                calibration_batch_size=8,
+                num_calibration_batches=max(1, args.calibration_images // 8),
+            )
             static_s = time.perf_counter() - start
-            print(key, fraction, f"MACs {macs / 1e9:.2f} G, parity {export.max_abs_diff:.2e}, export {export_s:.0f} s, "
-                  f"int8 dynamic {dynamic_s:.0f} s, static {static_s:.0f} s", flush=True)
-            deployment = benchmark_deployment(model, out, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                                              threads=args.threads, rounds={1: args.rounds1, 32: args.rounds32},
-                                              warmup=1, openvino=not args.no_openvino, save=True)
-            results.append(dict(model=key, fraction=fraction, macs=macs, params=sum(p.numel() for p in model.parameters()),
-                                max_abs_diff=export.max_abs_diff, export_s=export_s, quantize_dynamic_s=dynamic_s,
-                                quantize_static_s=static_s, deployment=deployment))
+            print(
+                key,
+                fraction,
+                f"MACs {macs / 1e9:.2f} G, parity {export.max_abs_diff:.2e}, export {export_s:.0f} s, "
+                f"int8 dynamic {dynamic_s:.0f} s, static {static_s:.0f} s",
+                flush=True,
+            )
+            deployment = benchmark_deployment(
+                model,
+                out,
+                batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+                threads=args.threads,
+                rounds={1: args.rounds1, 32: args.rounds32},
+                warmup=1,
+                openvino=not args.no_openvino,
+                save=True,
+            )
+            results.append(
+                dict(
+                    model=key,
+                    fraction=fraction,
+                    macs=macs,
+                    params=sum(p.numel() for p in model.parameters()),
+                    max_abs_diff=export.max_abs_diff,
+                    export_s=export_s,
+                    quantize_dynamic_s=dynamic_s,
+                    quantize_static_s=static_s,
+                    deployment=deployment,
+                )
+            )
             for row in deployment["rows"]:
                 print("  ", row["runtime"], row["precision"], row["latency_ms"], flush=True)
             save_json("deploy_latency.json", dict(meta=meta, threads=args.threads, results=results))
@@ -123,59 +152,124 @@ def plot(results, meta) -> None:
 
 
 def accuracy(args) -> None:
-    from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, Trainer
+    from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
     from optimum_isoprune import DistillationTrainer, DistillationTrainingArguments, evaluate_model, evaluate_onnx
 
     meta = machine()
     torch.manual_seed(0)
-    teacher = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                                  intermediate_size=256, image_size=28, patch_size=7, num_channels=1,
-                                                  num_labels=10))
+    teacher = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=256,
+            image_size=28,
+            patch_size=7,
+            num_channels=1,
+            num_labels=10,
+        )
+    )
     # Tensors prepared once (the same normalisation as prepare_dataset): PIL transforms per step would dominate.
     train, test = _tensor_split("train"), _tensor_split("test")
-    common = dict(per_device_train_batch_size=128, learning_rate=2e-3, weight_decay=0.05, lr_scheduler_type="cosine",
-                  report_to="none", save_strategy="no", use_cpu=True, seed=0, remove_unused_columns=False,
-                  label_names=["labels"], disable_tqdm=True, logging_steps=100)
+    common = dict(
+        per_device_train_batch_size=128,
+        learning_rate=2e-3,
+        weight_decay=0.05,
+        lr_scheduler_type="cosine",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=True,
+        logging_steps=100,
+    )
     start = time.perf_counter()
-    Trainer(model=teacher, args=TrainingArguments(output_dir=str(WORK / "teacher"), max_steps=args.teacher_steps, **common),
-            train_dataset=train).train()
+    Trainer(
+        model=teacher,
+        args=TrainingArguments(output_dir=str(WORK / "teacher"), max_steps=args.teacher_steps, **common),
+        train_dataset=train,
+    ).train()
     teacher_s = time.perf_counter() - start
     teacher.eval()
     pruner = IsomorphicPruner(teacher)
     calibration = train.pixels[:512]
-    student = pruner.prune(IsomorphicPruningConfig(target_macs=0.5 * count_macs(teacher), num_calibration_batches=8,
-                                                   calibration_batch_size=64), calibration_dataset=calibration)
+    student = pruner.prune(
+        IsomorphicPruningConfig(
+            target_macs=0.5 * count_macs(teacher), num_calibration_batches=8, calibration_batch_size=64
+        ),
+        calibration_dataset=calibration,
+    )
     start = time.perf_counter()
-    DistillationTrainer(model=student, teacher_model=teacher, train_dataset=train, args=DistillationTrainingArguments(
-        output_dir=str(WORK / "student"), max_steps=args.student_steps, distillation_type="soft", alpha=0.7,
-        temperature=2.0, **common)).train()
+    DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        train_dataset=train,
+        args=DistillationTrainingArguments(
+            output_dir=str(WORK / "student"),
+            max_steps=args.student_steps,
+            distillation_type="soft",
+            alpha=0.7,
+            temperature=2.0,
+            **common,
+        ),
+    ).train()
     student_s = time.perf_counter() - start
     student.eval()
     out = WORK / "fashion_student"
     shutil.rmtree(out, ignore_errors=True)
     export = export_onnx(student, out)
-    paths = {"fp32": export.path, "int8-dynamic": quantize_onnx(export.path, "int8-dynamic"),
-             "int8-static": quantize_onnx(export.path, "int8-static", calibration_dataset=calibration,
-                                          num_calibration_batches=8, calibration_batch_size=64)}
-    rows = [dict(runtime="PyTorch", precision="fp32", **evaluate_model(student, test, disable_tqdm=True)),
-            dict(runtime="PyTorch (teacher)", precision="fp32", **evaluate_model(teacher, test, disable_tqdm=True))]
+    paths = {
+        "fp32": export.path,
+        "int8-dynamic": quantize_onnx(export.path, "int8-dynamic"),
+        "int8-static": quantize_onnx(
+            export.path,
+            "int8-static",
+            calibration_dataset=calibration,
+            num_calibration_batches=8,
+            calibration_batch_size=64,
+        ),
+    }
+    rows = [
+        dict(runtime="PyTorch", precision="fp32", **evaluate_model(student, test, disable_tqdm=True)),
+        dict(runtime="PyTorch (teacher)", precision="fp32", **evaluate_model(teacher, test, disable_tqdm=True)),
+    ]
     for mode, path in paths.items():
-        rows.append(dict(runtime="onnxruntime", precision=mode, file_bytes=__import__("os").path.getsize(path),
-                         **evaluate_onnx(path, test)))
+        rows.append(
+            dict(
+                runtime="onnxruntime",
+                precision=mode,
+                file_bytes=__import__("os").path.getsize(path),
+                **evaluate_onnx(path, test),
+            )
+        )
     try:
         import openvino  # noqa: F401
 
         for mode in ("fp32", "int8-static"):
-            rows.append(dict(runtime="OpenVINO", precision=mode, **evaluate_onnx(paths[mode], test, runtime="openvino")))
+            rows.append(
+                dict(runtime="OpenVINO", precision=mode, **evaluate_onnx(paths[mode], test, runtime="openvino"))
+            )
     except ImportError:
         pass
     for row in rows:
         print(row, flush=True)
-    save_json("deploy_accuracy.json", dict(meta=meta, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                                           teacher_train_s=teacher_s, student_train_s=student_s,
-                                           teacher_macs=count_macs(teacher), student_macs=count_macs(student),
-                                           max_abs_diff=export.max_abs_diff, rows=rows))
+    save_json(
+        "deploy_accuracy.json",
+        dict(
+            meta=meta,
+            teacher_steps=args.teacher_steps,
+            student_steps=args.student_steps,
+            teacher_train_s=teacher_s,
+            student_train_s=student_s,
+            teacher_macs=count_macs(teacher),
+            student_macs=count_macs(student),
+            max_abs_diff=export.max_abs_diff,
+            rows=rows,
+        ),
+    )
 
 
 class _Split(torch.utils.data.Dataset):
@@ -190,8 +284,9 @@ class _Split(torch.utils.data.Dataset):
 
 
 def _tensor_split(split: str) -> _Split:
-    from optimum_isoprune.data import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, _read_idx
     from pathlib import Path
+
+    from optimum_isoprune.data import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, _read_idx
 
     prefix = {"train": "train", "test": "t10k"}[split]
     images = _read_idx(Path(FASHION_MNIST_DIR) / f"{prefix}-images-idx3-ubyte.gz", 3)
@@ -211,21 +306,29 @@ def tables() -> None:
         plot(results, data["meta"])
         batch_sizes = results[0]["deployment"]["batch_sizes"]
         base = {r["model"]: r["deployment"]["rows"][0]["latency_ms"] for r in results if r["fraction"] == 1.0}
-        print("| model | MACs | runtime | precision | file (MB) |"
-              + "".join(f" batch {b}: ms (speed-up) |" for b in batch_sizes))
+        print(
+            "| model | MACs | runtime | precision | file (MB) |"
+            + "".join(f" batch {b}: ms (speed-up) |" for b in batch_sizes)
+        )
         print("|---|---:|---|---|---:|" + "---:|" * len(batch_sizes))
         for r in results:
             for row in r["deployment"]["rows"]:
-                cells = "".join(f" {row['latency_ms'][str(b)]:.1f} ({base[r['model']][str(b)] / row['latency_ms'][str(b)]:.2f}x) |"
-                                for b in batch_sizes)
-                print(f"| {r['model']} | {int(r['fraction'] * 100)}% ({r['macs'] / 1e9:.2f} G) | {row['runtime']} | "
-                      f"{row['precision']} | {row['file_bytes'] / 1e6:.1f} |{cells}")
+                cells = "".join(
+                    f" {row['latency_ms'][str(b)]:.1f} ({base[r['model']][str(b)] / row['latency_ms'][str(b)]:.2f}x) |"
+                    for b in batch_sizes
+                )
+                print(
+                    f"| {r['model']} | {int(r['fraction'] * 100)}% ({r['macs'] / 1e9:.2f} G) | {row['runtime']} | "
+                    f"{row['precision']} | {row['file_bytes'] / 1e6:.1f} |{cells}"
+                )
         print()
         print("| model | MACs | parity max abs diff | export (s) | int8 dynamic (s) | int8 static (s) |")
         print("|---|---:|---:|---:|---:|---:|")
         for r in results:
-            print(f"| {r['model']} | {int(r['fraction'] * 100)}% | {r['max_abs_diff']:.1e} | {r['export_s']:.0f} | "
-                  f"{r['quantize_dynamic_s']:.0f} | {r['quantize_static_s']:.0f} |")
+            print(
+                f"| {r['model']} | {int(r['fraction'] * 100)}% | {r['max_abs_diff']:.1e} | {r['export_s']:.0f} | "
+                f"{r['quantize_dynamic_s']:.0f} | {r['quantize_static_s']:.0f} |"
+            )
         print()
     if accuracy_file.exists():
         data = json.loads(accuracy_file.read_text())
@@ -234,8 +337,10 @@ def tables() -> None:
         for row in data["rows"]:
             size = f"{row['file_bytes'] / 1e3:.0f}" if row.get("file_bytes") else ""
             who = "teacher" if "teacher" in row["runtime"] else "student"
-            print(f"| {who} | {row['runtime'].replace(' (teacher)', '')} | {row['precision']} | {size} | "
-                  f"{100 * row['top1']:.2f} | {100 * row['top5']:.2f} |")
+            print(
+                f"| {who} | {row['runtime'].replace(' (teacher)', '')} | {row['precision']} | {size} | "
+                f"{100 * row['top1']:.2f} | {100 * row['top5']:.2f} |"
+            )
 
 
 def main() -> None:

@@ -42,35 +42,51 @@ def main() -> None:
         variants = {("base", 1.0, 0): (base, pruner.adapter and None)}
         macs = {}
         from optimum_isoprune import count_macs
+
         macs[("base", 1.0, 0)] = count_macs(base)
         for fraction in [float(f) for f in args.fractions.split(",")]:
             for r in [int(v) for v in args.round_to.split(",")]:
-                cfg = IsomorphicPruningConfig(target_macs=fraction * macs[("base", 1.0, 0)], importance="magnitude",
-                                              round_to=r, seed=0)
+                cfg = IsomorphicPruningConfig(
+                    target_macs=fraction * macs[("base", 1.0, 0)], importance="magnitude", round_to=r, seed=0
+                )
                 variants[("pruned", fraction, r)] = (pruner.prune(cfg).eval(), None)
                 macs[("pruned", fraction, r)] = pruner.report.macs_after
                 print(key, fraction, r, pruner.report.macs_after / macs[("base", 1.0, 0)], flush=True)
         for batch, rounds in ((1, args.rounds1), (32, args.rounds32)):
-            chosen = [v for v in variants if batch == 1 or v[0] == "base" or
-                      str(v[2]) in args.batch32_round_to.split(",")]
+            chosen = [
+                v for v in variants if batch == 1 or v[0] == "base" or str(v[2]) in args.batch32_round_to.split(",")
+            ]
             times = {v: [] for v in chosen}
             for v in chosen:  # warm-up
                 measure_latency(variants[v][0], 224, 3, batch_size=batch, repeats=1, warmup=1)
             for _ in range(rounds):
                 for v in chosen:
-                    times[v].append(measure_latency(variants[v][0], 224, 3, batch_size=batch, repeats=1,
-                                                    warmup=0)["median_ms"])
+                    times[v].append(
+                        measure_latency(variants[v][0], 224, 3, batch_size=batch, repeats=1, warmup=0)["median_ms"]
+                    )
             base_ms = statistics.median(times[("base", 1.0, 0)])
             for v in chosen:
                 med = statistics.median(times[v])
-                row = dict(model=key, kind=v[0], fraction=v[1], round_to=v[2], batch=batch, rounds=rounds,
-                           macs=macs[v], macs_reduction=macs[("base", 1.0, 0)] / macs[v], median_ms=med,
-                           times_ms=times[v], speedup=base_ms / med,
-                           params=sum(p.numel() for p in variants[v][0].parameters()))
+                row = dict(
+                    model=key,
+                    kind=v[0],
+                    fraction=v[1],
+                    round_to=v[2],
+                    batch=batch,
+                    rounds=rounds,
+                    macs=macs[v],
+                    macs_reduction=macs[("base", 1.0, 0)] / macs[v],
+                    median_ms=med,
+                    times_ms=times[v],
+                    speedup=base_ms / med,
+                    params=sum(p.numel() for p in variants[v][0].parameters()),
+                )
                 row["speedup_over_macs_reduction"] = row["speedup"] / row["macs_reduction"]
                 rows.append(row)
-                print({k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items() if k != "times_ms"},
-                      flush=True)
+                print(
+                    {k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items() if k != "times_ms"},
+                    flush=True,
+                )
             save_json("latency.json", dict(meta=meta, seed=0, rows=rows, threads=args.threads))
         del variants, pruner, base
     save_json("latency.json", dict(meta=meta, seed=0, rows=rows, threads=args.threads))
@@ -90,8 +106,13 @@ def plot(rows, meta) -> None:
             for rt, color in ((1, "tab:blue"), (8, "tab:green"), (32, "tab:orange")):
                 sel = [r for r in pts if r["model"] == key and r["round_to"] == rt]
                 if sel:
-                    ax.scatter([r["macs_reduction"] for r in sel], [r["speedup"] for r in sel], marker=marker,
-                               color=color, label=f"{key} round_to={rt}")
+                    ax.scatter(
+                        [r["macs_reduction"] for r in sel],
+                        [r["speedup"] for r in sel],
+                        marker=marker,
+                        color=color,
+                        label=f"{key} round_to={rt}",
+                    )
         lim = max([r["macs_reduction"] for r in pts] + [1]) * 1.1
         ax.plot([1, lim], [1, lim], "k--", lw=1, label="speed-up = MACs reduction")
         ax.plot([1, lim], [0.8, 0.8 * lim], "r:", lw=1, label="goal: 0.8 x MACs reduction")

@@ -27,7 +27,6 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import timm
 import torch
@@ -42,16 +41,21 @@ MODELS = {"deit_s": "deit_small_patch16_224", "vit_b16": "vit_base_patch16_224",
 OUT = RESULTS / "latency_target.json"
 
 
-def side_by_side(models: dict[str, torch.nn.Module], size: int, channels: int, batch: int, rounds: int,
-                 repeats: int) -> dict[str, dict]:
+def side_by_side(
+    models: dict[str, torch.nn.Module], size: int, channels: int, batch: int, rounds: int, repeats: int
+) -> dict[str, dict]:
     """Median latency over rounds (each round times every model once) and the spread across rounds."""
     times: dict[str, list[float]] = {k: [] for k in models}
     for m in models.values():
         measure_latency(m, size, channels, batch_size=batch, repeats=1, warmup=1)
     for _ in range(rounds):
         for k, m in models.items():
-            times[k].append(measure_latency(m, size, channels, batch_size=batch, repeats=repeats, warmup=1)["median_ms"])
-    return {k: {"median_ms": statistics.median(v), "spread": relative_spread(v), "rounds_ms": v} for k, v in times.items()}
+            times[k].append(
+                measure_latency(m, size, channels, batch_size=batch, repeats=repeats, warmup=1)["median_ms"]
+            )
+    return {
+        k: {"median_ms": statistics.median(v), "spread": relative_spread(v), "rounds_ms": v} for k, v in times.items()
+    }
 
 
 def load_state() -> dict:
@@ -76,35 +80,74 @@ def shapes(args: argparse.Namespace, cache: str) -> None:
         target = args.fraction * base_ms
         common = dict(importance="magnitude", round_to=8, seed=0, reconstruction="none")
         pruner = IsomorphicPruner(base)
-        by_latency = pruner.prune(IsomorphicPruningConfig(
-            target_latency=target, latency_batch_size=batch, latency_threads=args.threads, latency_cache_dir=cache,
-            **common)).eval()
+        by_latency = pruner.prune(
+            IsomorphicPruningConfig(
+                target_latency=target,
+                latency_batch_size=batch,
+                latency_threads=args.threads,
+                latency_cache_dir=cache,
+                **common,
+            )
+        ).eval()
         report = pruner.report
         by_macs = pruner.prune(IsomorphicPruningConfig(target_macs=report.macs_after, **common)).eval()
         macs_report = pruner.report
-        timed = side_by_side({"base": base, "macs": by_macs, "latency": by_latency}, 224, 3, batch, args.rounds,
-                             args.repeats)
+        timed = side_by_side(
+            {"base": base, "macs": by_macs, "latency": by_latency}, 224, 3, batch, args.rounds, args.repeats
+        )
         b, m, lat = (timed[k]["median_ms"] for k in ("base", "macs", "latency"))
         row = dict(
-            model=key, batch=batch, threads=torch.get_num_threads(), fraction=args.fraction, target_ms=target,
-            base_ms_before=base_ms, predicted_ms=report.latency["predicted_ms"],
-            measured_in_prune_ms=report.latency["measured_ms"], latency_model_base_ms=report.latency["base_measured_ms"],
-            side_by_side=timed, latency_ms=lat, error_vs_target=(lat - target) / target,
-            relative_latency=lat / b, relative_target=args.fraction,
-            macs=macs, macs_latency=report.macs_after, macs_macs=macs_report.macs_after,
-            speedup_latency=b / lat, speedup_macs=b / m,
+            model=key,
+            batch=batch,
+            threads=torch.get_num_threads(),
+            fraction=args.fraction,
+            target_ms=target,
+            base_ms_before=base_ms,
+            predicted_ms=report.latency["predicted_ms"],
+            measured_in_prune_ms=report.latency["measured_ms"],
+            latency_model_base_ms=report.latency["base_measured_ms"],
+            side_by_side=timed,
+            latency_ms=lat,
+            error_vs_target=(lat - target) / target,
+            relative_latency=lat / b,
+            relative_target=args.fraction,
+            macs=macs,
+            macs_latency=report.macs_after,
+            macs_macs=macs_report.macs_after,
+            speedup_latency=b / lat,
+            speedup_macs=b / m,
             per_macs_latency=(b / lat) / (macs / report.macs_after),
             per_macs_macs=(b / m) / (macs / macs_report.macs_after),
-            timed_points=report.latency["timed_points"], cached=report.latency["cached"],
-            latency_model_s=report.timings.get("latency_model"), seconds=time.perf_counter() - tick,
+            timed_points=report.latency["timed_points"],
+            cached=report.latency["cached"],
+            latency_model_s=report.timings.get("latency_model"),
+            seconds=time.perf_counter() - tick,
             load_1min=os.getloadavg()[0],
         )
-        state["rows"] = [r for r in state["rows"] if (r["model"], r["batch"], r["threads"]) !=
-                         (key, batch, row["threads"])] + [row]
+        state["rows"] = [
+            r for r in state["rows"] if (r["model"], r["batch"], r["threads"]) != (key, batch, row["threads"])
+        ] + [row]
         save_state(state)
-        print(json.dumps({k: row[k] for k in ("model", "batch", "threads", "target_ms", "predicted_ms", "latency_ms",
-                                              "error_vs_target", "per_macs_latency", "per_macs_macs", "seconds")}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    k: row[k]
+                    for k in (
+                        "model",
+                        "batch",
+                        "threads",
+                        "target_ms",
+                        "predicted_ms",
+                        "latency_ms",
+                        "error_vs_target",
+                        "per_macs_latency",
+                        "per_macs_macs",
+                        "seconds",
+                    )
+                }
+            ),
+            flush=True,
+        )
 
 
 def fmnist(args: argparse.Namespace, cache: str) -> None:
@@ -121,29 +164,55 @@ def fmnist(args: argparse.Namespace, cache: str) -> None:
         size, channels = xt.shape[-1], xt.shape[1]
         common = dict(importance="taylor", round_to=8, seed=0, num_calibration_batches=8)
         pruner = IsomorphicPruner(teacher)
-        by_macs = pruner.prune(IsomorphicPruningConfig(target_macs=0.5 * info["macs"], **common),
-                               calibration_dataset=calibration(xtr, ytr, 0)).eval()
+        by_macs = pruner.prune(
+            IsomorphicPruningConfig(target_macs=0.5 * info["macs"], **common),
+            calibration_dataset=calibration(xtr, ytr, 0),
+        ).eval()
         macs_macs = pruner.report.macs_after
         teacher.eval()
-        reference = side_by_side({"teacher": teacher, "macs": by_macs}, size, channels, batch, args.rounds,
-                                 args.repeats)
+        reference = side_by_side(
+            {"teacher": teacher, "macs": by_macs}, size, channels, batch, args.rounds, args.repeats
+        )
         target = reference["macs"]["median_ms"]
-        by_latency = pruner.prune(IsomorphicPruningConfig(
-            target_latency=target, latency_batch_size=batch, latency_threads=args.threads, latency_cache_dir=cache,
-            **common), calibration_dataset=calibration(xtr, ytr, 0)).eval()
+        by_latency = pruner.prune(
+            IsomorphicPruningConfig(
+                target_latency=target,
+                latency_batch_size=batch,
+                latency_threads=args.threads,
+                latency_cache_dir=cache,
+                **common,
+            ),
+            calibration_dataset=calibration(xtr, ytr, 0),
+        ).eval()
         report = pruner.report
         top1 = {"macs": {0: accuracy(by_macs, xt, yt)}, "latency": {0: accuracy(by_latency, xt, yt)}}
         for k, student in (("macs", by_macs), ("latency", by_latency)):
             student.train()
             top1[k].update(distill(student, teacher, train_set, [args.steps], 0, xt, yt)[0])
             student.eval()
-        timed = side_by_side({"teacher": teacher, "macs": by_macs, "latency": by_latency}, size, channels, batch,
-                             args.rounds, args.repeats)
-        row = dict(teacher=name, teacher_top1=info["test_top1"], batch=batch, threads=torch.get_num_threads(),
-                   target_ms=target, predicted_ms=report.latency["predicted_ms"], side_by_side=timed,
-                   macs_teacher=info["macs"], macs_macs=macs_macs, macs_latency=report.macs_after,
-                   top1={k: {str(s): v for s, v in d.items()} for k, d in top1.items()}, steps=args.steps,
-                   load_1min=os.getloadavg()[0])
+        timed = side_by_side(
+            {"teacher": teacher, "macs": by_macs, "latency": by_latency},
+            size,
+            channels,
+            batch,
+            args.rounds,
+            args.repeats,
+        )
+        row = dict(
+            teacher=name,
+            teacher_top1=info["test_top1"],
+            batch=batch,
+            threads=torch.get_num_threads(),
+            target_ms=target,
+            predicted_ms=report.latency["predicted_ms"],
+            side_by_side=timed,
+            macs_teacher=info["macs"],
+            macs_macs=macs_macs,
+            macs_latency=report.macs_after,
+            top1={k: {str(s): v for s, v in d.items()} for k, d in top1.items()},
+            steps=args.steps,
+            load_1min=os.getloadavg()[0],
+        )
         state["fmnist"] = [r for r in state["fmnist"] if r["teacher"] != name] + [row]
         save_state(state)
         print(json.dumps({k: row[k] for k in ("teacher", "target_ms", "predicted_ms", "top1")}), flush=True)
@@ -161,11 +230,19 @@ def plot() -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     labels = [f"{r['model']}\nb{r['batch']} t{r['threads']}" for r in rows]
     xs = range(len(rows))
-    ax1.bar([x - 0.2 for x in xs], [r["predicted_ms"] / r["latency_model_base_ms"] for r in rows], 0.4,
-            label="predicted / base (latency model)")
-    ax1.bar([x + 0.2 for x in xs], [r["relative_latency"] for r in rows], 0.4,
-            yerr=[r["side_by_side"]["latency"]["spread"] * r["relative_latency"] for r in rows],
-            label="measured / base, side by side (IQR across rounds)")
+    ax1.bar(
+        [x - 0.2 for x in xs],
+        [r["predicted_ms"] / r["latency_model_base_ms"] for r in rows],
+        0.4,
+        label="predicted / base (latency model)",
+    )
+    ax1.bar(
+        [x + 0.2 for x in xs],
+        [r["relative_latency"] for r in rows],
+        0.4,
+        yerr=[r["side_by_side"]["latency"]["spread"] * r["relative_latency"] for r in rows],
+        label="measured / base, side by side (IQR across rounds)",
+    )
     ax1.set_xticks(list(xs), labels, fontsize=7)
     ax1.set_ylabel("latency relative to the base model")
     ax1.set_title("share of the base latency: predicted vs measured")
@@ -186,10 +263,12 @@ def plot() -> None:
 def table() -> str:
     """Markdown tables of both parts (also written to results/latency_target.md)."""
     state = load_state()
-    lines = ["| model | batch | threads | base ms (spread) | target ms | predicted ms | measured ms (spread) | "
-             "vs target | predicted / measured share of base | MACs kept | speed-up / MACs reduction: MACs-targeted "
-             "| latency-targeted |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | batch | threads | base ms (spread) | target ms | predicted ms | measured ms (spread) | "
+        "vs target | predicted / measured share of base | MACs kept | speed-up / MACs reduction: MACs-targeted "
+        "| latency-targeted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(state["rows"], key=lambda r: (r["threads"], r["batch"], r["model"])):
         sb = r["side_by_side"]
         lines.append(
@@ -197,21 +276,29 @@ def table() -> str:
             f"| {r['target_ms']:.1f} | {r['predicted_ms']:.1f} | {r['latency_ms']:.1f} ({sb['latency']['spread']:.0%}) "
             f"| {r['error_vs_target']:+.1%} | {r['predicted_ms'] / r['latency_model_base_ms']:.2f} / "
             f"{r['relative_latency']:.2f} | {r['macs_latency'] / r['macs']:.2f} | {r['per_macs_macs']:.2f} "
-            f"| {r['per_macs_latency']:.2f} |")
+            f"| {r['per_macs_latency']:.2f} |"
+        )
     if state.get("fmnist"):
-        lines += ["", "| teacher (top-1) | batch | MACs-targeted: MACs kept, ms, top-1 after 0 / N steps | "
-                  "latency-targeted: MACs kept, ms, top-1 after 0 / N steps | target ms | predicted ms |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| teacher (top-1) | batch | MACs-targeted: MACs kept, ms, top-1 after 0 / N steps | "
+            "latency-targeted: MACs kept, ms, top-1 after 0 / N steps | target ms | predicted ms |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in state["fmnist"]:
             sb, n = r["side_by_side"], str(r["steps"])
 
             def cell(k: str, macs: int) -> str:
                 t = r["top1"][k]
-                return (f"{macs / r['macs_teacher']:.2f}, {sb[k]['median_ms']:.2f} ms ({sb[k]['spread']:.0%}), "
-                        f"{100 * t['0']:.1f} / {100 * t[n]:.1f}")
+                return (
+                    f"{macs / r['macs_teacher']:.2f}, {sb[k]['median_ms']:.2f} ms ({sb[k]['spread']:.0%}), "
+                    f"{100 * t['0']:.1f} / {100 * t[n]:.1f}"
+                )
 
-            lines.append(f"| {r['teacher']} ({100 * r['teacher_top1']:.1f}) | {r['batch']} | {cell('macs', r['macs_macs'])} "
-                         f"| {cell('latency', r['macs_latency'])} | {r['target_ms']:.2f} | {r['predicted_ms']:.2f} |")
+            lines.append(
+                f"| {r['teacher']} ({100 * r['teacher_top1']:.1f}) | {r['batch']} | {cell('macs', r['macs_macs'])} "
+                f"| {cell('latency', r['macs_latency'])} | {r['target_ms']:.2f} | {r['predicted_ms']:.2f} |"
+            )
     text = "\n".join(lines) + "\n"
     (RESULTS / "latency_target.md").write_text(text)
     return text

@@ -63,32 +63,51 @@ def worker(spec: dict) -> dict:
     cpu0 = _cpu()
     tick = time.perf_counter()
     if spec["tool"] == "ours":
-
-        kwargs = dict(importance=spec["importance"], grouping="isomorphic", round_to=8, seed=0,
-                      num_calibration_batches=max(k, 1), calibration_batch_size=bs,
-                      budget_policy=spec.get("policy", "shared"))
+        kwargs = dict(
+            importance=spec["importance"],
+            grouping="isomorphic",
+            round_to=8,
+            seed=0,
+            num_calibration_batches=max(k, 1),
+            calibration_batch_size=bs,
+            budget_policy=spec.get("policy", "shared"),
+        )
         if spec.get("target_fraction"):
             from optimum_isoprune import count_macs
+
             kwargs["target_macs"] = spec["target_fraction"] * count_macs(model)
             tick = time.perf_counter()  # the MACs count of the unpruned model is set-up, not pruning
         else:
             kwargs["pruning_ratio"] = ratio
         pruner = IsomorphicPruner(model)
-        pruned = pruner.prune(IsomorphicPruningConfig(**kwargs),
-                              calibration_dataset=loader if spec["importance"] == "taylor" else None)
+        pruned = pruner.prune(
+            IsomorphicPruningConfig(**kwargs), calibration_dataset=loader if spec["importance"] == "taylor" else None
+        )
         out["timings"] = dict(pruner.report.timings)
         out["macs_after"] = pruner.report.macs_after
         out["macs_before"] = pruner.report.macs_before
     else:
         attention_cls = timm.models.vision_transformer.Attention
         num_heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, attention_cls)}
-        imp = tp.importance.GroupTaylorImportance() if spec["importance"] == "taylor" else \
-            tp.importance.GroupMagnitudeImportance(p=2)
+        imp = (
+            tp.importance.GroupTaylorImportance()
+            if spec["importance"] == "taylor"
+            else tp.importance.GroupMagnitudeImportance(p=2)
+        )
         pruner = tp.pruner.MetaPruner(
-            model, torch.zeros(1, 3, 224, 224), importance=imp, global_pruning=True, isomorphic=True,
-            pruning_ratio=ratio, ignored_layers=[model.get_classifier()], num_heads=num_heads,
-            prune_num_heads=bool(num_heads), prune_head_dims=True, head_pruning_ratio=ratio if num_heads else 0.0,
-            round_to=8)
+            model,
+            torch.zeros(1, 3, 224, 224),
+            importance=imp,
+            global_pruning=True,
+            isomorphic=True,
+            pruning_ratio=ratio,
+            ignored_layers=[model.get_classifier()],
+            num_heads=num_heads,
+            prune_num_heads=bool(num_heads),
+            prune_head_dims=True,
+            head_pruning_ratio=ratio if num_heads else 0.0,
+            round_to=8,
+        )
         out["timings"] = {"graph": time.perf_counter() - tick}
         if spec["importance"] == "taylor":
             t2 = time.perf_counter()
@@ -119,8 +138,9 @@ def worker(spec: dict) -> dict:
 
 
 def run(spec: dict) -> dict:
-    proc = subprocess.run([PY, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True,
-                          text=True, cwd=HERE)
+    proc = subprocess.run(
+        [PY, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=HERE
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return {**spec, "error": proc.stderr[-1500:]}
@@ -130,8 +150,12 @@ def run(spec: dict) -> dict:
     return result
 
 
-MODELS = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224", "convnext_b": "convnext_base",
-          "deit_tiny": "deit_tiny_patch16_224"}
+MODELS = {
+    "vit_b16": "vit_base_patch16_224",
+    "vit_l16": "vit_large_patch16_224",
+    "convnext_b": "convnext_base",
+    "deit_tiny": "deit_tiny_patch16_224",
+}
 LARGE = {"vit_l16"}  # fewer runs: only ours vs torch-pruning at the same ratio, --repeats-large times
 
 
@@ -155,15 +179,20 @@ def main() -> None:
     if "main" in only:
         for key in args.models.split(","):
             model = MODELS[key]
-            specs = [dict(tool="ours", importance="magnitude"), dict(tool="tp", importance="magnitude"),
-                     dict(tool="ours", importance="magnitude", target_fraction=0.5, policy="shared"),
-                     dict(tool="ours", importance="magnitude", target_fraction=0.5, policy="allocate")]
+            specs = [
+                dict(tool="ours", importance="magnitude"),
+                dict(tool="tp", importance="magnitude"),
+                dict(tool="ours", importance="magnitude", target_fraction=0.5, policy="shared"),
+                dict(tool="ours", importance="magnitude", target_fraction=0.5, policy="allocate"),
+            ]
             reps = args.repeats
             if key in LARGE:
                 specs, reps = specs[:2], args.repeats_large
             if args.taylor_batches:
-                specs += [dict(tool="ours", importance="taylor", batches=args.taylor_batches),
-                          dict(tool="tp", importance="taylor", batches=args.taylor_batches)]
+                specs += [
+                    dict(tool="ours", importance="taylor", batches=args.taylor_batches),
+                    dict(tool="tp", importance="taylor", batches=args.taylor_batches),
+                ]
             for r in range(reps):
                 for spec in specs:
                     rows.append(run({**spec, "model": model, "key": key, "repeat": r, "part": "main"}))
@@ -172,8 +201,19 @@ def main() -> None:
         model = MODELS[args.growth_model]
         for k in [int(v) for v in args.growth.split(",")]:
             for tool in ("ours", "tp"):
-                rows.append(run(dict(tool=tool, importance="taylor", batches=k, model=model, key=args.growth_model,
-                                     repeat=0, part="growth")))
+                rows.append(
+                    run(
+                        dict(
+                            tool=tool,
+                            importance="taylor",
+                            batches=k,
+                            model=model,
+                            key=args.growth_model,
+                            repeat=0,
+                            part="growth",
+                        )
+                    )
+                )
             save_json("prune_cost.json", dict(meta=meta, seed=0, rows=rows))
     save_json("prune_cost.json", dict(meta=meta, seed=0, rows=rows))
 

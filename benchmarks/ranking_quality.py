@@ -37,19 +37,47 @@ logging.getLogger("optimum_isoprune").setLevel(logging.WARNING)
 torch.set_num_threads(2)
 
 TEACHERS = {
-    "vit": lambda: ViTForImageClassification(ViTConfig(
-        hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384, image_size=28,
-        patch_size=7, num_channels=1, num_labels=10, attn_implementation="eager")),
-    "convnext": lambda: ConvNextForImageClassification(ConvNextConfig(
-        num_channels=1, patch_size=4, hidden_sizes=[48, 96], depths=[2, 2], num_stages=2, image_size=28,
-        num_labels=10)),
+    "vit": lambda: ViTForImageClassification(
+        ViTConfig(
+            hidden_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=384,
+            image_size=28,
+            patch_size=7,
+            num_channels=1,
+            num_labels=10,
+            attn_implementation="eager",
+        )
+    ),
+    "convnext": lambda: ConvNextForImageClassification(
+        ConvNextConfig(
+            num_channels=1,
+            patch_size=4,
+            hidden_sizes=[48, 96],
+            depths=[2, 2],
+            num_stages=2,
+            image_size=28,
+            num_labels=10,
+        )
+    ),
 }
 
 
 def SMALL_VIT() -> ViTForImageClassification:  # part 5's "train small" model
-    return ViTForImageClassification(ViTConfig(
-        hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=192, image_size=28, patch_size=7,
-        num_channels=1, num_labels=10, attn_implementation="eager"))
+    return ViTForImageClassification(
+        ViTConfig(
+            hidden_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=192,
+            image_size=28,
+            patch_size=7,
+            num_channels=1,
+            num_labels=10,
+            attn_implementation="eager",
+        )
+    )
 
 
 METHODS = {
@@ -117,8 +145,14 @@ def train_teacher(name: str, x, y, xt, yt, seconds: float, seed: int = 0):
         loss.backward()
         opt.step()
         step += 1
-    info = dict(steps=step, batch_size=bs, seconds=time.perf_counter() - start, top1=accuracy(model, xt, yt),
-                macs=count_macs(model), params=sum(p.numel() for p in model.parameters()))
+    info = dict(
+        steps=step,
+        batch_size=bs,
+        seconds=time.perf_counter() - start,
+        top1=accuracy(model, xt, yt),
+        macs=count_macs(model),
+        params=sum(p.numel() for p in model.parameters()),
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     (CACHE / f"teacher_{name}.json").write_text(json.dumps(info))
     print(f"teacher {name}: trained {info}", flush=True)
@@ -132,11 +166,27 @@ def distill(student, teacher, train_set, steps: int, seed: int, lr: float = 1e-3
     student.requires_grad_(True)
     with tempfile.TemporaryDirectory() as out:
         args = DistillationTrainingArguments(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=64, learning_rate=lr, weight_decay=0.05,
-            warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine", use_cpu=True, report_to=[],
-            save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=seed, data_seed=seed,
-            distillation_type="soft", alpha=0.5, temperature=2.0, cache_teacher_logits=True,
-            teacher_cache_column="idx", dataloader_num_workers=0)
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=64,
+            learning_rate=lr,
+            weight_decay=0.05,
+            warmup_steps=max(1, steps // 10),
+            lr_scheduler_type="cosine",
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=seed,
+            data_seed=seed,
+            distillation_type="soft",
+            alpha=0.5,
+            temperature=2.0,
+            cache_teacher_logits=True,
+            teacher_cache_column="idx",
+            dataloader_num_workers=0,
+        )
         DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train_set).train()
     return time.perf_counter() - tick
 
@@ -171,12 +221,25 @@ def main() -> None:
         teachers[name] = train_teacher(name, x, y, xt, yt, args.teacher_seconds)
 
     def save():
-        save_json("ranking_quality.json", dict(
-            meta=meta, setup=dict(train_subset=args.train_limit, test_subset=2000, distill_steps=args.steps,
-                                  batch_size=64, distillation="soft, alpha 0.5, T 2, cached teacher logits",
-                                  calibration=f"{args.calib_batches} batches of 32 train images (Taylor)",
-                                  round_to=8, teacher_seconds=args.teacher_seconds),
-            teachers={k: v[1] for k, v in teachers.items()}, rows=rows, part5=state.get("part5", [])))
+        save_json(
+            "ranking_quality.json",
+            dict(
+                meta=meta,
+                setup=dict(
+                    train_subset=args.train_limit,
+                    test_subset=2000,
+                    distill_steps=args.steps,
+                    batch_size=64,
+                    distillation="soft, alpha 0.5, T 2, cached teacher logits",
+                    calibration=f"{args.calib_batches} batches of 32 train images (Taylor)",
+                    round_to=8,
+                    teacher_seconds=args.teacher_seconds,
+                ),
+                teachers={k: v[1] for k, v in teachers.items()},
+                rows=rows,
+                part5=state.get("part5", []),
+            ),
+        )
 
     for seed in [int(s) for s in args.seeds.split(",")]:  # seeds outermost: a cut-short run still has seed 0 everywhere
         for name, (teacher, tinfo) in teachers.items():
@@ -190,32 +253,64 @@ def main() -> None:
                         kw.setdefault("importance", importance)
                         gen = torch.Generator().manual_seed(1000 + seed)
                         cidx = torch.randperm(len(y), generator=gen)[: 32 * args.calib_batches]
-                        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[cidx], y[cidx]),
-                                                             batch_size=32)
-                        cfg = IsomorphicPruningConfig(target_macs=fraction * tinfo["macs"], round_to=8, seed=seed,
-                                                      num_calibration_batches=args.calib_batches, **kw)
+                        loader = torch.utils.data.DataLoader(
+                            torch.utils.data.TensorDataset(x[cidx], y[cidx]), batch_size=32
+                        )
+                        cfg = IsomorphicPruningConfig(
+                            target_macs=fraction * tinfo["macs"],
+                            round_to=8,
+                            seed=seed,
+                            num_calibration_batches=args.calib_batches,
+                            **kw,
+                        )
                         tick = time.perf_counter()
                         pruner = IsomorphicPruner(teacher)
                         try:
                             student = pruner.prune(cfg, calibration_dataset=loader)
                         except Exception as error:  # noqa: BLE001 - record and go on
-                            rows.append(dict(teacher=name, fraction=fraction, method=method, importance=importance,
-                                             seed=seed, steps=args.steps, error=repr(error)[:300]))
+                            rows.append(
+                                dict(
+                                    teacher=name,
+                                    fraction=fraction,
+                                    method=method,
+                                    importance=importance,
+                                    seed=seed,
+                                    steps=args.steps,
+                                    error=repr(error)[:300],
+                                )
+                            )
                             print("ERROR", key, repr(error)[:300], flush=True)
                             continue
                         prune_s = time.perf_counter() - tick
                         rep = pruner.report
-                        row = dict(teacher=name, fraction=fraction, method=method, importance=importance, seed=seed,
-                                   steps=args.steps, macs=rep.macs_after, macs_ratio=rep.macs_after / rep.macs_before,
-                                   params=rep.params_after, prune_s=prune_s,
-                                   top1_pruned=accuracy(student, xt, yt),
-                                   widths={c.name: [c.after, c.before] for c in rep.classes})
+                        row = dict(
+                            teacher=name,
+                            fraction=fraction,
+                            method=method,
+                            importance=importance,
+                            seed=seed,
+                            steps=args.steps,
+                            macs=rep.macs_after,
+                            macs_ratio=rep.macs_after / rep.macs_before,
+                            params=rep.params_after,
+                            prune_s=prune_s,
+                            top1_pruned=accuracy(student, xt, yt),
+                            widths={c.name: [c.after, c.before] for c in rep.classes},
+                        )
                         torch.manual_seed(seed)
                         row["distill_s"] = distill(student, teacher, train_set, args.steps, seed)
                         row["top1_distilled"] = accuracy(student, xt, yt)
                         rows.append(row)
-                        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                                          if k != "widths"}), flush=True)
+                        print(
+                            json.dumps(
+                                {
+                                    k: (round(v, 4) if isinstance(v, float) else v)
+                                    for k, v in row.items()
+                                    if k != "widths"
+                                }
+                            ),
+                            flush=True,
+                        )
                         save()
     if args.part5:
         part5 = state.get("part5", [])
@@ -231,18 +326,31 @@ def main() -> None:
             loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[cidx], y[cidx]), batch_size=32)
             pruner = IsomorphicPruner(teacher)
             for policy in ("shared", "allocate"):
-                pruned = pruner.prune(IsomorphicPruningConfig(target_macs=small_macs, round_to=8, seed=seed,
-                                                              budget_policy=policy), calibration_dataset=loader)
-                r = dict(seed=seed, steps=args.part5_steps, model=f"pruned teacher (iso-{policy}, taylor)",
-                         macs=pruner.report.macs_after, params=pruner.report.params_after,
-                         top1_start=accuracy(pruned, xt, yt))
+                pruned = pruner.prune(
+                    IsomorphicPruningConfig(target_macs=small_macs, round_to=8, seed=seed, budget_policy=policy),
+                    calibration_dataset=loader,
+                )
+                r = dict(
+                    seed=seed,
+                    steps=args.part5_steps,
+                    model=f"pruned teacher (iso-{policy}, taylor)",
+                    macs=pruner.report.macs_after,
+                    params=pruner.report.params_after,
+                    top1_start=accuracy(pruned, xt, yt),
+                )
                 torch.manual_seed(seed)
                 distill(pruned, teacher, train_set, args.part5_steps, seed)
                 r["top1"] = accuracy(pruned, xt, yt)
                 part5.append(r)
                 print(r, flush=True)
-            r = dict(seed=seed, steps=args.part5_steps, model="small ViT from scratch (48d, 4L, 2h)",
-                     macs=small_macs, params=sum(p.numel() for p in small.parameters()), top1_start=accuracy(small, xt, yt))
+            r = dict(
+                seed=seed,
+                steps=args.part5_steps,
+                model="small ViT from scratch (48d, 4L, 2h)",
+                macs=small_macs,
+                params=sum(p.numel() for p in small.parameters()),
+                top1_start=accuracy(small, xt, yt),
+            )
             torch.manual_seed(seed)
             distill(small, teacher, train_set, args.part5_steps, seed, lr=2e-3)
             r["top1"] = accuracy(small, xt, yt)

@@ -36,9 +36,30 @@ from pathlib import Path
 from _common import CACHE, HERE, RESULTS, machine
 
 RECIPE = HERE.parent / "examples" / "imagenet_recipe.py"
-COMMON = ["--dataset", "fashion-mnist", "--distillation-type", "hard", "--alpha", "0.5", "--batch-size", "64",
-          "--lr", "1e-3", "--warmup-ratio", "0.1", "--weight-decay", "0.05", "--num-workers", "0", "--no-eval",
-          "--save-steps", "100000", "--ema-decay", "0.998", "--ema-warmup"]
+COMMON = [
+    "--dataset",
+    "fashion-mnist",
+    "--distillation-type",
+    "hard",
+    "--alpha",
+    "0.5",
+    "--batch-size",
+    "64",
+    "--lr",
+    "1e-3",
+    "--warmup-ratio",
+    "0.1",
+    "--weight-decay",
+    "0.05",
+    "--num-workers",
+    "0",
+    "--no-eval",
+    "--save-steps",
+    "100000",
+    "--ema-decay",
+    "0.998",
+    "--ema-warmup",
+]
 SETTINGS = {
     "plain": ["--augmentation", "flip", "--mixup", "0", "--cutmix", "0", "--smoothing", "0"],
     "recipe": [],  # the recipe's defaults
@@ -48,12 +69,11 @@ SETTINGS = {
 def prepare(workdir: Path, cache_dir: Path) -> tuple[Path, Path]:
     """Save the cached teacher and its 50%-MACs pruned student as checkpoints the recipe script loads."""
     sys.path.insert(0, str(HERE))
-    from teachers import load_teacher
+    import torch
 
     from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, count_macs
     from optimum_isoprune.data import load_fashion_mnist, prepare_dataset
-
-    import torch
+    from teachers import load_teacher
 
     torch.set_num_threads(1)  # the machine is shared: one thread per process runs steadier than two contending
     teacher, _ = load_teacher("vit", cache_dir)
@@ -61,8 +81,9 @@ def prepare(workdir: Path, cache_dir: Path) -> tuple[Path, Path]:
     teacher.save_pretrained(teacher_dir)
     calibration = prepare_dataset(load_fashion_mnist("train", limit=2048), model=teacher)
     pruner = IsomorphicPruner(teacher, base_model_name_or_path=str(teacher_dir))
-    pruner.prune(IsomorphicPruningConfig(target_macs=0.5 * count_macs(teacher, image_size=28)),
-                 calibration_dataset=calibration)
+    pruner.prune(
+        IsomorphicPruningConfig(target_macs=0.5 * count_macs(teacher, image_size=28)), calibration_dataset=calibration
+    )
     pruner.save_pretrained(student_dir)
     return teacher_dir, student_dir
 
@@ -70,8 +91,11 @@ def prepare(workdir: Path, cache_dir: Path) -> tuple[Path, Path]:
 def run_recipe(extra: list[str], out: Path, nproc: int = 0, threads: int = 1, port: int = 29561) -> dict:
     """One recipe run (under torchrun when nproc > 0); returns its recipe_results.json."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                 str(port)] if nproc else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+        if nproc
+        else [sys.executable]
+    )
     command = [*launcher, str(RECIPE), *extra, "--output-dir", str(out), "--save-total-limit", "1"]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -84,12 +108,28 @@ def accuracy(args: argparse.Namespace, teacher: Path, student: Path, workdir: Pa
     for steps in args.steps:
         for seed in args.seeds:
             for name, flags in SETTINGS.items():
-                extra = [*COMMON, *flags, "--pruned", str(student), "--teacher", str(teacher), "--max-steps",
-                         str(steps), "--seed", str(seed)]
+                extra = [
+                    *COMMON,
+                    *flags,
+                    "--pruned",
+                    str(student),
+                    "--teacher",
+                    str(teacher),
+                    "--max-steps",
+                    str(steps),
+                    "--seed",
+                    str(seed),
+                ]
                 found = run_recipe(extra, workdir / f"{name}-{steps}-{seed}")
-                row = {"setting": name, "steps": steps, "seed": seed, "student_top1": found["student"]["top1"],
-                       "ema_top1": found["ema"]["top1"], "train_seconds": found["train_seconds"],
-                       "teacher_share": found["teacher_share"]}
+                row = {
+                    "setting": name,
+                    "steps": steps,
+                    "seed": seed,
+                    "student_top1": found["student"]["top1"],
+                    "ema_top1": found["ema"]["top1"],
+                    "train_seconds": found["train_seconds"],
+                    "teacher_share": found["teacher_share"],
+                }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
@@ -97,17 +137,35 @@ def accuracy(args: argparse.Namespace, teacher: Path, student: Path, workdir: Pa
 
 def throughput(args: argparse.Namespace, teacher: Path, student: Path, workdir: Path) -> list[dict]:
     rows = []
-    for nproc, threads, teacher_dtype in ((1, 1, "float32"), (1, 1, "bfloat16"), (1, 2, "float32"),
-                                          (2, 1, "float32")):
-        extra = [*COMMON, "--pruned", str(student), "--teacher", str(teacher), "--max-steps",
-                 str(args.throughput_steps), "--train-limit", "12800", "--eval-limit", "64",
-                 "--teacher-dtype", teacher_dtype]
+    for nproc, threads, teacher_dtype in ((1, 1, "float32"), (1, 1, "bfloat16"), (1, 2, "float32"), (2, 1, "float32")):
+        extra = [
+            *COMMON,
+            "--pruned",
+            str(student),
+            "--teacher",
+            str(teacher),
+            "--max-steps",
+            str(args.throughput_steps),
+            "--train-limit",
+            "12800",
+            "--eval-limit",
+            "64",
+            "--teacher-dtype",
+            teacher_dtype,
+        ]
         load = os.getloadavg()[0]
-        found = run_recipe(extra, workdir / f"throughput-{nproc}-{threads}-{teacher_dtype}", nproc=nproc,
-                           threads=threads)
-        row = {"processes": nproc, "threads_per_process": threads, "teacher_dtype": teacher_dtype,
-               "images_per_second": found["images_per_second"], "steps": found["steps"],
-               "teacher_share": found["teacher_share"], "load_average_1min_before": load}
+        found = run_recipe(
+            extra, workdir / f"throughput-{nproc}-{threads}-{teacher_dtype}", nproc=nproc, threads=threads
+        )
+        row = {
+            "processes": nproc,
+            "threads_per_process": threads,
+            "teacher_dtype": teacher_dtype,
+            "images_per_second": found["images_per_second"],
+            "steps": found["steps"],
+            "teacher_share": found["teacher_share"],
+            "load_average_1min_before": load,
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -121,27 +179,37 @@ def _mean_sd(values: list[float]) -> str:
 
 def tables(state: dict) -> str:
     """Markdown tables of the accuracy and throughput parts."""
-    lines = ["| setting | steps | seeds | test top-1, last weights | test top-1, EMA | train s / run | teacher share |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| setting | steps | seeds | test top-1, last weights | test top-1, EMA | train s / run | teacher share |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     accuracy_rows = state.get("accuracy", [])
     for steps in sorted({r["steps"] for r in accuracy_rows}):
         for name in SETTINGS:
             rows = [r for r in accuracy_rows if r["steps"] == steps and r["setting"] == name]
             if rows:
-                lines.append(f"| {name} | {steps} | {len(rows)} | {_mean_sd([r['student_top1'] for r in rows])} | "
-                             f"{_mean_sd([r['ema_top1'] for r in rows])} | "
-                             f"{statistics.mean(r['train_seconds'] for r in rows):.0f} | "
-                             f"{statistics.mean(r['teacher_share'] for r in rows):.2f} |")
-    lines += ["", "| processes x threads | teacher dtype | images/s (all processes) | vs 1 x 1 | teacher share | "
-              "load before |", "|---|---|---:|---:|---:|---:|"]
+                lines.append(
+                    f"| {name} | {steps} | {len(rows)} | {_mean_sd([r['student_top1'] for r in rows])} | "
+                    f"{_mean_sd([r['ema_top1'] for r in rows])} | "
+                    f"{statistics.mean(r['train_seconds'] for r in rows):.0f} | "
+                    f"{statistics.mean(r['teacher_share'] for r in rows):.2f} |"
+                )
+    lines += [
+        "",
+        "| processes x threads | teacher dtype | images/s (all processes) | vs 1 x 1 | teacher share | load before |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     through = state.get("throughput", [])
-    base = next((r["images_per_second"] for r in through if r["processes"] == 1 and r["threads_per_process"] == 1),
-                None)
+    base = next(
+        (r["images_per_second"] for r in through if r["processes"] == 1 and r["threads_per_process"] == 1), None
+    )
     for r in through:
         ratio = f"{r['images_per_second'] / base:.2f}x" if base else "-"
-        lines.append(f"| {r['processes']} x {r['threads_per_process']} | {r.get('teacher_dtype', 'float32')} | "
-                     f"{r['images_per_second']:.1f} | {ratio} | {r['teacher_share']:.2f} | "
-                     f"{r.get('load_average_1min_before', float('nan')):.1f} |")
+        lines.append(
+            f"| {r['processes']} x {r['threads_per_process']} | {r.get('teacher_dtype', 'float32')} | "
+            f"{r['images_per_second']:.1f} | {ratio} | {r['teacher_share']:.2f} | "
+            f"{r.get('load_average_1min_before', float('nan')):.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -117,8 +117,15 @@ def calibration(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.utils.data
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[idx], y[idx]), batch_size=CALIB_BATCH_SIZE)
 
 
-def distill(student: nn.Module, teacher: nn.Module, train_set: Rows, steps: list[int], seed: int,
-            xt: torch.Tensor, yt: torch.Tensor) -> tuple[dict[int, float], float]:
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_set: Rows,
+    steps: list[int],
+    seed: int,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+) -> tuple[dict[int, float], float]:
     """One distillation run of max(steps) steps: test top-1 after each of `steps`, and its seconds (evaluation not
     included)."""
     tick = time.perf_counter()
@@ -126,13 +133,30 @@ def distill(student: nn.Module, teacher: nn.Module, train_set: Rows, steps: list
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as out:
         args = DistillationTrainingArguments(
-            output_dir=out, max_steps=max(steps), per_device_train_batch_size=64, learning_rate=1e-3,
-            weight_decay=0.05, warmup_steps=max(1, max(steps) // 10), lr_scheduler_type="cosine", use_cpu=True,
-            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=seed, data_seed=seed,
-            distillation_type="soft", alpha=0.5, temperature=2.0, cache_teacher_logits=True,
-            teacher_cache_column="idx", dataloader_num_workers=0)
-        DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train_set,
-                            callbacks=[callback]).train()
+            output_dir=out,
+            max_steps=max(steps),
+            per_device_train_batch_size=64,
+            learning_rate=1e-3,
+            weight_decay=0.05,
+            warmup_steps=max(1, max(steps) // 10),
+            lr_scheduler_type="cosine",
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=seed,
+            data_seed=seed,
+            distillation_type="soft",
+            alpha=0.5,
+            temperature=2.0,
+            cache_teacher_logits=True,
+            teacher_cache_column="idx",
+            dataloader_num_workers=0,
+        )
+        DistillationTrainer(
+            model=student, args=args, teacher_model=teacher, train_dataset=train_set, callbacks=[callback]
+        ).train()
     return callback.top1, time.perf_counter() - tick - callback.seconds
 
 
@@ -146,11 +170,19 @@ def run(args: argparse.Namespace) -> None:
     train_set = Rows(xtr, ytr)
     teachers = {name: load_teacher(name, args.cache_dir) for name in args.teachers.split(",")}
     payload = dict(
-        meta=machine(), teachers={**state.get("teachers", {}), **{k: v[1] for k, v in teachers.items()}}, rows=rows,
-        setup=dict(calibration=f"{CALIB_BATCHES} batches of {CALIB_BATCH_SIZE} of the 55,000 training images, "
-                   "seed-dependent", importance="taylor", round_to=8, test_images=len(yt),
-                   distillation="soft KD alpha 0.5 T 2, batch 64, lr 1e-3 cosine, 10% warmup, cached teacher logits, "
-                   "55,000 training images", torch_threads=torch.get_num_threads()))
+        meta=machine(),
+        teachers={**state.get("teachers", {}), **{k: v[1] for k, v in teachers.items()}},
+        rows=rows,
+        setup=dict(
+            calibration=f"{CALIB_BATCHES} batches of {CALIB_BATCH_SIZE} of the 55,000 training images, seed-dependent",
+            importance="taylor",
+            round_to=8,
+            test_images=len(yt),
+            distillation="soft KD alpha 0.5 T 2, batch 64, lr 1e-3 cosine, 10% warmup, cached teacher logits, "
+            "55,000 training images",
+            torch_threads=torch.get_num_threads(),
+        ),
+    )
 
     for seed in [int(s) for s in args.seeds.split(",")]:  # seeds outermost: a cut-short run has seed 0 everywhere
         for name, (teacher, info) in teachers.items():
@@ -160,8 +192,13 @@ def run(args: argparse.Namespace) -> None:
                     if key in done:
                         continue
                     config = IsomorphicPruningConfig(
-                        target_macs=fraction * info["macs"], importance="taylor", round_to=8, seed=seed,
-                        num_calibration_batches=CALIB_BATCHES, **method_config(mode))
+                        target_macs=fraction * info["macs"],
+                        importance="taylor",
+                        round_to=8,
+                        seed=seed,
+                        num_calibration_batches=CALIB_BATCHES,
+                        **method_config(mode),
+                    )
                     pruner = IsomorphicPruner(teacher)
                     load = os.getloadavg()[0]
                     tick = time.perf_counter()
@@ -172,17 +209,29 @@ def run(args: argparse.Namespace) -> None:
                     top1 = {0: accuracy(student, xt, yt)}
                     distilled, distill_s = distill(student, teacher, train_set, steps, seed, xt, yt)
                     top1.update(distilled)
-                    row = dict(zip(KEY, (name, fraction, seed, mode, steps)), teacher_top1=info["test_top1"],
-                               macs=report.macs_after, macs_ratio=report.macs_after / report.macs_before,
-                               params=report.params_after, params_before=report.params_before, prune_s=prune_s,
-                               timings=report.timings, reconstruction_report=report.reconstruction,
-                               prune_rss_before_mb=memory["before_mb"], prune_rss_peak_mb=memory["peak_mb"],
-                               ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                               distill_s=distill_s, load_1min=load, top1={str(k): v for k, v in top1.items()})
+                    row = dict(
+                        zip(KEY, (name, fraction, seed, mode, steps)),
+                        teacher_top1=info["test_top1"],
+                        macs=report.macs_after,
+                        macs_ratio=report.macs_after / report.macs_before,
+                        params=report.params_after,
+                        params_before=report.params_before,
+                        prune_s=prune_s,
+                        timings=report.timings,
+                        reconstruction_report=report.reconstruction,
+                        prune_rss_before_mb=memory["before_mb"],
+                        prune_rss_peak_mb=memory["peak_mb"],
+                        ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        distill_s=distill_s,
+                        load_1min=load,
+                        top1={str(k): v for k, v in top1.items()},
+                    )
                     rows.append(row)
                     args.out.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-                    print(json.dumps({k: row[k] for k in (*KEY, "macs_ratio", "prune_s", "distill_s", "top1")}),
-                          flush=True)
+                    print(
+                        json.dumps({k: row[k] for k in (*KEY, "macs_ratio", "prune_s", "distill_s", "top1")}),
+                        flush=True,
+                    )
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -215,10 +264,16 @@ def plot(path: Path) -> None:
                 continue
             xs = [0, *steps]
             stats = [_mean_std([100 * r["top1"][str(s)] for r in rs]) for s in xs]
-            ax.errorbar(range(len(xs)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                        color=f"C{methods.index(mode)}",
-                        linestyle="-" if fraction == 0.5 else ":", marker="o" if fraction == 0.5 else "s",
-                        label=f"{mode}, {fraction:.0%} MACs (n={len(rs)})")
+            ax.errorbar(
+                range(len(xs)),
+                [m for m, _ in stats],
+                yerr=[s for _, s in stats],
+                capsize=3,
+                color=f"C{methods.index(mode)}",
+                linestyle="-" if fraction == 0.5 else ":",
+                marker="o" if fraction == 0.5 else "s",
+                label=f"{mode}, {fraction:.0%} MACs (n={len(rs)})",
+            )
             ax.set_xticks(range(len(xs)), [str(s) for s in xs])
         ax.axhline(100 * teachers[name]["test_top1"], color="k", linestyle="--", label="teacher")
         ax.set_title(f"{name} ({teachers[name]['macs'] / 1e6:.1f} M MACs)")
@@ -230,34 +285,56 @@ def plot(path: Path) -> None:
     footer(fig, state["meta"], "0, 1, 2" if len({r["seed"] for r in rows}) > 1 else rows[0]["seed"])
     fig.savefig(path.with_suffix(".png"), dpi=130)
 
-    lines = ["| teacher | MACs (M) | params (K) | epochs | max epochs hit | train s | test top-1 |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {t['macs'] / 1e6:.2f} | {t['params'] / 1e3:.0f} | {t['epochs']} | {t['max_epochs_hit']} | "
-              f"{t['seconds']:.0f} | {100 * t['test_top1']:.2f} |" for n, t in teachers.items()]
+    lines = [
+        "| teacher | MACs (M) | params (K) | epochs | max epochs hit | train s | test top-1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {n} | {t['macs'] / 1e6:.2f} | {t['params'] / 1e3:.0f} | {t['epochs']} | {t['max_epochs_hit']} | "
+        f"{t['seconds']:.0f} | {100 * t['test_top1']:.2f} |"
+        for n, t in teachers.items()
+    ]
     cols = [0, *sorted({s for k in groups for s in k[3]})]
-    header = ["teacher", "target MACs", "MACs kept %", "reconstruction", "seeds", "prune s",
-              "of which reconstruction s", "peak RSS MB (prune)", "distillation s (steps)",
-              *(f"top-1 @ {s}" for s in cols)]
+    header = [
+        "teacher",
+        "target MACs",
+        "MACs kept %",
+        "reconstruction",
+        "seeds",
+        "prune s",
+        "of which reconstruction s",
+        "peak RSS MB (prune)",
+        "distillation s (steps)",
+        *(f"top-1 @ {s}" for s in cols),
+    ]
     lines += ["", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     order = lambda kv: (names.index(kv[0][0]), -kv[0][1], kv[0][2])  # noqa: E731
     for (teacher, fraction, mode, steps), rs in sorted(groups.items(), key=order):
         tops = [_cell([100 * r["top1"][str(s)] for r in rs]) if str(s) in rs[0]["top1"] else "-" for s in cols]
-        lines.append(f"| {teacher} | {fraction:.0%} | {_cell([100 * r['macs_ratio'] for r in rs], 1)} | {mode} | "
-                     f"{len(rs)} | {_cell([r['prune_s'] for r in rs])} | "
-                     f"{_cell([r['timings'].get('reconstruction', 0.0) for r in rs])} | "
-                     f"{_cell([r['prune_rss_peak_mb'] for r in rs], 0)} | {_cell([r['distill_s'] for r in rs], 0)} "
-                     f"({max(steps)}) | " + " | ".join(tops) + " |")
+        lines.append(
+            f"| {teacher} | {fraction:.0%} | {_cell([100 * r['macs_ratio'] for r in rs], 1)} | {mode} | "
+            f"{len(rs)} | {_cell([r['prune_s'] for r in rs])} | "
+            f"{_cell([r['timings'].get('reconstruction', 0.0) for r in rs])} | "
+            f"{_cell([r['prune_rss_peak_mb'] for r in rs], 0)} | {_cell([r['distill_s'] for r in rs], 0)} "
+            f"({max(steps)}) | " + " | ".join(tops) + " |"
+        )
     lines += _versus_best_other(groups, names, cols)
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {path.with_suffix('.png')} and {path.with_suffix('.md')}")
 
 
-def _versus_best_other(groups: dict[tuple, list[dict]], names: list[str], cols: list[int],
-                       reference: str = "least_squares:search") -> list[str]:
+def _versus_best_other(
+    groups: dict[tuple, list[dict]], names: list[str], cols: list[int], reference: str = "least_squares:search"
+) -> list[str]:
     """Per teacher, MACs fraction and step: the reference method's mean top-1 minus the best other method's (seeds
     that both have), when the file holds the reference and at least one other method at the same steps."""
-    lines = ["", f"{reference} minus the best other method (mean top-1 over common seeds, points; best other named):",
-             "", "| teacher | target MACs | " + " | ".join(f"@ {s}" for s in cols) + " |", "|---" * (2 + len(cols)) + "|"]
+    lines = [
+        "",
+        f"{reference} minus the best other method (mean top-1 over common seeds, points; best other named):",
+        "",
+        "| teacher | target MACs | " + " | ".join(f"@ {s}" for s in cols) + " |",
+        "|---" * (2 + len(cols)) + "|",
+    ]
     found = False
     for name in names:
         for fraction in sorted({k[1] for k in groups if k[0] == name}, reverse=True):
@@ -267,9 +344,11 @@ def _versus_best_other(groups: dict[tuple, list[dict]], names: list[str], cols: 
             found, cells = True, []
             seeds = {r["seed"] for r in runs[reference]}
             for step in cols:
+
                 def mean(method: str) -> float | None:
                     values = [100 * r["top1"][str(step)] for r in runs[method] if r["seed"] in seeds]
                     return statistics.mean(values) if len(values) == len(seeds) else None
+
                 others = {m: mean(m) for m in runs if m != reference and mean(m) is not None}
                 if not others or mean(reference) is None:
                     cells.append("-")

@@ -33,13 +33,23 @@ def worker(spec: dict) -> dict:
     x = torch.randn(batches * 16, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pruner = IsomorphicPruner(model)
-    config = IsomorphicPruningConfig(target_macs=spec["fraction"] * count_macs(model), reconstruction=spec["reconstruction"],
-                                     budget_policy=spec["policy"], search_candidates=spec.get("candidates", 24),
-                                     num_calibration_batches=spec["batches"], calibration_batch_size=16)
+    config = IsomorphicPruningConfig(
+        target_macs=spec["fraction"] * count_macs(model),
+        reconstruction=spec["reconstruction"],
+        budget_policy=spec["policy"],
+        search_candidates=spec.get("candidates", 24),
+        num_calibration_batches=spec["batches"],
+        calibration_batch_size=16,
+    )
     pruner.prune(config, calibration_dataset=x)
-    return dict(spec, timings=pruner.report.timings, rss_before_mb=rss_before,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                macs_ratio=pruner.report.macs_ratio, reconstruction=pruner.report.reconstruction)
+    return dict(
+        spec,
+        timings=pruner.report.timings,
+        rss_before_mb=rss_before,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        macs_ratio=pruner.report.macs_ratio,
+        reconstruction=pruner.report.reconstruction,
+    )
 
 
 def main() -> None:
@@ -58,18 +68,31 @@ def main() -> None:
     for model in args.models.split(","):
         for config in args.configs.split(","):
             reconstruction, policy = config.split(":")
-            spec = dict(model=model, fraction=args.fraction, reconstruction=reconstruction, policy=policy,
-                        candidates=args.candidates, batches=args.batches)
-            out = subprocess.run([PY, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                                 env={**os.environ, "TQDM_DISABLE": "1"})
+            spec = dict(
+                model=model,
+                fraction=args.fraction,
+                reconstruction=reconstruction,
+                policy=policy,
+                candidates=args.candidates,
+                batches=args.batches,
+            )
+            out = subprocess.run(
+                [PY, __file__, "--worker", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "TQDM_DISABLE": "1"},
+            )
             if out.returncode:
                 raise RuntimeError(out.stderr[-2000:])
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             t = row["timings"]
-            print(f"{model} {config}: total {t['total']:.1f} s, importance {t['importance']:.1f}, budget "
-                  f"{t['budget']:.1f}, reconstruction {t.get('reconstruction', 0):.1f}, peak RSS "
-                  f"{row['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{model} {config}: total {t['total']:.1f} s, importance {t['importance']:.1f}, budget "
+                f"{t['budget']:.1f}, reconstruction {t.get('reconstruction', 0):.1f}, peak RSS "
+                f"{row['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     save_json("recovery_cost.json", dict(meta=machine(), rows=rows))
 
 

@@ -7,9 +7,9 @@ import json
 import statistics
 from collections import defaultdict
 
-from _common import RESULTS, footer
-
 import matplotlib
+
+from _common import RESULTS, footer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,22 +30,31 @@ def part1() -> None:
     d = load("budget_accuracy.json")
     if not d:
         return
-    emit("### Part 1: budget accuracy (max |achieved - target| / target over targets "
-         + ", ".join(f"{int(100 * f)}%" for f in sorted({r['fraction'] for r in d['rows']})) + ")")
+    emit(
+        "### Part 1: budget accuracy (max |achieved - target| / target over targets "
+        + ", ".join(f"{int(100 * f)}%" for f in sorted({r["fraction"] for r in d["rows"]}))
+        + ")"
+    )
     emit()
-    emit("| model | MACs (orig) | shared: max err | allocate: max err | misses > 1% | package count = FlopCounterMode/2 |")
+    emit(
+        "| model | MACs (orig) | shared: max err | allocate: max err | misses > 1% | package count = FlopCounterMode/2 |"
+    )
     emit("|---|---|---|---|---|---|")
     by = defaultdict(list)
     for r in d["rows"]:
         by[r["model"]].append(r)
     for model, rows in by.items():
+
         def mx(policy):
             errs = [r["rel_error"] for r in rows if r["policy"] == policy and "rel_error" in r]
             return f"{100 * max(errs):.3f}%" if errs else "-"
+
         misses = [f"{r['policy']}@{r['fraction']}" for r in rows if "error" in r or r["rel_error"] > 0.01]
         agree = all(r.get("flopcounter_after") == r.get("achieved") for r in rows if "achieved" in r)
-        emit(f"| {model} | {rows[0].get('macs_before', 0) / 1e6:.1f} M | {mx('shared')} | {mx('allocate')} | "
-             f"{', '.join(misses) or 'none'} | {'yes, all rows' if agree else 'NO'} |")
+        emit(
+            f"| {model} | {rows[0].get('macs_before', 0) / 1e6:.1f} M | {mx('shared')} | {mx('allocate')} | "
+            f"{', '.join(misses) or 'none'} | {'yes, all rows' if agree else 'NO'} |"
+        )
     emit()
 
 
@@ -57,43 +66,58 @@ def part2() -> None:
     errors = [r for r in d["rows"] if "error" in r]
     emit("### Part 2: cost of pruning (medians over repeats; one subprocess per run)")
     emit()
-    emit("| model | run | n | wall s | CPU s | ratio wall (CPU) vs torch-pruning | peak RSS MB | extra MB | budget s (% of ours) |")
+    emit(
+        "| model | run | n | wall s | CPU s | ratio wall (CPU) vs torch-pruning | peak RSS MB | extra MB | budget s (% of ours) |"
+    )
     emit("|---|---|---|---|---|---|---|---|---|")
     main = [r for r in rows if r["part"] == "main"]
     groups = defaultdict(list)
     for r in main:
-        label = f"{r['tool']} {r['importance']}" + (f" target 50% MACs, {r['policy']}" if r.get("target_fraction")
-                                                     else " ratio 0.4")
+        label = f"{r['tool']} {r['importance']}" + (
+            f" target 50% MACs, {r['policy']}" if r.get("target_fraction") else " ratio 0.4"
+        )
         groups[(r["key"], label)].append(r)
     med = lambda rs, k: statistics.median(x[k] for x in rs)  # noqa: E731
     for (key, label), rs in groups.items():
         ref = groups.get((key, "tp magnitude ratio 0.4"))
-        ratio = (f"{med(rs, 'wall_s') / med(ref, 'wall_s'):.2f}x ({med(rs, 'cpu_s') / med(ref, 'cpu_s'):.2f}x)"
-                 if ref else "-")
+        ratio = (
+            f"{med(rs, 'wall_s') / med(ref, 'wall_s'):.2f}x ({med(rs, 'cpu_s') / med(ref, 'cpu_s'):.2f}x)"
+            if ref
+            else "-"
+        )
         budget = "-"
         if rs[0]["tool"] == "ours":
             b = med([dict(v=r["timings"]["budget"]) for r in rs], "v")
             budget = f"{b:.2f} ({100 * b / med(rs, 'wall_s'):.1f}%)"
-        emit(f"| {key} | {label} | {len(rs)} | {med(rs, 'wall_s'):.1f} | {med(rs, 'cpu_s'):.1f} | {ratio} | "
-             f"{med(rs, 'peak_rss_mb'):.0f} | {med(rs, 'extra_mb'):.0f} | {budget} |")
+        emit(
+            f"| {key} | {label} | {len(rs)} | {med(rs, 'wall_s'):.1f} | {med(rs, 'cpu_s'):.1f} | {ratio} | "
+            f"{med(rs, 'peak_rss_mb'):.0f} | {med(rs, 'extra_mb'):.0f} | {budget} |"
+        )
     growth = [r for r in rows if r["part"] == "growth"]
     if growth:
         emit()
         emit(f"Taylor importance, growth with calibration batches (batch 8, {growth[0]['key']}, 1 run each):")
         emit()
-        emit("| batches | ours wall s | torch-pruning wall s | ratio wall (CPU) | ours importance s | tp importance s |")
+        emit(
+            "| batches | ours wall s | torch-pruning wall s | ratio wall (CPU) | ours importance s | tp importance s |"
+        )
         emit("|---|---|---|---|---|---|")
         for k in sorted({r["batches"] for r in growth}):
             o = [r for r in growth if r["batches"] == k and r["tool"] == "ours"]
             t = [r for r in growth if r["batches"] == k and r["tool"] == "tp"]
             if o and t:
                 o, t = o[0], t[0]
-                emit(f"| {k} | {o['wall_s']:.1f} | {t['wall_s']:.1f} | {o['wall_s'] / t['wall_s']:.2f}x "
-                     f"({o['cpu_s'] / t['cpu_s']:.2f}x) | {o['timings']['importance']:.1f} | "
-                     f"{t['timings']['importance']:.1f} |")
+                emit(
+                    f"| {k} | {o['wall_s']:.1f} | {t['wall_s']:.1f} | {o['wall_s'] / t['wall_s']:.2f}x "
+                    f"({o['cpu_s'] / t['cpu_s']:.2f}x) | {o['timings']['importance']:.1f} | "
+                    f"{t['timings']['importance']:.1f} |"
+                )
     if errors:
         emit()
-        emit("Failed runs: " + "; ".join(f"{r['key']} {r['tool']} {r['importance']}: {r['error'][-200:]}" for r in errors))
+        emit(
+            "Failed runs: "
+            + "; ".join(f"{r['key']} {r['tool']} {r['importance']}: {r['error'][-200:]}" for r in errors)
+        )
     emit()
     # plot: wall-time breakdown per model
     fig, ax = plt.subplots(figsize=(10, 4.2))
@@ -125,12 +149,16 @@ def part3() -> None:
         return
     emit("### Part 3: CPU latency of pruned models (median of side-by-side rounds)")
     emit()
-    emit("| model | MACs target | round_to | batch | MACs reduction | median ms | speed-up | speed-up / MACs reduction |")
+    emit(
+        "| model | MACs target | round_to | batch | MACs reduction | median ms | speed-up | speed-up / MACs reduction |"
+    )
     emit("|---|---|---|---|---|---|---|---|")
     for r in d["rows"]:
         tgt = "base" if r["kind"] == "base" else f"{int(100 * r['fraction'])}%"
-        emit(f"| {r['model']} | {tgt} | {r['round_to'] or '-'} | {r['batch']} | {r['macs_reduction']:.2f}x | "
-             f"{r['median_ms']:.0f} | {r['speedup']:.2f}x | {r['speedup_over_macs_reduction']:.2f} |")
+        emit(
+            f"| {r['model']} | {tgt} | {r['round_to'] or '-'} | {r['batch']} | {r['macs_reduction']:.2f}x | "
+            f"{r['median_ms']:.0f} | {r['speedup']:.2f}x | {r['speedup_over_macs_reduction']:.2f} |"
+        )
     emit()
 
 
@@ -141,8 +169,14 @@ def part4() -> None:
     rows = [r for r in d["rows"] if "error" not in r]
     emit("### Part 4: top-1 (%) at matched MACs, Fashion-MNIST (2000 test images)")
     emit()
-    emit("Teachers: " + "; ".join(f"{k}: {v['top1'] * 100:.1f}% top-1, {v['macs'] / 1e6:.2f} M MACs, "
-                                     f"{v['params'] / 1e3:.0f} k params, {v['steps']} steps" for k, v in d["teachers"].items()))
+    emit(
+        "Teachers: "
+        + "; ".join(
+            f"{k}: {v['top1'] * 100:.1f}% top-1, {v['macs'] / 1e6:.2f} M MACs, "
+            f"{v['params'] / 1e3:.0f} k params, {v['steps']} steps"
+            for k, v in d["teachers"].items()
+        )
+    )
     emit()
     methods = ["iso-shared", "iso-allocate", "global", "uniform", "random"]
     emit("| teacher | MACs | importance | seeds | " + " | ".join(methods) + " |")
@@ -154,33 +188,43 @@ def part4() -> None:
             cells[(r["teacher"], r["fraction"], r["method"], "magnitude")].append(r)
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
         for fraction in sorted({r["fraction"] for r in rows if r["teacher"] == teacher}, reverse=True):
-          for imp in ("taylor", "magnitude"):
-            if not any(k[0] == teacher and k[1] == fraction and k[3] == imp and k[2] != "random" for k in cells):
-                continue
-            for stage, key in (("after pruning", "top1_pruned"), (f"after {d['setup']['distill_steps']} distill steps",
-                                                                   "top1_distilled")):
-                vals = []
-                seeds = set()
-                for m in methods:
-                    rs = cells.get((teacher, fraction, m, imp), [])
-                    seeds |= {r["seed"] for r in rs}
-                    if rs:
-                        xs = [100 * r[key] for r in rs]
-                        vals.append(f"{statistics.mean(xs):.1f}" + (f" ±{statistics.pstdev(xs):.1f}" if len(xs) > 1 else ""))
-                    else:
-                        vals.append("-")
-                emit(f"| {teacher} | {int(100 * fraction)}% | {imp}, {stage} | {len(seeds)} | " + " | ".join(vals) + " |")
+            for imp in ("taylor", "magnitude"):
+                if not any(k[0] == teacher and k[1] == fraction and k[3] == imp and k[2] != "random" for k in cells):
+                    continue
+                for stage, key in (
+                    ("after pruning", "top1_pruned"),
+                    (f"after {d['setup']['distill_steps']} distill steps", "top1_distilled"),
+                ):
+                    vals = []
+                    seeds = set()
+                    for m in methods:
+                        rs = cells.get((teacher, fraction, m, imp), [])
+                        seeds |= {r["seed"] for r in rs}
+                        if rs:
+                            xs = [100 * r[key] for r in rs]
+                            vals.append(
+                                f"{statistics.mean(xs):.1f}" + (f" ±{statistics.pstdev(xs):.1f}" if len(xs) > 1 else "")
+                            )
+                        else:
+                            vals.append("-")
+                    emit(
+                        f"| {teacher} | {int(100 * fraction)}% | {imp}, {stage} | {len(seeds)} | "
+                        + " | ".join(vals)
+                        + " |"
+                    )
     emit()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=False)
-    for ax, key, title in ((axes[0], "top1_pruned", "right after pruning"),
-                           (axes[1], "top1_distilled", f"after {d['setup']['distill_steps']} distillation steps")):
+    for ax, key, title in (
+        (axes[0], "top1_pruned", "right after pruning"),
+        (axes[1], "top1_distilled", f"after {d['setup']['distill_steps']} distillation steps"),
+    ):
         xs_labels = []
         for teacher in dict.fromkeys(r["teacher"] for r in rows):
             for fraction in sorted({r["fraction"] for r in rows if r["teacher"] == teacher}, reverse=True):
                 xs_labels.append((teacher, fraction))
         for i, m in enumerate(methods):
             ys, errs = [], []
-            for (teacher, fraction) in xs_labels:
+            for teacher, fraction in xs_labels:
                 rs = cells.get((teacher, fraction, m, "taylor"), [])
                 vals = [100 * r[key] for r in rs]
                 ys.append(statistics.mean(vals) if vals else float("nan"))
@@ -201,8 +245,10 @@ def part4() -> None:
         emit("| model | seed | steps | MACs | params | top-1 start | top-1 after distillation |")
         emit("|---|---|---|---|---|---|---|")
         for r in d["part5"]:
-            emit(f"| {r['model']} | {r['seed']} | {r['steps']} | {r['macs'] / 1e6:.2f} M | {r['params'] / 1e3:.0f} k | "
-                 f"{100 * r['top1_start']:.1f} | {100 * r['top1']:.1f} |")
+            emit(
+                f"| {r['model']} | {r['seed']} | {r['steps']} | {r['macs'] / 1e6:.2f} M | {r['params'] / 1e3:.0f} k | "
+                f"{100 * r['top1_start']:.1f} | {100 * r['top1']:.1f} |"
+            )
         emit()
 
 

@@ -33,8 +33,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
-    ConvNextConfig, ConvNextForImageClassification, DeiTConfig, DeiTForImageClassificationWithTeacher, ResNetConfig,
-    ResNetForImageClassification, ViTConfig, ViTForImageClassification,
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 from _common import CACHE
@@ -42,24 +48,56 @@ from optimum_isoprune import count_macs
 from optimum_isoprune.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 
 VAL_SIZE = 5000
-TRANSFORMER = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=256, image_size=28,
-                   patch_size=7, num_channels=1, num_labels=10, attn_implementation="eager")
+TRANSFORMER = dict(
+    hidden_size=64,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    intermediate_size=256,
+    image_size=28,
+    patch_size=7,
+    num_channels=1,
+    num_labels=10,
+    attn_implementation="eager",
+)
 CRITERION = dict(
-    validation="last 5,000 training images (trained on the first 55,000)", optimizer="AdamW", lr=2e-3,
-    warmup="linear over the first epoch", weight_decay=0.05, batch_size=128, augmentation="random horizontal flip",
-    label_smoothing=0.1, plateau="validation top-1 not improved by >= 0.1 points for 2 epochs",
-    on_plateau="lr /= 5, at most twice; the next plateau stops training", max_epochs=30,
+    validation="last 5,000 training images (trained on the first 55,000)",
+    optimizer="AdamW",
+    lr=2e-3,
+    warmup="linear over the first epoch",
+    weight_decay=0.05,
+    batch_size=128,
+    augmentation="random horizontal flip",
+    label_smoothing=0.1,
+    plateau="validation top-1 not improved by >= 0.1 points for 2 epochs",
+    on_plateau="lr /= 5, at most twice; the next plateau stops training",
+    max_epochs=30,
     weights="best validation top-1",
 )
 
 
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
-    "resnet": lambda: ResNetForImageClassification(ResNetConfig(
-        num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], layer_type="basic",
-        image_size=28, num_labels=10)),
-    "convnext": lambda: ConvNextForImageClassification(ConvNextConfig(
-        num_channels=1, patch_size=2, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_stages=3, image_size=28,
-        num_labels=10)),
+    "resnet": lambda: ResNetForImageClassification(
+        ResNetConfig(
+            num_channels=1,
+            embedding_size=32,
+            hidden_sizes=[32, 64, 128],
+            depths=[1, 1, 1],
+            layer_type="basic",
+            image_size=28,
+            num_labels=10,
+        )
+    ),
+    "convnext": lambda: ConvNextForImageClassification(
+        ConvNextConfig(
+            num_channels=1,
+            patch_size=2,
+            hidden_sizes=[32, 64, 128],
+            depths=[1, 1, 1],
+            num_stages=3,
+            image_size=28,
+            num_labels=10,
+        )
+    ),
     "vit": lambda: ViTForImageClassification(ViTConfig(**TRANSFORMER)),
     "deit": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**TRANSFORMER)),
 }
@@ -100,16 +138,23 @@ def _paths(name: str, cache_dir: Path) -> tuple[Path, Path]:
     return cache_dir / f"teacher_{name}.safetensors", cache_dir / f"teacher_{name}.json"
 
 
-def train(name: str, cache_dir: Path = CACHE, seed: int = 0, max_epochs: int = 30, train_limit: int | None = None,
-          log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+def train(
+    name: str,
+    cache_dir: Path = CACHE,
+    seed: int = 0,
+    max_epochs: int = 30,
+    train_limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[nn.Module, dict]:
     """Train teacher `name` to convergence (module docstring), save it to `cache_dir`, return (model.eval(), info)."""
     xtr, ytr, xval, yval = train_val()
     if train_limit is not None:
         xtr, ytr = xtr[:train_limit], ytr[:train_limit]
     hard = None
     if name in DISTILLED_FROM:  # the teacher's top class on every training image, unflipped and flipped
-        teacher, _ = load_teacher(DISTILLED_FROM[name], cache_dir, seed=seed, max_epochs=max_epochs,
-                                  train_limit=train_limit, log=log)
+        teacher, _ = load_teacher(
+            DISTILLED_FROM[name], cache_dir, seed=seed, max_epochs=max_epochs, train_limit=train_limit, log=log
+        )
         hard = torch.stack([predict(teacher, xtr).argmax(-1), predict(teacher, xtr.flip(-1)).argmax(-1)], 1)
     torch.manual_seed(seed)
     model = BUILDERS[name]()
@@ -131,8 +176,10 @@ def train(name: str, cache_dir: Path = CACHE, seed: int = 0, max_epochs: int = 3
             if hard is None:
                 loss = F.cross_entropy(out.logits, ytr[idx], label_smoothing=CRITERION["label_smoothing"])
             else:
-                loss = (F.cross_entropy(out.cls_logits, ytr[idx], label_smoothing=CRITERION["label_smoothing"])
-                        + F.cross_entropy(out.distillation_logits, hard[idx, flip.long()])) / 2
+                loss = (
+                    F.cross_entropy(out.cls_logits, ytr[idx], label_smoothing=CRITERION["label_smoothing"])
+                    + F.cross_entropy(out.distillation_logits, hard[idx, flip.long()])
+                ) / 2
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -146,8 +193,10 @@ def train(name: str, cache_dir: Path = CACHE, seed: int = 0, max_epochs: int = 3
         else:
             stale += 1
         best = max(best, top1)
-        log(f"{name} epoch {epoch + 1}: val {top1:.4f} (best {best:.4f}), lr {lr:.1e}, loss {loss.item():.3f}, "
-            f"{time.perf_counter() - start:.0f} s")
+        log(
+            f"{name} epoch {epoch + 1}: val {top1:.4f} (best {best:.4f}), lr {lr:.1e}, loss {loss.item():.3f}, "
+            f"{time.perf_counter() - start:.0f} s"
+        )
         if stale >= 2:
             if reductions == 2:
                 max_hit = False
@@ -158,11 +207,20 @@ def train(name: str, cache_dir: Path = CACHE, seed: int = 0, max_epochs: int = 3
     model.eval()
     xt, yt = tensors("test")
     info = dict(
-        name=name, epochs=len(history), steps=step, seconds=seconds, max_epochs_hit=max_hit,
-        val_top1_history=history, val_top1=best, test_top1=accuracy(model, xt, yt), macs=count_macs(model),
-        params=sum(p.numel() for p in model.parameters()), seed=seed,
+        name=name,
+        epochs=len(history),
+        steps=step,
+        seconds=seconds,
+        max_epochs_hit=max_hit,
+        val_top1_history=history,
+        val_top1=best,
+        test_top1=accuracy(model, xt, yt),
+        macs=count_macs(model),
+        params=sum(p.numel() for p in model.parameters()),
+        seed=seed,
         criterion=dict(CRITERION, max_epochs=max_epochs, train_images=len(ytr)),
-        distilled_from=DISTILLED_FROM.get(name), torch_threads=torch.get_num_threads(),
+        distilled_from=DISTILLED_FROM.get(name),
+        torch_threads=torch.get_num_threads(),
     )
     weights, meta = _paths(name, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -195,13 +253,19 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    infos = [load_teacher(name, args.cache_dir, seed=args.seed, max_epochs=args.max_epochs,
-                          train_limit=args.train_limit, log=log)[1] for name in args.names.split(",")]
+    infos = [
+        load_teacher(
+            name, args.cache_dir, seed=args.seed, max_epochs=args.max_epochs, train_limit=args.train_limit, log=log
+        )[1]
+        for name in args.names.split(",")
+    ]
     print("| teacher | MACs (M) | params (K) | epochs | max epochs hit | val top-1 | test top-1 | train s |")
     print("|---|---|---|---|---|---|---|---|")
     for i in infos:
-        print(f"| {i['name']} | {i['macs'] / 1e6:.2f} | {i['params'] / 1e3:.1f} | {i['epochs']} | "
-              f"{i['max_epochs_hit']} | {100 * i['val_top1']:.2f} | {100 * i['test_top1']:.2f} | {i['seconds']:.0f} |")
+        print(
+            f"| {i['name']} | {i['macs'] / 1e6:.2f} | {i['params'] / 1e3:.1f} | {i['epochs']} | "
+            f"{i['max_epochs_hit']} | {100 * i['val_top1']:.2f} | {100 * i['test_top1']:.2f} | {i['seconds']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Prune a transformers ConvNeXt (or ConvNeXtV2) to a MACs target, save it, load it back, check the logits.
 
-    # Hub weights, Taylor importance from an imagefolder (one sub-folder per class):
-    python examples/convnext.py --model facebook/convnext-tiny-224 --target-macs 2.2G --calibration-dataset ./images
-    # offline, random ConvNeXt-T weights, half the MACs:
-    python examples/convnext.py --random-weights --target-macs 50%
-    # tiny ConvNeXt, seconds:
-    python examples/convnext.py --smoke
+# Hub weights, Taylor importance from an imagefolder (one sub-folder per class):
+python examples/convnext.py --model facebook/convnext-tiny-224 --target-macs 2.2G --calibration-dataset ./images
+# offline, random ConvNeXt-T weights, half the MACs:
+python examples/convnext.py --random-weights --target-macs 50%
+# tiny ConvNeXt, seconds:
+python examples/convnext.py --smoke
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import argparse
 import tempfile
 
 import torch
-from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextV2Config, ConvNextV2ForImageClassification
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ConvNextV2Config,
+    ConvNextV2ForImageClassification,
+)
 
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, count_macs
 from optimum_isoprune.checkpoint import load_pruned_model, save_pruned_model
@@ -25,10 +30,14 @@ from optimum_isoprune.data import load_image_dataset, prepare_dataset
 
 def random_convnext(v2: bool, smoke: bool) -> torch.nn.Module:
     """ConvNeXt-T shapes (or a tiny two-stage one) with random weights."""
-    kwargs = (dict(hidden_sizes=[32, 64], depths=[2, 2], num_stages=2, image_size=32, num_labels=10) if smoke
-              else dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], image_size=224, num_labels=1000))
-    config_class, model_class = ((ConvNextV2Config, ConvNextV2ForImageClassification) if v2
-                                 else (ConvNextConfig, ConvNextForImageClassification))
+    kwargs = (
+        dict(hidden_sizes=[32, 64], depths=[2, 2], num_stages=2, image_size=32, num_labels=10)
+        if smoke
+        else dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], image_size=224, num_labels=1000)
+    )
+    config_class, model_class = (
+        (ConvNextV2Config, ConvNextV2ForImageClassification) if v2 else (ConvNextConfig, ConvNextForImageClassification)
+    )
     torch.manual_seed(0)
     return model_class(config_class(**kwargs)).eval()
 

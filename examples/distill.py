@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distillation-type", choices=["soft", "hard", "none"], default="hard")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term in [0, 1]")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of soft distillation")
-    parser.add_argument("--cache-teacher-logits", action="store_true", help="run the teacher once per example (no flips)")
+    parser.add_argument(
+        "--cache-teacher-logits", action="store_true", help="run the teacher once per example (no flips)"
+    )
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips (implied by the cache)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
@@ -60,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="distilled-student")
-    parser.add_argument("--smoke", action="store_true", help="tiny random ViTs and 64 examples: runs offline in seconds")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny random ViTs and 64 examples: runs offline in seconds"
+    )
     args = parser.parse_args(argv)
     if not args.smoke and args.student is None:
         parser.error("--student is required (or pass --smoke)")
@@ -85,8 +89,14 @@ def tiny_vit(hidden: int, seed: int, num_labels: int = 10) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
-        image_size=28, patch_size=7, num_channels=1, num_labels=num_labels,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        num_labels=num_labels,
     )
     return ViTForImageClassification(config)
 
@@ -105,14 +115,19 @@ def synthetic_split(n: int, seed: int):
 def load_splits(args: argparse.Namespace):
     if args.smoke:
         if os.path.isfile(os.path.join(args.data_dir or FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
-            return load_fashion_mnist("train", args.data_dir, limit=64), load_fashion_mnist("test", args.data_dir, limit=32)
+            return load_fashion_mnist("train", args.data_dir, limit=64), load_fashion_mnist(
+                "test", args.data_dir, limit=32
+            )
         return synthetic_split(64, 0), synthetic_split(32, 1)
     if args.dataset == "fashion-mnist":
         return (
             load_fashion_mnist(args.train_split, args.data_dir, limit=args.train_limit),
             load_fashion_mnist(args.eval_split, args.data_dir, limit=args.eval_limit),
         )
-    train, evaluation = load_image_dataset(args.dataset, args.train_split), load_image_dataset(args.dataset, args.eval_split)
+    train, evaluation = (
+        load_image_dataset(args.dataset, args.train_split),
+        load_image_dataset(args.dataset, args.eval_split),
+    )
     if args.train_limit:
         train = train.select(range(min(args.train_limit, len(train))))
     if args.eval_limit:

@@ -42,15 +42,28 @@ import time
 import torch
 
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, load_pruned_model, save_pruned_model
+from optimum_isoprune.adapters import adapter_for
 from optimum_isoprune.augmentation import (
-    DEIT_AUTO_AUGMENT, DEIT_CUTMIX, DEIT_MIXUP, DEIT_RE_PROB, DEIT_SMOOTHING, AugmentationEpochCallback,
-    DeiTTrainTransform, deit_mixup,
+    DEIT_AUTO_AUGMENT,
+    DEIT_CUTMIX,
+    DEIT_MIXUP,
+    DEIT_RE_PROB,
+    DEIT_SMOOTHING,
+    AugmentationEpochCallback,
+    DeiTTrainTransform,
+    deit_mixup,
 )
 from optimum_isoprune.data import (
-    FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, add_index_column,
-    load_fashion_mnist, load_image_dataset, prepare_dataset,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    add_index_column,
+    load_fashion_mnist,
+    load_image_dataset,
+    prepare_dataset,
 )
-from optimum_isoprune.adapters import adapter_for
 from optimum_isoprune.distillation import DistillationTrainer, DistillationTrainingArguments
 from optimum_isoprune.ema import EMACallback
 from optimum_isoprune.metrics import compute_metrics, evaluate_model
@@ -72,9 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-calibration-batches", type=int, default=50, help="Taylor batches (P: --taylor-batchs 50)")
     g.add_argument("--calibration-batch-size", type=int, default=64, help="(P: --train-batch-size 64)")
     g.add_argument("--round-to", type=int, default=2, help="(P: --round-to 2)")
-    g.add_argument("--reconstruction", default=None,
-                   choices=["none", "bias", "least_squares"],
-                   help="refit after cutting (P: none); default: the package's default, least_squares")
+    g.add_argument(
+        "--reconstruction",
+        default=None,
+        choices=["none", "bias", "least_squares"],
+        help="refit after cutting (P: none); default: the package's default, least_squares",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fashion-mnist", help="'fashion-mnist', an imagefolder dir, or a Hub id")
     g.add_argument("--data-dir", default=None, help=f"Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")
@@ -96,8 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--smoothing", type=float, default=DEIT_SMOOTHING)
     g.add_argument("--mixup", type=float, default=DEIT_MIXUP, help="mixup alpha (0 with --cutmix 0: no mixing)")
     g.add_argument("--cutmix", type=float, default=DEIT_CUTMIX, help="cutmix alpha")
-    g.add_argument("--augmentation", choices=["deit", "flip"], default="deit",
-                   help="'deit': timm's RandAugment pipeline with random erasing; 'flip': random flips only")
+    g.add_argument(
+        "--augmentation",
+        choices=["deit", "flip"],
+        default="deit",
+        help="'deit': timm's RandAugment pipeline with random erasing; 'flip': random flips only",
+    )
     g.add_argument("--aa", default=DEIT_AUTO_AUGMENT, help="timm auto-augment policy ('none' to turn it off)")
     g.add_argument("--reprob", type=float, default=DEIT_RE_PROB, help="random erasing probability")
     g.add_argument("--distillation-type", choices=["hard", "soft", "none"], default="hard")
@@ -110,8 +130,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("speed and checkpoints")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast of the student (P: --amp)")
     g.add_argument("--fp16", action="store_true", help="fp16 autocast with loss scaling")
-    g.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 with --bf16, float16 with --fp16, else float32")
+    g.add_argument(
+        "--teacher-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: bfloat16 with --bf16, float16 with --fp16, else float32",
+    )
     g.add_argument("--teacher-channels-last", action="store_true")
     g.add_argument("--teacher-compile", action="store_true")
     g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: every epoch)")
@@ -120,8 +144,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-eval", action="store_true", help="no evaluation during training (only at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="recipe-output")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny random ViT, 64 images, 6 steps of batch 8 with mixup/cutmix and EMA: runs on the CPU")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random ViT, 64 images, 6 steps of batch 8 with mixup/cutmix and EMA: runs on the CPU",
+    )
     args = p.parse_args(argv)
     if not args.smoke and not (args.model or args.pruned):
         p.error("--model (to prune) or --pruned (already pruned) is required, or pass --smoke")
@@ -146,9 +173,19 @@ def smoke_model() -> torch.nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=28, patch_size=7,
-        num_channels=1, num_labels=10, attn_implementation="eager"))
+    return ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=28,
+            patch_size=7,
+            num_channels=1,
+            num_labels=10,
+            attn_implementation="eager",
+        )
+    )
 
 
 def load_splits(args: argparse.Namespace):
@@ -173,10 +210,20 @@ def train_transform(args: argparse.Namespace, model: torch.nn.Module, train_raw)
     if not isinstance(size, int) or channels is None:
         raise ValueError(f"Cannot tell the model's square input size and channels (got {size}, {channels}).")
     known = adapter_for(model).normalization()
-    mean, std = known if known is not None else (
-        (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD))
-    transform = DeiTTrainTransform(size, channels, mean, std, auto_augment=None if args.aa == "none" else args.aa,
-                                   re_prob=args.reprob, seed=args.seed)
+    mean, std = (
+        known
+        if known is not None
+        else ((FASHION_MNIST_MEAN, FASHION_MNIST_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD))
+    )
+    transform = DeiTTrainTransform(
+        size,
+        channels,
+        mean,
+        std,
+        auto_augment=None if args.aa == "none" else args.aa,
+        re_prob=args.reprob,
+        seed=args.seed,
+    )
     return train_raw.with_transform(transform)
 
 
@@ -224,9 +271,14 @@ def training_arguments(args: argparse.Namespace) -> DistillationTrainingArgument
 def prune(args: argparse.Namespace, model: torch.nn.Module, calibration_raw) -> IsomorphicPruner:
     """Prune `model` to the target; every process runs this (gradients summed, models compared by hash)."""
     config = IsomorphicPruningConfig(
-        target_macs=args.target_macs, target_params=args.target_params, pruning_ratio=args.pruning_ratio,
-        importance="taylor", round_to=args.round_to, num_calibration_batches=args.num_calibration_batches,
-        calibration_batch_size=args.calibration_batch_size, seed=args.seed,
+        target_macs=args.target_macs,
+        target_params=args.target_params,
+        pruning_ratio=args.pruning_ratio,
+        importance="taylor",
+        round_to=args.round_to,
+        num_calibration_batches=args.num_calibration_batches,
+        calibration_batch_size=args.calibration_batch_size,
+        seed=args.seed,
         **({"reconstruction": args.reconstruction} if args.reconstruction else {}),
     )
     pruner = IsomorphicPruner(model, base_model_name_or_path=None if args.smoke else args.model)
@@ -242,8 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.scale_lr:
         training_args.learning_rate = args.lr * args.batch_size * training_args.world_size / 512.0
     if args.smoke:
-        args.dataset = args.dataset if os.path.isfile(
-            os.path.join(args.data_dir or FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")) else "synthetic"
+        args.dataset = (
+            args.dataset
+            if os.path.isfile(os.path.join(args.data_dir or FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
+            else "synthetic"
+        )
     train_raw, eval_raw = _synthetic_splits() if args.dataset == "synthetic" else load_splits(args)
 
     model = smoke_model() if args.smoke else (load_model(args.model) if args.model else None)
@@ -269,8 +324,14 @@ def main(argv: list[str] | None = None) -> dict:
     train_set = train_transform(args, student, add_index_column(train_raw))
     eval_set = prepare_dataset(eval_raw, model=student)
     trainer = DistillationTrainer(
-        model=student, args=training_args, teacher_model=teacher, mixup_fn=mixup, train_dataset=train_set,
-        eval_dataset=eval_set, compute_metrics=compute_metrics, callbacks=callbacks,
+        model=student,
+        args=training_args,
+        teacher_model=teacher,
+        mixup_fn=mixup,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
     )
     resume = args.resume
     if resume == "last":

@@ -36,8 +36,13 @@ def build(timm_name: str, smoke: bool) -> torch.nn.Module:
     if not smoke:
         return timm.create_model(timm_name, pretrained=False)
     full = timm.create_model(timm_name, pretrained=False, depth=1, num_classes=1)  # only to read its width
-    return timm.create_model(timm_name, pretrained=False, embed_dim=full.embed_dim // 4,
-                             num_heads=full.blocks[0].attn.num_heads, **SMOKE_KWARGS)
+    return timm.create_model(
+        timm_name,
+        pretrained=False,
+        embed_dim=full.embed_dim // 4,
+        num_heads=full.blocks[0].attn.num_heads,
+        **SMOKE_KWARGS,
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -51,21 +56,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.only and name not in args.only:
             continue
         pruner = IsomorphicPruner(build(timm_name, args.smoke), base_model_name_or_path=f"timm/{timm_name}")
-        config = IsomorphicPruningConfig(pruning_ratio=ratio, head_pruning_ratio=head_ratio,
-                                         head_dim_pruning_ratio=head_dim_ratio, round_to=2, importance="magnitude")
+        config = IsomorphicPruningConfig(
+            pruning_ratio=ratio,
+            head_pruning_ratio=head_ratio,
+            head_dim_pruning_ratio=head_dim_ratio,
+            round_to=2,
+            importance="magnitude",
+        )
         started = time.perf_counter()
         pruner.prune(config)
         report = pruner.report
-        rows.append({"name": name, "macs": report.macs_after, "params": report.params_after,
-                     "paper_macs": None if args.smoke else macs, "paper_params": None if args.smoke else params,
-                     "paper_top1": top1, "seconds": time.perf_counter() - started})
+        rows.append(
+            {
+                "name": name,
+                "macs": report.macs_after,
+                "params": report.params_after,
+                "paper_macs": None if args.smoke else macs,
+                "paper_params": None if args.smoke else params,
+                "paper_top1": top1,
+                "seconds": time.perf_counter() - started,
+            }
+        )
 
     print(f"{'shape':10} {'ours MACs':>10} {'paper':>8} {'ours params':>12} {'paper':>8} {'paper top-1':>12}")
     for row in rows:
         paper_macs = f"{row['paper_macs'] / 1e9:.2f}G" if row["paper_macs"] else "—"
         paper_params = f"{row['paper_params'] / 1e6:.2f}M" if row["paper_params"] else "—"
-        print(f"{row['name']:10} {format_count(row['macs']):>10} {paper_macs:>8} {row['params'] / 1e6:>11.2f}M "
-              f"{paper_params:>8} {row['paper_top1']:>12.2f}")
+        print(
+            f"{row['name']:10} {format_count(row['macs']):>10} {paper_macs:>8} {row['params'] / 1e6:>11.2f}M "
+            f"{paper_params:>8} {row['paper_top1']:>12.2f}"
+        )
     return rows
 
 

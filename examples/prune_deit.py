@@ -24,8 +24,8 @@ from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, count_macs
 from optimum_isoprune.checkpoint import save_pruned_model
-from optimum_isoprune.report import format_count
 from optimum_isoprune.data import load_image_dataset, prepare_dataset
+from optimum_isoprune.report import format_count
 
 # name, Hub id of the base model, its (hidden size, heads), MACs of the base and of the pruned model in the paper
 PAPER = [
@@ -39,11 +39,25 @@ PAPER = [
 def build_deit(hidden: int, heads: int, smoke: bool) -> DeiTForImageClassificationWithTeacher:
     """A random DeiT with a distillation token: the real shape, or a tiny one (1/8 width, 2 layers, 32 px)."""
     if smoke:
-        config = DeiTConfig(hidden_size=hidden // 8, num_attention_heads=heads, intermediate_size=hidden // 2,
-                            num_hidden_layers=2, image_size=32, patch_size=8, num_labels=10)
+        config = DeiTConfig(
+            hidden_size=hidden // 8,
+            num_attention_heads=heads,
+            intermediate_size=hidden // 2,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+        )
     else:
-        config = DeiTConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
-                            num_hidden_layers=12, image_size=224, patch_size=16, num_labels=1000)
+        config = DeiTConfig(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=12,
+            image_size=224,
+            patch_size=16,
+            num_labels=1000,
+        )
     return DeiTForImageClassificationWithTeacher(config).eval()
 
 
@@ -71,20 +85,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.calibration_dataset:
             data = load_image_dataset(args.calibration_dataset, split="train").select(range(512))
             calibration = prepare_dataset(data, model=pruner.model)
-        config = IsomorphicPruningConfig(target_macs=target, importance="taylor" if calibration else "magnitude",
-                                         round_to=2)
+        config = IsomorphicPruningConfig(
+            target_macs=target, importance="taylor" if calibration else "magnitude", round_to=2
+        )
         started = time.perf_counter()
         pruned = pruner.prune(config, calibration_dataset=calibration)
         report = pruner.report
-        rows.append({"name": name, "macs": report.macs_after, "params": report.params_after, "target": target,
-                     "paper_macs": paper_target, "seconds": time.perf_counter() - started})
+        rows.append(
+            {
+                "name": name,
+                "macs": report.macs_after,
+                "params": report.params_after,
+                "target": target,
+                "paper_macs": paper_target,
+                "seconds": time.perf_counter() - started,
+            }
+        )
         if args.output_dir:
             save_pruned_model(pruned, os.path.join(args.output_dir, name), pruning_config=config, report=report)
 
     print(f"{'shape':10} {'target MACs':>12} {'ours MACs':>12} {'ours params':>12} {'time':>7}")
     for row in rows:
-        print(f"{row['name']:10} {format_count(row['target']):>12} {format_count(row['macs']):>12} "
-              f"{row['params'] / 1e6:>11.3f}M {row['seconds']:>6.1f}s")
+        print(
+            f"{row['name']:10} {format_count(row['target']):>12} {format_count(row['macs']):>12} "
+            f"{row['params'] / 1e6:>11.3f}M {row['seconds']:>6.1f}s"
+        )
     return rows
 
 

@@ -39,16 +39,27 @@ def build(name: str, random_weights: bool, wrapper: bool, **kwargs) -> torch.nn.
             return TimmWrapperForImageClassification.from_pretrained(name).eval()
         arch = name.removeprefix("timm/").split(".")[0]
         size = kwargs.get("img_size", 224)
-        config = TimmWrapperConfig(architecture=arch, num_labels=kwargs.pop("num_classes", 1000), model_args=kwargs,
-                                   pretrained_cfg={"input_size": [3, size, size]})
+        config = TimmWrapperConfig(
+            architecture=arch,
+            num_labels=kwargs.pop("num_classes", 1000),
+            model_args=kwargs,
+            pretrained_cfg={"input_size": [3, size, size]},
+        )
         return TimmWrapperForImageClassification(config).eval()
     if random_weights:
         return timm.create_model(name.removeprefix("timm/").split(".")[0], pretrained=False, **kwargs).eval()
     return timm.create_model(name.replace("timm/", "hf-hub:timm/", 1), pretrained=True).eval()
 
 
-def prune_one(name: str, target_macs: str, random_weights: bool, wrapper: bool, output_dir: str | None,
-              image_size: int | None = None, **kwargs) -> dict:
+def prune_one(
+    name: str,
+    target_macs: str,
+    random_weights: bool,
+    wrapper: bool,
+    output_dir: str | None,
+    image_size: int | None = None,
+    **kwargs,
+) -> dict:
     model = build(name, random_weights, wrapper, **kwargs)
     value, is_share = parse_target(target_macs)
     target = value * count_macs(model, image_size=image_size) if is_share else value
@@ -65,8 +76,10 @@ def prune_one(name: str, target_macs: str, random_weights: bool, wrapper: bool, 
             a, b = (m(pixel_values=x).logits if wrapper else m(x) for m in (pruned, reloaded))
         same = torch.allclose(a, b, atol=1e-5)
     report = pruner.report
-    print(f"{name}: {report.macs_before / 1e6:.1f}M -> {report.macs_after / 1e6:.1f}M MACs, "
-          f"{report.params_before / 1e6:.2f}M -> {report.params_after / 1e6:.2f}M params, reloaded logits equal: {same}")
+    print(
+        f"{name}: {report.macs_before / 1e6:.1f}M -> {report.macs_after / 1e6:.1f}M MACs, "
+        f"{report.params_before / 1e6:.2f}M -> {report.params_after / 1e6:.2f}M params, reloaded logits equal: {same}"
+    )
     return {"name": name, "report": report, "same_logits": same}
 
 
@@ -81,12 +94,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     if args.smoke:
-        results = [prune_one(name, args.target_macs, True, False, None, num_classes=10,
-                             image_size=None if "img_size" in kwargs else 64, **kwargs)
-                   for name, kwargs in SMOKE_MODELS.items()]
+        results = [
+            prune_one(
+                name,
+                args.target_macs,
+                True,
+                False,
+                None,
+                num_classes=10,
+                image_size=None if "img_size" in kwargs else 64,
+                **kwargs,
+            )
+            for name, kwargs in SMOKE_MODELS.items()
+        ]
         deit = SMOKE_MODELS["timm/deit_tiny_distilled_patch16_224"]
-        results.append(prune_one("timm/deit_tiny_distilled_patch16_224", args.target_macs, True, True, None,
-                                 num_classes=10, **deit))
+        results.append(
+            prune_one(
+                "timm/deit_tiny_distilled_patch16_224", args.target_macs, True, True, None, num_classes=10, **deit
+            )
+        )
         return results
     return [prune_one(args.model, args.target_macs, args.random_weights, args.wrapper, args.output_dir)]
 

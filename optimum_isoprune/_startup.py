@@ -23,8 +23,9 @@ def restore_default_handler() -> None:
 _argv0 = sys.argv[0] if sys.argv else ""
 _orig = list(getattr(sys, "orig_argv", []))
 _as_module = _argv0 == "-m" and any(a == "-m" and b == "optimum_isoprune" for a, b in zip(_orig, _orig[1:]))
-if (_as_module or os.path.basename(_argv0) == "optimum-isoprune") and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+if (_as_module or os.path.basename(_argv0) == "optimum-isoprune") and signal.getsignal(
+    signal.SIGINT
+) is signal.default_int_handler:
     try:
         signal.signal(signal.SIGINT, _interrupted)
     except ValueError:  # not the main thread

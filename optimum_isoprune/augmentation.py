@@ -77,9 +77,16 @@ class DeiTTrainTransform:
         if not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"image_size={image_size!r} must be a positive number of pixels (square images).")
         self.pipeline = create_transform(
-            input_size=image_size, is_training=True, auto_augment=auto_augment, color_jitter=color_jitter,
-            interpolation=interpolation, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
-            mean=tuple(mean), std=tuple(std),
+            input_size=image_size,
+            is_training=True,
+            auto_augment=auto_augment,
+            color_jitter=color_jitter,
+            interpolation=interpolation,
+            re_prob=re_prob,
+            re_mode=re_mode,
+            re_count=re_count,
+            mean=tuple(mean),
+            std=tuple(std),
         )
         if image_size <= 32:
             self.pipeline.transforms[0] = transforms.RandomCrop(image_size, padding=4)
@@ -112,8 +119,11 @@ class DeiTTrainTransform:
         if self.image_column not in batch:
             raise KeyError(f"The dataset has no {self.image_column!r} column (columns: {list(batch)}).")
         indices = batch.get(self.index_column) or [None] * len(batch[self.image_column])
-        out: dict[str, list] = {"pixel_values": [self._one(im, None if i is None else int(i))
-                                                 for im, i in zip(batch[self.image_column], indices)]}
+        out: dict[str, list] = {
+            "pixel_values": [
+                self._one(im, None if i is None else int(i)) for im, i in zip(batch[self.image_column], indices)
+            ]
+        }
         if self.label_column in batch:
             out["labels"] = [int(label) for label in batch[self.label_column]]
         if self.index_column in batch:
@@ -130,13 +140,25 @@ class AugmentationEpochCallback(TrainerCallback):
             transform.epoch = math.floor(state.epoch + 1e-6)
 
 
-def deit_mixup(num_classes: int, mixup_alpha: float = DEIT_MIXUP, cutmix_alpha: float = DEIT_CUTMIX,
-               prob: float = DEIT_MIXUP_PROB, switch_prob: float = DEIT_SWITCH_PROB,
-               label_smoothing: float = DEIT_SMOOTHING) -> Any:
+def deit_mixup(
+    num_classes: int,
+    mixup_alpha: float = DEIT_MIXUP,
+    cutmix_alpha: float = DEIT_CUTMIX,
+    prob: float = DEIT_MIXUP_PROB,
+    switch_prob: float = DEIT_SWITCH_PROB,
+    label_smoothing: float = DEIT_SMOOTHING,
+) -> Any:
     """timm's `Mixup` (batch mode) with DeiT's values; None when both alphas are 0 (no mixing)."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
-                 mode=DEIT_MIXUP_MODE, label_smoothing=label_smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        prob=prob,
+        switch_prob=switch_prob,
+        mode=DEIT_MIXUP_MODE,
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )

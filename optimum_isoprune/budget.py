@@ -41,8 +41,9 @@ class ClassRanking:
     widths: list[np.ndarray] | None = None  # per group: the widths worth keeping, ascending (from a latency model)
 
     @classmethod
-    def build(cls, isoclass: IsomorphicClass, scores: dict[PrunableGroup, torch.Tensor], round_to: int,
-              min_heads: int) -> "ClassRanking":
+    def build(
+        cls, isoclass: IsomorphicClass, scores: dict[PrunableGroup, torch.Tensor], round_to: int, min_heads: int
+    ) -> "ClassRanking":
         per_group = [unit_scores(g, scores[g], isoclass.heads).numpy() for g in isoclass.groups]
         counts = np.array([len(s) for s in per_group])
         if not isoclass.heads:  # a unit of a grouped conv is one channel per conv group: round the channel count
@@ -154,8 +155,9 @@ class Budget:
         return self.cost.params(plan.removed_channels, self.sizes)
 
 
-def shared_ratios(rankings: list[ClassRanking], ratio: float, head_ratio: float | None,
-                  head_dim_ratio: float | None) -> dict[IsomorphicClass, float]:
+def shared_ratios(
+    rankings: list[ClassRanking], ratio: float, head_ratio: float | None, head_dim_ratio: float | None
+) -> dict[IsomorphicClass, float]:
     """One ratio for every class; heads and head dims follow it unless fixed by the user."""
     fixed = {"heads": head_ratio, "head_dims": head_dim_ratio}
     ratios = {}
@@ -216,11 +218,14 @@ def solve(
     start, end = budget.plan(ratios_at(0.0)), budget.plan(ratios_at(MAX_RATIO))
     before, smallest = metric(start), metric(end)
     if target > before:
-        raise BudgetError(f"target_{name}={target:.4g} is above the model's {name} ({before:.4g}); "
-                          f"pick a target below {before:.4g}.")
+        raise BudgetError(
+            f"target_{name}={target:.4g} is above the model's {name} ({before:.4g}); pick a target below {before:.4g}."
+        )
     if target < smallest:
-        raise BudgetError(f"target_{name}={target:.4g} is below the smallest reachable {name} ({smallest:.4g}) "
-                          "with every layer kept at its minimum width; raise the target or lower round_to/min_heads.")
+        raise BudgetError(
+            f"target_{name}={target:.4g} is below the smallest reachable {name} ({smallest:.4g}) "
+            "with every layer kept at its minimum width; raise the target or lower round_to/min_heads."
+        )
     lo, hi = _crossing(lambda r: metric(budget.plan(ratios_at(r))), target)
     above = budget.plan(ratios_at(lo))  # metric(above) >= target: approach the target from above
     best = min((above, budget.plan(ratios_at(hi))), key=lambda p: abs(metric(p) - target))
@@ -230,18 +235,26 @@ def solve(
         return abs(metric(plan) - target) / target <= tolerance
 
     # Coarse classes can jump over the target; let one of them step back and the others close the gap.
-    starts = [above] + [budget.plan({**above.ratios, c: r}) for c in free for r in (above.ratios[c] / 2, 0.0)
-                        if above.ratios[c] > 0]
+    starts = [above] + [
+        budget.plan({**above.ratios, c: r}) for c in free for r in (above.ratios[c] / 2, 0.0) if above.ratios[c] > 0
+    ]
     for start in starts:
-        best = min((best, _descend(budget, metric, target, start, free, tolerance)),
-                   key=lambda p: abs(metric(p) - target))
+        best = min(
+            (best, _descend(budget, metric, target, start, free, tolerance)), key=lambda p: abs(metric(p) - target)
+        )
         if close_enough(best):
             break
     return best
 
 
-def _descend(budget: Budget, metric: Callable[[Plan], int], target: float, above: Plan,
-             free: list[IsomorphicClass], tolerance: float) -> Plan:
+def _descend(
+    budget: Budget,
+    metric: Callable[[Plan], int],
+    target: float,
+    above: Plan,
+    free: list[IsomorphicClass],
+    tolerance: float,
+) -> Plan:
     """Coordinate descent from a plan at or above the target: each class in turn prunes up to its crossing."""
     best = above
     for _ in range(REFINEMENT_ROUNDS):

@@ -64,8 +64,12 @@ def _checked(batches: Iterator[Batch]) -> Iterator[Batch]:
         where = f"in calibration batch {number}"
         if pixels.numel() == 0:
             raise CalibrationDataError(f"Calibration pixel_values {where} are empty (shape {tuple(pixels.shape)}).")
-        require_finite(pixels, "Calibration pixel_values", where,
-                       "Importance scores from them would be meaningless; clean or drop those images.")
+        require_finite(
+            pixels,
+            "Calibration pixel_values",
+            where,
+            "Importance scores from them would be meaningless; clean or drop those images.",
+        )
         if labels is not None:
             check_labels(labels, None, where, CalibrationDataError)
             labels = labels.long()

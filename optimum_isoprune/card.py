@@ -99,8 +99,13 @@ MIN_LATENCY_REPEATS = 10
 RANDOM_WEIGHTS_NOTE = " (random weights)"
 # Display order of the width kinds in the plot (any other kind follows, alphabetically).
 _KIND_ORDER = ("heads", "head_dim", "mlp", "channels", "residual")
-_KIND_LABELS = {"heads": "attention heads", "head_dim": "head dim", "mlp": "MLP neurons", "channels": "channels",
-                "residual": "hidden size (residual stream)"}
+_KIND_LABELS = {
+    "heads": "attention heads",
+    "head_dim": "head dim",
+    "mlp": "MLP neurons",
+    "channels": "channels",
+    "residual": "hidden size (residual stream)",
+}
 
 
 # --------------------------------------------------------------------------------------------- ids
@@ -267,11 +272,17 @@ def _finetuning_context(finetuning: Mapping[str, Any] | None) -> dict[str, Any] 
     if not finetuning:
         return None
     parts = []
-    length = [f"{finetuning[k]:g} {k if finetuning[k] != 1 else k[:-1]}" if isinstance(finetuning[k], (int, float))
-              else f"{finetuning[k]} {k}" for k in ("epochs", "steps") if finetuning.get(k) is not None]
+    length = [
+        f"{finetuning[k]:g} {k if finetuning[k] != 1 else k[:-1]}"
+        if isinstance(finetuning[k], (int, float))
+        else f"{finetuning[k]} {k}"
+        for k in ("epochs", "steps")
+        if finetuning.get(k) is not None
+    ]
     parts.append("Fine-tuned" + (f" for {' / '.join(length)}" if length else ""))
-    finetuning = {k: _public_name(v) if k in ("dataset", "teacher") and isinstance(v, str) else v
-                  for k, v in finetuning.items()}
+    finetuning = {
+        k: _public_name(v) if k in ("dataset", "teacher") and isinstance(v, str) else v for k, v in finetuning.items()
+    }
     if finetuning.get("dataset"):
         split = f" ({finetuning['split']} split)" if finetuning.get("split") else ""
         parts.append(f"on `{finetuning['dataset']}`{split}")
@@ -294,10 +305,14 @@ def _latency_context(latency: Mapping[str, Any] | None) -> dict[str, Any] | None
         latency = {"after": latency}
     after, before = latency.get("after"), latency.get("before")
     if not after:
-        raise ValueError("latency needs an 'after' entry: {'before': measure_latency(base), 'after': measure_latency(pruned)}.")
+        raise ValueError(
+            "latency needs an 'after' entry: {'before': measure_latency(base), 'after': measure_latency(pruned)}."
+        )
     machines = sorted({m["machine"] for m in (before, after) if m})
-    same_setup = before is not None and before.get("machine") == after.get("machine") and (
-        before.get("input_shape") == after.get("input_shape")
+    same_setup = (
+        before is not None
+        and before.get("machine") == after.get("machine")
+        and (before.get("input_shape") == after.get("input_shape"))
     )
     rows = [
         {
@@ -329,7 +344,10 @@ def _deployment_context(deployment: Mapping[str, Any] | None) -> dict[str, Any] 
     rows = deployment.get("rows") or []
     if not rows:
         raise ValueError("deployment needs 'rows' (see optimum_isoprune.deployment.benchmark_deployment).")
-    batch_sizes = [str(b) for b in deployment.get("batch_sizes") or sorted({k for r in rows for k in r.get("latency_ms", {})}, key=int)]
+    batch_sizes = [
+        str(b)
+        for b in deployment.get("batch_sizes") or sorted({k for r in rows for k in r.get("latency_ms", {})}, key=int)
+    ]
     reference = rows[0].get("latency_ms", {})
     table = []
     for row in rows:
@@ -339,16 +357,26 @@ def _deployment_context(deployment: Mapping[str, Any] | None) -> dict[str, Any] 
             value = latency.get(b)
             speedup = f" ({reference[b] / value:.2f}×)" if value and reference.get(b) and row is not rows[0] else ""
             cells.append("—" if value is None else f"{value:.2f}{speedup}")
-        table.append({
-            "format": row.get("format", "—"), "runtime": row.get("runtime", "—"), "precision": row.get("precision", "—"),
-            "file": f"`{row['file']}`" if row.get("file") else "—",
-            "size": f"{row['file_bytes'] / 1e6:.2f}" if row.get("file_bytes") is not None else "—",
-            "latency": cells, "top1": _fmt_pct(row.get("top1")),
-        })
-    return {"rows": table, "batch_sizes": batch_sizes, "machine": deployment.get("machine"),
-            "threads": deployment.get("threads"), "rounds": deployment.get("rounds"),
-            "eval_examples": deployment.get("eval_examples"),
-            "input_shape": ", ".join(str(d) for d in deployment.get("input_shape") or (3, 224, 224))}
+        table.append(
+            {
+                "format": row.get("format", "—"),
+                "runtime": row.get("runtime", "—"),
+                "precision": row.get("precision", "—"),
+                "file": f"`{row['file']}`" if row.get("file") else "—",
+                "size": f"{row['file_bytes'] / 1e6:.2f}" if row.get("file_bytes") is not None else "—",
+                "latency": cells,
+                "top1": _fmt_pct(row.get("top1")),
+            }
+        )
+    return {
+        "rows": table,
+        "batch_sizes": batch_sizes,
+        "machine": deployment.get("machine"),
+        "threads": deployment.get("threads"),
+        "rounds": deployment.get("rounds"),
+        "eval_examples": deployment.get("eval_examples"),
+        "input_shape": ", ".join(str(d) for d in deployment.get("input_shape") or (3, 224, 224)),
+    }
 
 
 def _tags(base_tags: list[str] | None) -> list[str]:
@@ -420,11 +448,21 @@ def create_model_card(
         eval_results=_model_index(eval_results),
         base_model_relation=BASE_MODEL_RELATION if base_id else None,
         # Both conventions, so a search for either finds the same model: FLOPs = 2 x MACs (one multiply-add each).
-        model_stats={"image_size": report.image_size, "macs": int(report.macs_after), "flops": 2 * int(report.macs_after),
-                     "params": int(report.params_after)},
+        model_stats={
+            "image_size": report.image_size,
+            "macs": int(report.macs_after),
+            "flops": 2 * int(report.macs_after),
+            "params": int(report.params_after),
+        },
     )
     layers = [
-        {"name": w.name, "kind": "hidden size (residual)" if w.kind == "residual" else w.kind, "before": w.before, "after": w.after, "kept": f"{w.after / w.before:.0%}" if w.before else "—"}
+        {
+            "name": w.name,
+            "kind": "hidden size (residual)" if w.kind == "residual" else w.kind,
+            "before": w.before,
+            "after": w.after,
+            "kept": f"{w.after / w.before:.0%}" if w.before else "—",
+        }
         for w in report.layers
     ]
     classes = [
@@ -438,11 +476,13 @@ def create_model_card(
         target = f"{format_count(report.target_params)} parameters"
     elif report.target_latency is not None and report.latency:
         lat = report.latency
-        target = (f"{report.target_latency:.4g} ms per batch of {lat['batch_size']} ({lat['dtype']}, "
-                  f"{lat['threads']} threads) on {lat['machine']}. The latency model measured on that machine "
-                  f"predicted {lat['predicted_ms']:.4g} ms; measured end to end: {lat['measured_ms']:.4g} ms "
-                  f"(base model {lat['base_measured_ms']:.4g} ms, spread of the timed runs "
-                  f"{lat['measured_spread']:.1%})")
+        target = (
+            f"{report.target_latency:.4g} ms per batch of {lat['batch_size']} ({lat['dtype']}, "
+            f"{lat['threads']} threads) on {lat['machine']}. The latency model measured on that machine "
+            f"predicted {lat['predicted_ms']:.4g} ms; measured end to end: {lat['measured_ms']:.4g} ms "
+            f"(base model {lat['base_measured_ms']:.4g} ms, spread of the timed runs "
+            f"{lat['measured_spread']:.1%})"
+        )
     template_vars = {
         "model_title": model_name,
         "repo_id": repo_id or model_name,
@@ -562,8 +602,9 @@ def plot_layer_widths(report: PruningReport, path: str | os.PathLike) -> str:
         if kind == "residual":
             ax.set_xticklabels(["hidden size"] * len(widths), fontsize=7)
         else:
-            ax.set_xticklabels(_short_names([w.name for w in widths]), rotation=90 if len(widths) > 24 else 0,
-                               fontsize=7)
+            ax.set_xticklabels(
+                _short_names([w.name for w in widths]), rotation=90 if len(widths) > 24 else 0, fontsize=7
+            )
             ax.set_xlabel("layer (module name, without its common prefix)", fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="upper right", ncols=2, fontsize=8, frameon=False)

@@ -51,8 +51,9 @@ _TIMM_MANIFEST_KEYS = (
     "layer_intermediate_sizes",
 )
 # timm.create_model arguments that read files or the network: never taken from a checkpoint's config.json.
-_TIMM_IO_ARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
-                           "pretrained_strict"})
+_TIMM_IO_ARGS = frozenset(
+    {"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"}
+)
 
 
 def save_pruned_model(
@@ -152,8 +153,10 @@ def load_pruned_model(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
     outside the folder and pickled weights are refused.
     """
     if kwargs.get("trust_remote_code"):
-        raise ValueError("load_pruned_model never runs code from a checkpoint folder: drop trust_remote_code "
-                         "(this package's own classes load every pruned checkpoint).")
+        raise ValueError(
+            "load_pruned_model never runs code from a checkpoint folder: drop trust_remote_code "
+            "(this package's own classes load every pruned checkpoint)."
+        )
     kwargs.pop("trust_remote_code", None)
     directory = os.fspath(directory)
     recover_interrupted_save(directory)
@@ -201,7 +204,9 @@ def _load_transformers_checkpoint(directory: str, config: dict[str, Any], **kwar
         return model_class.from_pretrained(directory, **kwargs)
     if kwargs.get("ignore_mismatched_sizes"):
         raise ValueError("ignore_mismatched_sizes=True would silently re-initialise weights; refusing.")
-    logger.info("%s holds a stock %s checkpoint; loading it as %s.", directory, config["model_type"], model_class.__name__)
+    logger.info(
+        "%s holds a stock %s checkpoint; loading it as %s.", directory, config["model_type"], model_class.__name__
+    )
     kwargs.pop("output_loading_info", None)
     for file in local_weight_files(directory):  # refuses pickles and shards outside the folder
         read_safetensors_header(file)

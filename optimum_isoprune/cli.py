@@ -24,7 +24,9 @@ logger = logging.getLogger("optimum_isoprune.cli")
 PROG = "optimum-isoprune"
 BUILTIN_DATASETS = ("fashion-mnist", "fashion_mnist")
 _UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)\s*(?:macs?|flops|params?)?\s*$", re.IGNORECASE)
+_AMOUNT = re.compile(
+    r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)\s*(?:macs?|flops|params?)?\s*$", re.IGNORECASE
+)
 
 EXAMPLES = """\
 examples:
@@ -169,7 +171,9 @@ def load_any_model(name: str, random_weights: bool = False) -> Any:
 
     if random_weights and not name.startswith("timm/") and not is_pruned_checkpoint(name):
         raise CLIError(f"--random-weights works with timm/<name> models only, not {name!r}", exit_code=2)
-    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or (name.count("/") > 1 and not name.startswith("timm/"))):
+    if not os.path.exists(name) and (
+        name.startswith((".", "/", "~")) or (name.count("/") > 1 and not name.startswith("timm/"))
+    ):
         raise CLIError(f"no model folder at {name!r}; give a local folder, a Hub id (org/name) or timm/<name>")
     from .pruner import load_model
 
@@ -191,8 +195,10 @@ def load_split(name: str, split: str, limit: int | None = None, data_dir: str | 
     if name.lower() in BUILTIN_DATASETS:
         return load_fashion_mnist(split, data_dir=data_dir, limit=limit)
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise CLIError(f"no such folder: {name!r}; give an imagefolder directory, a Hub dataset id (org/name) "
-                       f"or {BUILTIN_DATASETS[0]!r}")
+        raise CLIError(
+            f"no such folder: {name!r}; give an imagefolder directory, a Hub dataset id (org/name) "
+            f"or {BUILTIN_DATASETS[0]!r}"
+        )
     try:
         dataset = load_image_dataset(name, split=split)
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -230,7 +236,9 @@ def cached_evaluation(model_name: str, dataset: str, split: str, limit: int | No
 
     from .demo import default_cache_dir
 
-    key = hashlib.sha256(json.dumps([_fingerprint(model_name), _fingerprint(dataset), split, limit]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([_fingerprint(model_name), _fingerprint(dataset), split, limit]).encode()
+    ).hexdigest()
     path = default_cache_dir() / "evaluations.json"
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
@@ -258,9 +266,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .card import RANDOM_WEIGHTS_NOTE
     from .checkpoint import check_writable, is_pruned_checkpoint
     from .counting import count_macs, count_params
-    from .card import RANDOM_WEIGHTS_NOTE
     from .pruner import IsomorphicPruner, load_image_processor
 
     check_writable(args.output)  # before loading and pruning, not after
@@ -271,22 +279,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruner = IsomorphicPruner(model, base_model_name_or_path=base_name)
     target: dict[str, float] = {}
     if args.target_macs is not None or args.target_params is not None:
-        name, (value, share) = ("MACs", args.target_macs) if args.target_macs is not None else ("params", args.target_params)
+        name, (value, share) = (
+            ("MACs", args.target_macs) if args.target_macs is not None else ("params", args.target_params)
+        )
         total = count_macs(model, image_size=args.image_size) if name == "MACs" else count_params(model)
         target["target_macs" if name == "MACs" else "target_params"] = goal = value * total if share else value
         if goal >= total:
-            raise CLIError(f"the target {format_amount(goal)} {name} is not below the model's {format_amount(total)} "
-                           f"{name}: nothing to prune; give a smaller amount or a share such as 50%", exit_code=2)
-        print(f"Pruning {args.model}: keeping {format_amount(goal)} of {format_amount(total)} {name} "
-              f"({goal / total:.0%}), removing the rest.")
+            raise CLIError(
+                f"the target {format_amount(goal)} {name} is not below the model's {format_amount(total)} "
+                f"{name}: nothing to prune; give a smaller amount or a share such as 50%",
+                exit_code=2,
+            )
+        print(
+            f"Pruning {args.model}: keeping {format_amount(goal)} of {format_amount(total)} {name} "
+            f"({goal / total:.0%}), removing the rest."
+        )
     elif args.target_latency is not None:
         target["target_latency"] = args.target_latency
-        print(f"Pruning {args.model} to {args.target_latency:g} ms per batch of {args.latency_batch_size or 1}, "
-              "as measured on this machine (a latency model is timed first, then cached).")
+        print(
+            f"Pruning {args.model} to {args.target_latency:g} ms per batch of {args.latency_batch_size or 1}, "
+            "as measured on this machine (a latency model is timed first, then cached)."
+        )
     else:
         target["pruning_ratio"] = args.ratio
-        print(f"Pruning {args.model}: removing {args.ratio:.0%} of every isomorphic class (heads, MLP neurons, "
-              f"channels); the MACs kept follow from it.")
+        print(
+            f"Pruning {args.model}: removing {args.ratio:.0%} of every isomorphic class (heads, MLP neurons, "
+            f"channels); the MACs kept follow from it."
+        )
     config = config_from_args(args, **target)
     processor = load_image_processor(args.model)
     calibration = None
@@ -302,16 +321,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from .card import save_model_card
     from .checkpoint import check_writable, is_pruned_checkpoint, save_pruned_model
     from .configuration import IsomorphicPruningConfig
     from .distillation import DistillationTrainer
-    from .card import save_model_card
     from .metrics import evaluate_model
     from .pruner import load_image_processor
     from .report import PruningReport
+
     if not is_pruned_checkpoint(args.student):
-        raise CLIError(f"--student {args.student!r} is not a pruned checkpoint folder (no pruning_config.json); "
-                       "make one with `optimum-isoprune prune ... --output DIR`", exit_code=2)
+        raise CLIError(
+            f"--student {args.student!r} is not a pruned checkpoint folder (no pruning_config.json); "
+            "make one with `optimum-isoprune prune ... --output DIR`",
+            exit_code=2,
+        )
     import tempfile
 
     check_writable(args.output)
@@ -321,32 +344,46 @@ def cmd_distill(args: argparse.Namespace) -> int:
     student = load_any_model(args.student)
     teacher = load_any_model(args.teacher, random_weights=args.random_teacher)
     processor = load_image_processor(args.student)
-    train = prepare_for(student, load_split(args.dataset, args.train_split, args.limit, args.data_dir), processor,
-                        train=True)
+    train = prepare_for(
+        student, load_split(args.dataset, args.train_split, args.limit, args.data_dir), processor, train=True
+    )
     test = None
     if args.eval_split:  # loaded (and its labels checked) before training, so a missing split fails in seconds
         try:
             test_rows = load_split(args.dataset, args.eval_split, args.eval_limit, args.data_dir)
         except CLIError as err:
-            raise CLIError(f"{str(err).rstrip('.')}; pass --eval-split with a split the dataset has, or --eval-split '' to skip "
-                           "the evaluation (nothing was trained yet)") from err
+            raise CLIError(
+                f"{str(err).rstrip('.')}; pass --eval-split with a split the dataset has, or --eval-split '' to skip "
+                "the evaluation (nothing was trained yet)"
+            ) from err
         test = prepare_for(student, test_rows, processor)
     before: dict[str, Any] = {}
     if test is not None:  # the base and the pruned model on the same split, so the card shows the change
         print(f"Evaluating the teacher and the pruned student on the {args.eval_split!r} split before training...")
+
         def teacher_accuracy() -> dict[str, Any]:
             return evaluate_model(teacher, prepare_for(teacher, test_rows, load_image_processor(args.teacher)))
 
         builtin = args.dataset.lower() in BUILTIN_DATASETS
         data_key = (args.data_dir or args.dataset) if builtin else args.dataset
-        before = {"before": teacher_accuracy() if args.random_teacher else cached_evaluation(
-                      args.teacher, data_key, args.eval_split, args.eval_limit, teacher_accuracy),
-                  "pruned_no_finetune": evaluate_model(student, test)}
+        before = {
+            "before": teacher_accuracy()
+            if args.random_teacher
+            else cached_evaluation(args.teacher, data_key, args.eval_split, args.eval_limit, teacher_accuracy),
+            "pruned_no_finetune": evaluate_model(student, test),
+        }
     trainer_dir = tempfile.TemporaryDirectory(prefix="isoprune-distill-")  # the Trainer's scratch folder, removed after
-    recipe = replace(TRAINING_DEFAULTS, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
+    recipe = replace(
+        TRAINING_DEFAULTS, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate
+    )
     training_args = recipe.training_arguments(
-        trainer_dir.name, max_steps=args.max_steps, distillation_type=args.distillation_type, alpha=args.alpha,
-        temperature=args.temperature, use_cpu=args.cpu, seed=args.seed,
+        trainer_dir.name,
+        max_steps=args.max_steps,
+        distillation_type=args.distillation_type,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        use_cpu=args.cpu,
+        seed=args.seed,
     )
     trainer = DistillationTrainer(model=student, args=training_args, teacher_model=teacher, train_dataset=train)
     with trainer_dir:
@@ -356,26 +393,42 @@ def cmd_distill(args: argparse.Namespace) -> int:
     saved = f"; the distilled weights are saved in {args.output}"
     card: dict[str, Any] = {
         "finetuning": {
-            "dataset": args.dataset, "split": args.train_split, "steps": int(output.global_step),
-            "epochs": args.epochs if args.max_steps <= 0 else None, "distillation": args.distillation_type,
-            "teacher": args.teacher, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+            "dataset": args.dataset,
+            "split": args.train_split,
+            "steps": int(output.global_step),
+            "epochs": args.epochs if args.max_steps <= 0 else None,
+            "distillation": args.distillation_type,
+            "teacher": args.teacher,
+            "learning_rate": args.learning_rate,
+            "batch_size": args.batch_size,
         }
     }
     try:
         if test is not None:
             after = evaluate_model(student, test)
-            metrics = {stage: {k: v[k] for k in ("top1", "top5") if k in v} for stage, v in {**before, "after": after}.items()}
-            card["eval_results"] = {"dataset": args.dataset, "split": args.eval_split, "num_examples": after["num_examples"],
-                                    **metrics}
+            metrics = {
+                stage: {k: v[k] for k in ("top1", "top5") if k in v} for stage, v in {**before, "after": after}.items()
+            }
+            card["eval_results"] = {
+                "dataset": args.dataset,
+                "split": args.eval_split,
+                "num_examples": after["num_examples"],
+                **metrics,
+            }
             print(json.dumps({"split": args.eval_split, **after}))
         if args.latency_repeats:
             from .adapters import adapter_for
             from .latency import compare_latency
 
             size, channels = adapter_for(student).input_spec()
-            card["latency"] = compare_latency(teacher, student, image_size=size or report.image_size,
-                                              num_channels=channels or 3, repeats=args.latency_repeats,
-                                              warmup=max(1, args.latency_repeats // 10))
+            card["latency"] = compare_latency(
+                teacher,
+                student,
+                image_size=size or report.image_size,
+                num_channels=channels or 3,
+                repeats=args.latency_repeats,
+                warmup=max(1, args.latency_repeats // 10),
+            )
         save_model_card(args.output, report, **card)
     except CLIError as err:
         raise CLIError(f"{err}{saved} (without evaluation or card)", err.exit_code) from err
@@ -401,8 +454,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .hub import HubPublishError, push_to_hub
 
     try:
-        commit = push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private or None,
-                             revision=args.revision, create_pr=args.create_pr)
+        commit = push_to_hub(
+            args.folder,
+            args.repo_id,
+            token=args.token,
+            private=args.private or None,
+            revision=args.revision,
+            create_pr=args.create_pr,
+        )
     except HubPublishError as err:
         raise CLIError(_first_line(err)) from err
     print(f"Pushed {args.folder} to {getattr(commit, 'commit_url', None) or args.repo_id}")
@@ -417,45 +476,88 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format != "onnx":
         raise CLIError(f"--format {args.format!r} is not supported; use onnx", exit_code=2)
     if "int8-static" in (args.quantize or []) and not args.calibration_dataset:
-        raise CLIError("--quantize int8-static needs --calibration-dataset (the images used for pruning); "
-                       "int8-dynamic needs none", exit_code=2)
+        raise CLIError(
+            "--quantize int8-static needs --calibration-dataset (the images used for pruning); int8-dynamic needs none",
+            exit_code=2,
+        )
     local = os.path.exists(args.model) or args.model.startswith((".", "/", "~"))
     try:
-        model, source = load_for_export(args.model) if local else (load_any_model(args.model, args.random_weights), None)
+        model, source = (
+            load_for_export(args.model) if local else (load_any_model(args.model, args.random_weights), None)
+        )
     except NotACheckpointError as err:
         raise CLIError(str(err), exit_code=2) from err
     processor = load_image_processor(source) if source else None
-    result = export_onnx(model, args.output, opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
-                         source_dir=source)
-    print(json.dumps({"file": result.path, "precision": "fp32", "opset": result.opset,
-                      "max_abs_diff": result.max_abs_diff, "parity_batch_sizes": result.parity_batch_sizes}))
+    result = export_onnx(
+        model, args.output, opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol, source_dir=source
+    )
+    print(
+        json.dumps(
+            {
+                "file": result.path,
+                "precision": "fp32",
+                "opset": result.opset,
+                "max_abs_diff": result.max_abs_diff,
+                "parity_batch_sizes": result.parity_batch_sizes,
+            }
+        )
+    )
     files = {"fp32": result.path}
     calibration = None
     if args.calibration_dataset:
-        dataset = load_split(args.calibration_dataset, args.calibration_split,
-                             limit=args.num_calibration_batches * args.calibration_batch_size * 4, data_dir=args.data_dir)
+        dataset = load_split(
+            args.calibration_dataset,
+            args.calibration_split,
+            limit=args.num_calibration_batches * args.calibration_batch_size * 4,
+            data_dir=args.data_dir,
+        )
         calibration = prepare_for(model, dataset, processor)
     for mode in args.quantize or []:
-        files[mode] = quantize_onnx(result.path, mode, calibration_dataset=calibration,
-                                    num_calibration_batches=args.num_calibration_batches,
-                                    calibration_batch_size=args.calibration_batch_size, seed=args.seed)
+        files[mode] = quantize_onnx(
+            result.path,
+            mode,
+            calibration_dataset=calibration,
+            num_calibration_batches=args.num_calibration_batches,
+            calibration_batch_size=args.calibration_batch_size,
+            seed=args.seed,
+        )
         diff = verify_onnx(files[mode], model, atol=None)
         print(json.dumps({"file": files[mode], "precision": mode, "max_abs_diff": diff}))
     evaluation = None
     if args.eval_dataset:
-        evaluation = prepare_for(model, load_split(args.eval_dataset, args.eval_split, args.eval_limit, args.data_dir),
-                                 processor)
+        evaluation = prepare_for(
+            model, load_split(args.eval_dataset, args.eval_split, args.eval_limit, args.data_dir), processor
+        )
         if not args.benchmark:
             for mode, path in files.items():
-                print(json.dumps({"file": path, "precision": mode, "split": args.eval_split,
-                                  **evaluate_onnx(path, evaluation, threads=args.threads)}))
+                print(
+                    json.dumps(
+                        {
+                            "file": path,
+                            "precision": mode,
+                            "split": args.eval_split,
+                            **evaluate_onnx(path, evaluation, threads=args.threads),
+                        }
+                    )
+                )
     if args.benchmark:
         from .deployment import benchmark_deployment
 
-        deployment = benchmark_deployment(model, args.output, batch_sizes=args.batch_sizes, threads=args.threads,
-                                          rounds=args.rounds, eval_dataset=evaluation, checkpoint_dir=source)
+        deployment = benchmark_deployment(
+            model,
+            args.output,
+            batch_sizes=args.batch_sizes,
+            threads=args.threads,
+            rounds=args.rounds,
+            eval_dataset=evaluation,
+            checkpoint_dir=source,
+        )
         for row in deployment["rows"]:
-            print(json.dumps({k: row.get(k) for k in ("runtime", "precision", "file", "file_bytes", "latency_ms", "top1")}))
+            print(
+                json.dumps(
+                    {k: row.get(k) for k in ("runtime", "precision", "file", "file_bytes", "latency_ms", "top1")}
+                )
+            )
         if source and os.path.isfile(os.path.join(source, "pruning_report.json")):
             from .card import save_model_card
             from .report import PruningReport
@@ -469,24 +571,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     overrides = {
-        k: v for k, v in {
+        k: v
+        for k, v in {
             "teacher_epochs": args.teacher_epochs,
             "distill_epochs": args.distill_epochs,
             "distill_max_steps": args.distill_steps,
             "target_macs_ratio": args.target_macs_ratio,
             "seed": args.seed,
             "num_threads": args.threads,
-        }.items() if v is not None
+        }.items()
+        if v is not None
     }
     if args.no_cache:
         overrides["use_cache"] = False
     config = DemoConfig.smoke(**overrides) if args.smoke else DemoConfig(**overrides)
-    result = run_demo(args.output_dir, config=config, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                      push_to_hub=args.push_to_hub)
+    result = run_demo(
+        args.output_dir, config=config, data_dir=args.data_dir, cache_dir=args.cache_dir, push_to_hub=args.push_to_hub
+    )
     print(result.summary_table())
     if result.push_error:
-        raise CLIError(f"the push to {args.push_to_hub} failed; the local output in {result.output_dir} is complete: "
-                       f"{_first_line(Exception(result.push_error))}")
+        raise CLIError(
+            f"the push to {args.push_to_hub} failed; the local output in {result.output_dir} is complete: "
+            f"{_first_line(Exception(result.push_error))}"
+        )
     return 0
 
 
@@ -494,9 +601,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--dataset", required=required, metavar="NAME_OR_DIR",
-                        help="'fashion-mnist' (offline, Debian's dataset-fashion-mnist), a Hub dataset id, "
-                             "or an imagefolder directory")
+    parser.add_argument(
+        "--dataset",
+        required=required,
+        metavar="NAME_OR_DIR",
+        help="'fashion-mnist' (offline, Debian's dataset-fashion-mnist), a Hub dataset id, or an imagefolder directory",
+    )
     parser.add_argument("--data-dir", help="folder of Fashion-MNIST's IDX files (default: Debian's)")
 
 
@@ -506,8 +616,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (action.option_strings and default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
-                and "default" not in text and action.help is not argparse.SUPPRESS):
+        if (
+            action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and "%(default)" not in text
+            and "default" not in text
+            and action.help is not argparse.SUPPRESS
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -515,18 +630,29 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 class _DeprecatedRatio(argparse.Action):
     """`--ratio`: the old name of `--prune-ratio`, kept working with a warning."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        print("warning: --ratio is deprecated, use --prune-ratio (the share REMOVED from every class; "
-              "--target-macs 50%% is the share KEPT)".replace("%%", "%"), file=sys.stderr)
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            "warning: --ratio is deprecated, use --prune-ratio (the share REMOVED from every class; "
+            "--target-macs 50%% is the share KEPT)".replace("%%", "%"),
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, values)
 
 
 # `prune` has one option per IsomorphicPruningConfig field (help and choices from the field's metadata), except the
 # targets, which take units and shares; a few keep shorter names.
 _TARGET_FIELDS = ("target_macs", "target_params", "target_latency", "pruning_ratio")
-_OPTION_NAMES = {"head_pruning_ratio": "--head-ratio", "head_dim_pruning_ratio": "--head-dim-ratio",
-                 "ignored_modules": "--ignore"}
+_OPTION_NAMES = {
+    "head_pruning_ratio": "--head-ratio",
+    "head_dim_pruning_ratio": "--head-dim-ratio",
+    "ignored_modules": "--ignore",
+}
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -570,7 +696,9 @@ def config_from_args(args: argparse.Namespace, **target: float) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     formatter = _HelpFormatter
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=formatter, epilog=EXAMPLES,
+        prog=PROG,
+        formatter_class=formatter,
+        epilog=EXAMPLES,
         description="Isomorphic Pruning (Fang et al., ECCV 2024) of Hugging Face and timm vision models.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -578,25 +706,47 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     prune = commands.add_parser(
-        "prune", help="prune a model to a MACs / params budget or ratio", formatter_class=formatter,
+        "prune",
+        help="prune a model to a MACs / params budget or ratio",
+        formatter_class=formatter,
         epilog="examples:\n  optimum-isoprune prune facebook/deit-base-distilled-patch16-224 --target-macs 4.2G "
-               "--calibration-dataset imagenet-1k --output out/deit-4.2G\n"
-               "  optimum-isoprune prune ./my-vit --prune-ratio 0.5 --importance magnitude --output out/half\n"
-               "  optimum-isoprune prune timm/deit_small_patch16_224 --random-weights --target-macs 1.2G --output out/s",
+        "--calibration-dataset imagenet-1k --output out/deit-4.2G\n"
+        "  optimum-isoprune prune ./my-vit --prune-ratio 0.5 --importance magnitude --output out/half\n"
+        "  optimum-isoprune prune timm/deit_small_patch16_224 --random-weights --target-macs 1.2G --output out/s",
     )
     prune.add_argument("model", help="Hub id, local folder or timm/<name>")
     target = prune.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-macs", type=_target_arg, metavar="AMOUNT",
-                        help="MACs per image to KEEP, e.g. 1.2G, or 50%% of the model's")
-    target.add_argument("--target-params", type=_target_arg, metavar="AMOUNT",
-                        help="parameters to KEEP, e.g. 5M, or 50%% of the model's")
-    target.add_argument("--target-latency", type=_latency_arg, metavar="TIME",
-                        help="latency per batch on this machine, e.g. 20ms (see --latency-batch-size/-device/-threads)")
-    target.add_argument("--prune-ratio", dest="ratio", type=_ratio_arg, metavar="R",
-                        help="fraction REMOVED from every isomorphic class, e.g. 0.5 (keeps about half the MACs)")
+    target.add_argument(
+        "--target-macs",
+        type=_target_arg,
+        metavar="AMOUNT",
+        help="MACs per image to KEEP, e.g. 1.2G, or 50%% of the model's",
+    )
+    target.add_argument(
+        "--target-params",
+        type=_target_arg,
+        metavar="AMOUNT",
+        help="parameters to KEEP, e.g. 5M, or 50%% of the model's",
+    )
+    target.add_argument(
+        "--target-latency",
+        type=_latency_arg,
+        metavar="TIME",
+        help="latency per batch on this machine, e.g. 20ms (see --latency-batch-size/-device/-threads)",
+    )
+    target.add_argument(
+        "--prune-ratio",
+        dest="ratio",
+        type=_ratio_arg,
+        metavar="R",
+        help="fraction REMOVED from every isomorphic class, e.g. 0.5 (keeps about half the MACs)",
+    )
     target.add_argument("--ratio", dest="ratio", type=_ratio_arg, action=_DeprecatedRatio, help=argparse.SUPPRESS)
-    prune.add_argument("--calibration-dataset", metavar="NAME_OR_DIR",
-                       help="images for Taylor importance: 'fashion-mnist', a Hub dataset id or an imagefolder dir")
+    prune.add_argument(
+        "--calibration-dataset",
+        metavar="NAME_OR_DIR",
+        help="images for Taylor importance: 'fashion-mnist', a Hub dataset id or an imagefolder dir",
+    )
     prune.add_argument("--calibration-split", default="train", help="split of the calibration dataset")
     prune.add_argument("--data-dir", help="folder of Fashion-MNIST's IDX files (default: Debian's)")
     _add_config_options(prune)
@@ -605,39 +755,59 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=cmd_prune)
 
     distill = commands.add_parser(
-        "distill", help="recover accuracy: distill a pruned student from a teacher", formatter_class=formatter,
+        "distill",
+        help="recover accuracy: distill a pruned student from a teacher",
+        formatter_class=formatter,
         epilog="example:\n  optimum-isoprune distill --student out/half --teacher ./my-vit --dataset fashion-mnist "
-               "--epochs 3 --output out/half-kd",
+        "--epochs 3 --output out/half-kd",
     )
     distill.add_argument("--student", required=True, metavar="DIR", help="pruned checkpoint folder")
     distill.add_argument("--teacher", required=True, metavar="MODEL", help="Hub id, local folder or timm/<name>")
     _add_data_args(distill)
     distill.add_argument("--train-split", default="train", help="split trained on")
-    distill.add_argument("--eval-split", default="test",
-                         help="split on which teacher, pruned and distilled student are evaluated ('' to skip)")
+    distill.add_argument(
+        "--eval-split",
+        default="test",
+        help="split on which teacher, pruned and distilled student are evaluated ('' to skip)",
+    )
     distill.add_argument("--limit", type=_positive_int, help="train on the first N examples only")
     distill.add_argument("--eval-limit", type=_positive_int, help="evaluate on the first N examples only")
     recipe = TRAINING_DEFAULTS
     distill.add_argument("--epochs", type=_positive_float, default=recipe.epochs, help="training epochs")
     distill.add_argument("--max-steps", type=_positive_int, default=-1, help="training steps; overrides --epochs")
     distill.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size, help="training batch size")
-    distill.add_argument("--learning-rate", type=float, default=recipe.learning_rate,
-                         help="AdamW peak learning rate (cosine decay)")
-    distill.add_argument("--distillation-type", default=recipe.distillation_type, choices=DISTILLATION_TYPES,
-                         help="soft: KL to the teacher's softened logits; hard: its top class; none: labels only")
+    distill.add_argument(
+        "--learning-rate", type=float, default=recipe.learning_rate, help="AdamW peak learning rate (cosine decay)"
+    )
+    distill.add_argument(
+        "--distillation-type",
+        default=recipe.distillation_type,
+        choices=DISTILLATION_TYPES,
+        help="soft: KL to the teacher's softened logits; hard: its top class; none: labels only",
+    )
     distill.add_argument("--alpha", type=float, default=recipe.alpha, help="weight of the distillation term")
-    distill.add_argument("--temperature", type=float, default=recipe.temperature,
-                         help="softmax temperature of soft distillation")
-    distill.add_argument("--latency-repeats", type=int, default=30, metavar="N",
-                         help="timed batch-1 forward passes of teacher and student for the card (0 to skip)")
+    distill.add_argument(
+        "--temperature", type=float, default=recipe.temperature, help="softmax temperature of soft distillation"
+    )
+    distill.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=30,
+        metavar="N",
+        help="timed batch-1 forward passes of teacher and student for the card (0 to skip)",
+    )
     distill.add_argument("--random-teacher", action="store_true", help="timm/<name> teacher with random weights")
     distill.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     distill.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    distill.add_argument("--output", required=True, metavar="DIR", help="folder for the distilled checkpoint and its card")
+    distill.add_argument(
+        "--output", required=True, metavar="DIR", help="folder for the distilled checkpoint and its card"
+    )
     distill.set_defaults(func=cmd_distill)
 
     evaluate = commands.add_parser(
-        "evaluate", help="top-1 / top-5 accuracy of a model on a dataset split", formatter_class=formatter,
+        "evaluate",
+        help="top-1 / top-5 accuracy of a model on a dataset split",
+        formatter_class=formatter,
         epilog="example:\n  optimum-isoprune evaluate out/half-kd --dataset fashion-mnist --split test",
     )
     evaluate.add_argument("model", metavar="DIR", help="pruned checkpoint folder, local folder, Hub id or timm/<name>")
@@ -649,7 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     push = commands.add_parser(
-        "push", help="upload a saved folder (weights, config, card) to the Hub", formatter_class=formatter,
+        "push",
+        help="upload a saved folder (weights, config, card) to the Hub",
+        formatter_class=formatter,
         epilog="example:\n  optimum-isoprune push out/half-kd my-user/vit-half",
     )
     push.add_argument("folder", metavar="DIR", help="a folder written by prune or distill (weights, config, README.md)")
@@ -661,25 +833,33 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_push)
 
     export = commands.add_parser(
-        "export", help="export to ONNX (checked against PyTorch), optionally int8, latency and accuracy",
+        "export",
+        help="export to ONNX (checked against PyTorch), optionally int8, latency and accuracy",
         formatter_class=formatter,
         description="Write model.onnx (dynamic batch), config.json, preprocessor_config.json and labels.json into "
-                    "--output; onnxruntime's logits are checked against PyTorch's on random inputs (max abs diff "
-                    "below --atol). Needs the onnx extra: pip install 'optimum-isoprune[onnx]'.",
+        "--output; onnxruntime's logits are checked against PyTorch's on random inputs (max abs diff "
+        "below --atol). Needs the onnx extra: pip install 'optimum-isoprune[onnx]'.",
         epilog="examples:\n  optimum-isoprune export out/half --format onnx --output out/half-onnx\n"
-               "  optimum-isoprune export out/half --output out/half-onnx --quantize int8-dynamic int8-static "
-               "--calibration-dataset fashion-mnist\n"
-               "  optimum-isoprune export out/half --output out/half-onnx --quantize int8-dynamic "
-               "--eval-dataset fashion-mnist --benchmark --threads 2",
+        "  optimum-isoprune export out/half --output out/half-onnx --quantize int8-dynamic int8-static "
+        "--calibration-dataset fashion-mnist\n"
+        "  optimum-isoprune export out/half --output out/half-onnx --quantize int8-dynamic "
+        "--eval-dataset fashion-mnist --benchmark --threads 2",
     )
-    export.add_argument("model", metavar="DIR", help="pruned checkpoint folder (or a model folder, Hub id, timm/<name>)")
+    export.add_argument(
+        "model", metavar="DIR", help="pruned checkpoint folder (or a model folder, Hub id, timm/<name>)"
+    )
     export.add_argument("--format", default="onnx", choices=("onnx",))
     export.add_argument("--output", required=True, metavar="DIR", help="folder for model.onnx and its files")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 25 (18)")
     export.add_argument("--static-batch", action="store_true", help="fixed batch size instead of a dynamic one")
     export.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| logit (1e-4)")
-    export.add_argument("--quantize", nargs="+", choices=("int8-dynamic", "int8-static"), metavar="MODE",
-                        help="also write int8 copies: int8-dynamic and/or int8-static (needs --calibration-dataset)")
+    export.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=("int8-dynamic", "int8-static"),
+        metavar="MODE",
+        help="also write int8 copies: int8-dynamic and/or int8-static (needs --calibration-dataset)",
+    )
     export.add_argument("--calibration-dataset", metavar="NAME_OR_DIR", help="images to calibrate int8-static")
     export.add_argument("--calibration-split", default="train")
     export.add_argument("--num-calibration-batches", type=_positive_int, default=8, metavar="N")
@@ -688,9 +868,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--eval-split", default="test")
     export.add_argument("--eval-limit", type=_positive_int, metavar="N", help="first N examples only")
     export.add_argument("--data-dir", help="folder of Fashion-MNIST's IDX files (default: Debian's)")
-    export.add_argument("--benchmark", action="store_true",
-                        help="time PyTorch vs onnxruntime (vs OpenVINO) side by side; writes deployment.json (and "
-                             "a card with the deployment table for a pruned checkpoint)")
+    export.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="time PyTorch vs onnxruntime (vs OpenVINO) side by side; writes deployment.json (and "
+        "a card with the deployment table for a pruned checkpoint)",
+    )
     export.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32], metavar="N")
     export.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads of every runtime")
     export.add_argument("--rounds", type=_positive_int, default=10, metavar="N", help="timed rounds per batch size")
@@ -699,15 +882,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     demo = commands.add_parser(
-        "demo", help="the main job end to end on Fashion-MNIST, offline (about 8 minutes on 2 cores, 3 with the teacher cached)",
+        "demo",
+        help="the main job end to end on Fashion-MNIST, offline (about 8 minutes on 2 cores, 3 with the teacher cached)",
         formatter_class=formatter,
         description="Train a small ViT teacher on Fashion-MNIST (cached for the next run), prune it to a share of "
-                    "its MACs, distill the student from the teacher, evaluate, time, save and write the model card.",
+        "its MACs, distill the student from the teacher, evaluate, time, save and write the model card.",
         epilog="examples:\n  optimum-isoprune demo\n  optimum-isoprune demo --smoke --output-dir /tmp/demo   # seconds\n"
-               "  optimum-isoprune demo --target-macs-ratio 0.3 --distill-epochs 5 --push-to-hub my-user/vit-fmnist",
+        "  optimum-isoprune demo --target-macs-ratio 0.3 --distill-epochs 5 --push-to-hub my-user/vit-fmnist",
     )
-    demo.add_argument("--output-dir", default=os.path.join("outputs", "demo"), metavar="DIR",
-                      help="folder for the checkpoint, card, plot and demo_summary.json")
+    demo.add_argument(
+        "--output-dir",
+        default=os.path.join("outputs", "demo"),
+        metavar="DIR",
+        help="folder for the checkpoint, card, plot and demo_summary.json",
+    )
     demo.add_argument("--data-dir", help="folder of Fashion-MNIST's IDX files (default: Debian's)")
     demo.add_argument("--cache-dir", help="where the trained teacher is cached (default: ~/.cache/optimum-isoprune)")
     demo.add_argument("--no-cache", action="store_true", help="always train the teacher, and do not store it")
@@ -717,8 +905,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-macs-ratio", type=float, metavar="R", help="pruned MACs / teacher MACs (0.5)")
     demo.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this Hub repo at the end")
     demo.add_argument("--smoke", action="store_true", help="tiny model and data subset: seconds, for tests")
-    demo.add_argument("--threads", type=_positive_int, metavar="N",
-                      help="torch CPU threads (default: one per core; 1 is faster on a machine busy with other work)")
+    demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch CPU threads (default: one per core; 1 is faster on a machine busy with other work)",
+    )
     demo.add_argument("--seed", type=int, help="seed of initialisation, data order and pruning (default: 0)")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -782,8 +974,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # every other failure: one line, the traceback only with --debug
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {type(err).__name__}: {_first_line(err)}"
-              + ("" if args.debug else " (run with --debug for the traceback)"), file=sys.stderr)
+        print(
+            f"{PROG} {args.command}: error: {type(err).__name__}: {_first_line(err)}"
+            + ("" if args.debug else " (run with --debug for the traceback)"),
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -34,16 +34,19 @@ class IsomorphicPruningConfig(JsonFile):
     )
     target_latency: float | None = field(
         default=None,
-        metadata={"help": "Latency of the pruned model in milliseconds per batch of latency_batch_size on "
-                  "latency_device, predicted by a latency model measured on this machine (e.g. 20.0)."},
+        metadata={
+            "help": "Latency of the pruned model in milliseconds per batch of latency_batch_size on "
+            "latency_device, predicted by a latency model measured on this machine (e.g. 20.0)."
+        },
     )
     latency_batch_size: int = field(
         default=1, metadata={"help": "target_latency: the batch size the latency refers to."}
     )
     latency_device: str | None = field(
         default=None,
-        metadata={"help": "target_latency: the device it refers to ('cpu', 'cuda', 'cuda:1'); defaults to the "
-                  "model's device."},
+        metadata={
+            "help": "target_latency: the device it refers to ('cpu', 'cuda', 'cuda:1'); defaults to the model's device."
+        },
     )
     latency_threads: int | None = field(
         default=None,
@@ -55,18 +58,24 @@ class IsomorphicPruningConfig(JsonFile):
     )
     latency_grid_points: int = field(
         default=6,
-        metadata={"help": "target_latency: kept widths timed per layer shape (a coarse grid of multiples of "
-                  "round_to, interpolated in between)."},
+        metadata={
+            "help": "target_latency: kept widths timed per layer shape (a coarse grid of multiples of "
+            "round_to, interpolated in between)."
+        },
     )
     latency_repeats: int = field(
         default=10,
-        metadata={"help": "target_latency: timed runs per measurement (the median counts), after a quarter as "
-                  "many warm-up runs."},
+        metadata={
+            "help": "target_latency: timed runs per measurement (the median counts), after a quarter as "
+            "many warm-up runs."
+        },
     )
     latency_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "target_latency: folder of cached latency measurements; defaults to "
-                  "$OPTIMUM_ISOPRUNE_CACHE/latency or ~/.cache/optimum_isoprune/latency."},
+        metadata={
+            "help": "target_latency: folder of cached latency measurements; defaults to "
+            "$OPTIMUM_ISOPRUNE_CACHE/latency or ~/.cache/optimum_isoprune/latency."
+        },
     )
     pruning_ratio: float | None = field(
         default=None,
@@ -86,8 +95,10 @@ class IsomorphicPruningConfig(JsonFile):
     )
     importance: str = field(
         default="taylor",
-        metadata={"help": "Importance criterion; taylor needs calibration data (magnitude is used without).",
-                  "choices": IMPORTANCE_CHOICES},
+        metadata={
+            "help": "Importance criterion; taylor needs calibration data (magnitude is used without).",
+            "choices": IMPORTANCE_CHOICES,
+        },
     )
     grouping: str = field(
         default="isomorphic",
@@ -119,25 +130,33 @@ class IsomorphicPruningConfig(JsonFile):
     )
     reconstruction_damping: float = field(
         default=1e-2,
-        metadata={"help": "Ridge strength of the least-squares refit, relative to the mean input energy; it pulls "
-                  "each layer toward its pruned weights (0 = exact least squares)."},
+        metadata={
+            "help": "Ridge strength of the least-squares refit, relative to the mean input energy; it pulls "
+            "each layer toward its pruned weights (0 = exact least squares)."
+        },
     )
     search_candidates: int = field(
         default=24,
-        metadata={"help": "budget_policy='search': candidate splits scored (each costs one forward pass over "
-                  "the held-out calibration batches)."},
+        metadata={
+            "help": "budget_policy='search': candidate splits scored (each costs one forward pass over "
+            "the held-out calibration batches)."
+        },
     )
     search_finalists: int | None = field(
         default=None,
-        metadata={"help": "budget_policy='search' with reconstruction: None scores every candidate after "
-                  "reconstruction; a number N ranks candidates without it (one forward pass each, several times "
-                  "faster) and rescores only the starts and the N best others after reconstruction (as good at "
-                  "50% of the MACs, worse at 25% in BENCHMARKS.md part 7)."},
+        metadata={
+            "help": "budget_policy='search' with reconstruction: None scores every candidate after "
+            "reconstruction; a number N ranks candidates without it (one forward pass each, several times "
+            "faster) and rescores only the starts and the N best others after reconstruction (as good at "
+            "50% of the MACs, worse at 25% in BENCHMARKS.md part 7)."
+        },
     )
     search_batches: int = field(
         default=2,
-        metadata={"help": "budget_policy='search': calibration batches held out to score splits (taken after the "
-                  "num_calibration_batches used for importance and reconstruction)."},
+        metadata={
+            "help": "budget_policy='search': calibration batches held out to score splits (taken after the "
+            "num_calibration_batches used for importance and reconstruction)."
+        },
     )
     round_to: int = field(
         default=8, metadata={"help": "Kept widths are multiples of this (hardware-friendly); 1 disables."}
@@ -179,15 +198,27 @@ class IsomorphicPruningConfig(JsonFile):
             if "choices" in f.metadata:
                 _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         if self.latency_device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.latency_device):
-            raise ValueError(f"latency_device must be 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {self.latency_device!r}.")
+            raise ValueError(
+                f"latency_device must be 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {self.latency_device!r}."
+            )
         if not self.reconstruction_damping >= 0:
             raise ValueError(f"reconstruction_damping must be >= 0, got {self.reconstruction_damping!r}.")
-        for name in ("round_to", "min_heads", "num_calibration_batches", "calibration_batch_size", "search_candidates",
-                     "search_batches", "latency_batch_size", "latency_repeats"):
+        for name in (
+            "round_to",
+            "min_heads",
+            "num_calibration_batches",
+            "calibration_batch_size",
+            "search_candidates",
+            "search_batches",
+            "latency_batch_size",
+            "latency_repeats",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.search_finalists is not None and (not isinstance(self.search_finalists, int) or self.search_finalists < 0):
+        if self.search_finalists is not None and (
+            not isinstance(self.search_finalists, int) or self.search_finalists < 0
+        ):
             raise ValueError(f"search_finalists must be None or a non-negative integer, got {self.search_finalists!r}.")
         if self.latency_threads is not None and self.latency_threads < 1:
             raise ValueError(f"latency_threads must be a positive integer, got {self.latency_threads!r}.")
@@ -229,7 +260,14 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         "list[str]": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
     }.get(kind, True)
     if not ok:
-        expected = {"bool": "True or False", "int": "an integer", "float": "a finite number", "str": "a string",
-                    "list[str]": "a list of module names, e.g. ['classifier']"}[kind]
-        raise TypeError(f"IsomorphicPruningConfig.{name} must be {expected}{' or None' if optional else ''}, "
-                        f"got {value!r:.60} ({type(value).__name__}).")
+        expected = {
+            "bool": "True or False",
+            "int": "an integer",
+            "float": "a finite number",
+            "str": "a string",
+            "list[str]": "a list of module names, e.g. ['classifier']",
+        }[kind]
+        raise TypeError(
+            f"IsomorphicPruningConfig.{name} must be {expected}{' or None' if optional else ''}, "
+            f"got {value!r:.60} ({type(value).__name__})."
+        )

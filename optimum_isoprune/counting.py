@@ -62,7 +62,9 @@ class CostModel:
     @contextmanager
     def _hooks(self, model: nn.Module) -> Iterator[None]:
         self.layers: list[_LayerCost] = []
-        handles = [m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        handles = [
+            m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+        ]
         try:
             yield
         finally:

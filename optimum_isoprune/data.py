@@ -55,13 +55,17 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
-def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None) -> Dataset:
+def load_fashion_mnist(
+    split: str = "train", data_dir: str | os.PathLike | None = None, limit: int | None = None
+) -> Dataset:
     """Load Fashion-MNIST from local gzip IDX files (no network) as a `Dataset` with `image` and `label` features.
 
     `data_dir` defaults to Debian's `/usr/share/datasets/fashion-mnist`; `limit` keeps the first examples only.
     """
     if split not in _SPLIT_PREFIX:
-        raise ValueError(f"split={split!r} is not a Fashion-MNIST split; use 'train' (60,000 images) or 'test' (10,000).")
+        raise ValueError(
+            f"split={split!r} is not a Fashion-MNIST split; use 'train' (60,000 images) or 'test' (10,000)."
+        )
     if limit is not None and limit <= 0:
         raise ValueError(f"limit={limit} must be a positive number of examples, or None for the whole split.")
     directory = Path(data_dir if data_dir is not None else FASHION_MNIST_DIR)
@@ -154,7 +158,9 @@ class ImageClassificationTransform:
             raise ValueError(f"num_channels={num_channels}; expected 1 (grey) or 3 (RGB).")
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.num_channels = num_channels
-        default_mean, default_std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if num_channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+        default_mean, default_std = (
+            (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if num_channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+        )
         mean = tuple(default_mean if mean is None else mean)
         std = tuple(default_std if std is None else std)
         for name, values in (("mean", mean), ("std", std)):
@@ -186,7 +192,9 @@ class ImageClassificationTransform:
         elif tensor.shape[0] != self.num_channels:
             tensor = tensor.mean(0, keepdim=True) if self.num_channels == 1 else tensor[:3]
         if tuple(tensor.shape[1:]) != self.image_size:
-            tensor = F.interpolate(tensor.unsqueeze(0), size=self.image_size, mode="bilinear", antialias=True, align_corners=False)[0]
+            tensor = F.interpolate(
+                tensor.unsqueeze(0), size=self.image_size, mode="bilinear", antialias=True, align_corners=False
+            )[0]
         tensor = (tensor - self.mean) / self.std
         if self.random_flip and torch.rand(()) < 0.5:
             tensor = tensor.flip(-1)
@@ -194,7 +202,9 @@ class ImageClassificationTransform:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if self.image_column not in batch:
-            raise KeyError(f"The dataset has no {self.image_column!r} column (columns: {list(batch)}); set image_column=.")
+            raise KeyError(
+                f"The dataset has no {self.image_column!r} column (columns: {list(batch)}); set image_column=."
+            )
         out: dict[str, list] = {"pixel_values": [self.image_to_tensor(image) for image in batch[self.image_column]]}
         if self.label_column in batch:
             out["labels"] = [int(label) for label in batch[self.label_column]]
@@ -285,7 +295,10 @@ def check_labels(dataset: Any, model: torch.nn.Module, label_column: str = "labe
     if num_labels is not None and len(data_names) < num_labels:
         logger.warning(
             "The dataset has %d classes (%s) but the model predicts %d: label i of the data is read as the model's "
-            "class i%s.", len(data_names), _short(data_names), num_labels,
+            "class i%s.",
+            len(data_names),
+            _short(data_names),
+            num_labels,
             f" ({_short(model_names)})" if model_names else "",
         )
         return
@@ -303,7 +316,9 @@ def check_labels(dataset: Any, model: torch.nn.Module, label_column: str = "labe
         )
     logger.warning(
         "The dataset's class names %s differ from the model's %s; they are matched by position (data label i = "
-        "model class i).", _short(data_names), _short(model_names),
+        "model class i).",
+        _short(data_names),
+        _short(model_names),
     )
 
 

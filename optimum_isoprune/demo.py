@@ -44,8 +44,17 @@ DATASET_NAME = "Fashion-MNIST"
 # Not a valid Hub id on purpose: the card must not link the locally trained teacher to a Hub repo.
 TEACHER_NAME = "ViT teacher trained on Fashion-MNIST (optimum-isoprune demo)"
 _TEACHER_FIELDS = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size",
-    "teacher_epochs", "teacher_learning_rate", "batch_size", "train_limit", "seed",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "patch_size",
+    "image_size",
+    "teacher_epochs",
+    "teacher_learning_rate",
+    "batch_size",
+    "train_limit",
+    "seed",
 )
 
 
@@ -61,18 +70,23 @@ class DemoConfig:
     image_size: int = field(default=28, metadata={"help": "Input resolution (Fashion-MNIST is 28 px)."})
     teacher_epochs: float = field(default=3.0, metadata={"help": "Teacher training epochs."})
     teacher_learning_rate: float = field(default=1e-3, metadata={"help": "Teacher AdamW peak learning rate."})
-    distill_epochs: float = field(default=TRAINING_DEFAULTS.epochs,
-                                  metadata={"help": "Distillation epochs of the pruned student."})
+    distill_epochs: float = field(
+        default=TRAINING_DEFAULTS.epochs, metadata={"help": "Distillation epochs of the pruned student."}
+    )
     distill_max_steps: int = field(default=-1, metadata={"help": "Distillation steps; overrides epochs when > 0."})
-    distill_learning_rate: float = field(default=TRAINING_DEFAULTS.learning_rate,
-                                         metadata={"help": "Student AdamW peak learning rate."})
-    distillation_type: str = field(default=TRAINING_DEFAULTS.distillation_type,
-                                   metadata={"help": "'soft' (KL), 'hard' (DeiT) or 'none'."})
+    distill_learning_rate: float = field(
+        default=TRAINING_DEFAULTS.learning_rate, metadata={"help": "Student AdamW peak learning rate."}
+    )
+    distillation_type: str = field(
+        default=TRAINING_DEFAULTS.distillation_type, metadata={"help": "'soft' (KL), 'hard' (DeiT) or 'none'."}
+    )
     alpha: float = field(default=TRAINING_DEFAULTS.alpha, metadata={"help": "Weight of the distillation term."})
-    temperature: float = field(default=TRAINING_DEFAULTS.temperature,
-                               metadata={"help": "Softmax temperature of soft distillation."})
-    batch_size: int = field(default=TRAINING_DEFAULTS.batch_size,
-                            metadata={"help": "Training batch size (teacher and student)."})
+    temperature: float = field(
+        default=TRAINING_DEFAULTS.temperature, metadata={"help": "Softmax temperature of soft distillation."}
+    )
+    batch_size: int = field(
+        default=TRAINING_DEFAULTS.batch_size, metadata={"help": "Training batch size (teacher and student)."}
+    )
     target_macs_ratio: float = field(default=0.5, metadata={"help": "Pruned MACs as a fraction of the teacher's."})
     importance: str = field(default="taylor", metadata={"help": "Importance criterion of the pruner."})
     num_calibration_batches: int = field(default=8, metadata={"help": "Calibration batches (Taylor importance)."})
@@ -92,7 +106,9 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_macs_ratio < 1.0:
-            raise ValueError(f"target_macs_ratio={self.target_macs_ratio!r} must be in (0, 1), e.g. 0.5 for half the MACs.")
+            raise ValueError(
+                f"target_macs_ratio={self.target_macs_ratio!r} must be in (0, 1), e.g. 0.5 for half the MACs."
+            )
         for name in ("teacher_epochs", "distill_epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be positive.")
@@ -108,9 +124,21 @@ class DemoConfig:
     def smoke(cls, **overrides: Any) -> "DemoConfig":
         """Tiny settings that run the whole job in seconds (tests, CI): tiny model, 512 images, no cache."""
         settings: dict[str, Any] = dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, teacher_epochs=1,
-            distill_epochs=1, train_limit=512, test_limit=256, batch_size=64, num_calibration_batches=2,
-            calibration_batch_size=32, round_to=2, latency_repeats=10, latency_batch_sizes=(1, 32), use_cache=False,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            teacher_epochs=1,
+            distill_epochs=1,
+            train_limit=512,
+            test_limit=256,
+            batch_size=64,
+            num_calibration_batches=2,
+            calibration_batch_size=32,
+            round_to=2,
+            latency_repeats=10,
+            latency_batch_sizes=(1, 32),
+            use_cache=False,
             eval_batch_size=128,
         )
         settings.update(overrides)
@@ -174,7 +202,12 @@ class DemoResult:
             ("Top-5 (%)", [acc(s, "top5") for s, _ in stages]),
         ]
         for batch, values in sorted(self.latency.items(), key=lambda kv: int(kv[0])):
-            rows.append((f"Latency, batch {batch} (ms)", [f"{values['teacher']:.2f}", "(as student)", f"{values['student']:.2f}"]))
+            rows.append(
+                (
+                    f"Latency, batch {batch} (ms)",
+                    [f"{values['teacher']:.2f}", "(as student)", f"{values['student']:.2f}"],
+                )
+            )
         lines = [header] + [f"{name:26}" + "".join(f"{v:>22}" for v in values) for name, values in rows]
         top1 = self.accuracy["student"]["top1"] - self.accuracy["teacher"]["top1"]
         lines.append(
@@ -232,8 +265,16 @@ def build_image_processor(config: DemoConfig) -> Any:
     )
 
 
-def _training_args(output_dir: str, config: DemoConfig, *, epochs: float, learning_rate: float, steps_per_epoch: int,
-                   max_steps: int = -1, **kwargs: Any) -> Any:
+def _training_args(
+    output_dir: str,
+    config: DemoConfig,
+    *,
+    epochs: float,
+    learning_rate: float,
+    steps_per_epoch: int,
+    max_steps: int = -1,
+    **kwargs: Any,
+) -> Any:
     total = max_steps if max_steps > 0 else math.ceil(epochs * steps_per_epoch)
     recipe = replace(TRAINING_DEFAULTS, epochs=epochs, batch_size=config.batch_size, learning_rate=learning_rate)
     return recipe.training_arguments(
@@ -257,25 +298,40 @@ def train_teacher(config: DemoConfig, train_dataset: Any, work_dir: str) -> tupl
 
     model = build_teacher(config)
     steps_per_epoch = math.ceil(len(train_dataset) / config.batch_size)
-    args = _training_args(work_dir, config, epochs=config.teacher_epochs, learning_rate=config.teacher_learning_rate,
-                          steps_per_epoch=steps_per_epoch, distillation_type="none")
+    args = _training_args(
+        work_dir,
+        config,
+        epochs=config.teacher_epochs,
+        learning_rate=config.teacher_learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        distillation_type="none",
+    )
     started = time.perf_counter()
-    logger.info("Training the teacher: %d parameters, %.3g epochs of %d steps.", count_params(model),
-                config.teacher_epochs, steps_per_epoch)
+    logger.info(
+        "Training the teacher: %d parameters, %.3g epochs of %d steps.",
+        count_params(model),
+        config.teacher_epochs,
+        steps_per_epoch,
+    )
     DistillationTrainer(model=model, args=args, train_dataset=train_dataset).train()
     model.eval()
     return model, time.perf_counter() - started
 
 
-def load_or_train_teacher(config: DemoConfig, train_dataset: Any, work_dir: str,
-                          cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module, Path | None, bool, float]:
+def load_or_train_teacher(
+    config: DemoConfig, train_dataset: Any, work_dir: str, cache_dir: str | os.PathLike | None = None
+) -> tuple[nn.Module, Path | None, bool, float]:
     """The cached teacher for these settings if there is one, else a freshly trained one (then cached).
 
     Returns (teacher, its cache folder or None, whether it came from the cache, training seconds).
     """
     from transformers import ViTForImageClassification
 
-    folder = Path(cache_dir or default_cache_dir()) / f"{TEACHER_DIR_PREFIX}{config.teacher_key()}" if config.use_cache else None
+    folder = (
+        Path(cache_dir or default_cache_dir()) / f"{TEACHER_DIR_PREFIX}{config.teacher_key()}"
+        if config.use_cache
+        else None
+    )
     if folder is not None and (folder / "model.safetensors").is_file() and (folder / TEACHER_INFO_NAME).is_file():
         info = json.loads((folder / TEACHER_INFO_NAME).read_text(encoding="utf-8"))
         logger.info("Loading the cached teacher from %s (trained in %.0f s).", folder, info.get("train_time_s", 0))
@@ -296,16 +352,25 @@ def load_or_train_teacher(config: DemoConfig, train_dataset: Any, work_dir: str,
     return teacher, folder, False, seconds
 
 
-def distill_student(config: DemoConfig, student: nn.Module, teacher: nn.Module, train_dataset: Any,
-                    work_dir: str) -> dict[str, Any]:
+def distill_student(
+    config: DemoConfig, student: nn.Module, teacher: nn.Module, train_dataset: Any, work_dir: str
+) -> dict[str, Any]:
     """Distill the pruned student from the teacher in place; returns the fine-tuning facts for the card."""
     from .distillation import DistillationTrainer
 
     steps_per_epoch = math.ceil(len(train_dataset) / config.batch_size)
-    args = _training_args(work_dir, config, epochs=config.distill_epochs, learning_rate=config.distill_learning_rate,
-                          steps_per_epoch=steps_per_epoch, max_steps=config.distill_max_steps,
-                          distillation_type=config.distillation_type, alpha=config.alpha,
-                          temperature=config.temperature, cache_teacher_logits=config.cache_teacher_logits)
+    args = _training_args(
+        work_dir,
+        config,
+        epochs=config.distill_epochs,
+        learning_rate=config.distill_learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=config.distill_max_steps,
+        distillation_type=config.distillation_type,
+        alpha=config.alpha,
+        temperature=config.temperature,
+        cache_teacher_logits=config.cache_teacher_logits,
+    )
     started = time.perf_counter()
     trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train_dataset)
     output = trainer.train()
@@ -372,8 +437,11 @@ def run_demo(
             train_augmented = prepare_dataset(train, train=True, **size)
             train_plain = prepare_dataset(train, train=False, **size)
             # The student sees fixed images (no flips) so the teacher's logits can be cached, keyed by position.
-            train_student = (prepare_dataset(add_index_column(train), train=False, **size)
-                             if config.cache_teacher_logits else train_augmented)
+            train_student = (
+                prepare_dataset(add_index_column(train), train=False, **size)
+                if config.cache_teacher_logits
+                else train_augmented
+            )
             test = prepare_dataset(test, train=False, **size)
 
         with _step(timings, "teacher"):
@@ -417,8 +485,13 @@ def run_demo(
         latency: dict[str, dict[str, float]] = {}
         card_latency: dict[str, Any] = {}
         for batch in tqdm(config.latency_batch_sizes, desc="Latency (teacher, student)", leave=False):
-            kwargs = dict(image_size=config.image_size, num_channels=1, batch_size=batch,
-                          repeats=config.latency_repeats, warmup=max(1, config.latency_repeats // 10))
+            kwargs = dict(
+                image_size=config.image_size,
+                num_channels=1,
+                batch_size=batch,
+                repeats=config.latency_repeats,
+                warmup=max(1, config.latency_repeats // 10),
+            )
             before, after = measure_latency(teacher, **kwargs), measure_latency(student, **kwargs)
             latency[str(batch)] = {"teacher": before["median_ms"], "student": after["median_ms"]}
             if not card_latency:

@@ -112,21 +112,42 @@ def benchmark_deployment(
             files[mode] = path
     adapter = get_adapter(model)
     size, channels = adapter.image_size(), adapter.num_channels()
-    rows: list[dict[str, Any]] = [{
-        "key": "pytorch", "format": "PyTorch (safetensors)", "runtime": f"PyTorch {torch.__version__.split('+')[0]} eager",
-        "precision": "fp32", "file": None, "file_bytes": _pytorch_bytes(model, checkpoint_dir),
-    }]
+    rows: list[dict[str, Any]] = [
+        {
+            "key": "pytorch",
+            "format": "PyTorch (safetensors)",
+            "runtime": f"PyTorch {torch.__version__.split('+')[0]} eager",
+            "precision": "fp32",
+            "file": None,
+            "file_bytes": _pytorch_bytes(model, checkpoint_dir),
+        }
+    ]
     ort_version, ov_version = _version("onnxruntime"), _version("openvino")
     precision = {"fp32": "fp32", "int8-dynamic": "int8 dynamic", "int8-static": "int8 static"}
     for mode, path in files.items():
-        rows.append({"key": f"onnxruntime-{mode}", "format": "ONNX", "runtime": f"onnxruntime {ort_version}",
-                     "precision": precision[mode], "file": os.path.basename(path), "file_bytes": onnx_file_bytes(path)})
+        rows.append(
+            {
+                "key": f"onnxruntime-{mode}",
+                "format": "ONNX",
+                "runtime": f"onnxruntime {ort_version}",
+                "precision": precision[mode],
+                "file": os.path.basename(path),
+                "file_bytes": onnx_file_bytes(path),
+            }
+        )
     if openvino:
         for mode in ("fp32", "int8-static"):
             if mode in files:
-                rows.append({"key": f"openvino-{mode}", "format": "ONNX", "runtime": f"OpenVINO {ov_version}",
-                             "precision": precision[mode], "file": os.path.basename(files[mode]),
-                             "file_bytes": onnx_file_bytes(files[mode])})
+                rows.append(
+                    {
+                        "key": f"openvino-{mode}",
+                        "format": "ONNX",
+                        "runtime": f"OpenVINO {ov_version}",
+                        "precision": precision[mode],
+                        "file": os.path.basename(files[mode]),
+                        "file_bytes": onnx_file_bytes(files[mode]),
+                    }
+                )
 
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -147,8 +168,9 @@ def benchmark_deployment(
         for batch_size in batch_sizes:
             pixels = torch.randn(batch_size, channels, size, size, generator=torch.Generator().manual_seed(0)).numpy()
             n = rounds.get(batch_size, 10) if isinstance(rounds, Mapping) else rounds
-            measured = measure_side_by_side({k: (lambda f=f: f(pixels)) for k, f in calls.items()}, rounds=n,
-                                            warmup=warmup)
+            measured = measure_side_by_side(
+                {k: (lambda f=f: f(pixels)) for k, f in calls.items()}, rounds=n, warmup=warmup
+            )
             for row in rows:
                 row["latency_ms"][str(batch_size)] = round(measured[row["key"]]["median_ms"], 3)
         if eval_dataset is not None:

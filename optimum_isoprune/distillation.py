@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
 from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.trainer_callback import ProgressCallback
 
 from .adapters import adapter_for
 from .adapters.io import output_logits
@@ -35,7 +35,6 @@ from .teacher import TEACHER_DTYPES, StepTimeCallback, TeacherRunner
 from .training_defaults import DISTILLATION_TYPES
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -52,7 +51,9 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     alpha: float = field(
         default=0.5,
-        metadata={"help": "Weight of the distillation term in [0, 1]: loss = (1 - alpha) * CE(labels) + alpha * distill."},
+        metadata={
+            "help": "Weight of the distillation term in [0, 1]: loss = (1 - alpha) * CE(labels) + alpha * distill."
+        },
     )
     temperature: float = field(
         default=1.0, metadata={"help": "Softmax temperature (> 0) of 'soft' distillation; ignored by 'hard'."}
@@ -67,8 +68,11 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     teacher_dtype: str = field(
         default="float32",
-        metadata={"help": "Dtype of the teacher's weights and inputs: 'bfloat16' / 'float16' make the per-step teacher "
-                  "forward cheaper on accelerators; logits are returned in float32.", "choices": list(TEACHER_DTYPES)},
+        metadata={
+            "help": "Dtype of the teacher's weights and inputs: 'bfloat16' / 'float16' make the per-step teacher "
+            "forward cheaper on accelerators; logits are returned in float32.",
+            "choices": list(TEACHER_DTYPES),
+        },
     )
     teacher_channels_last: bool = field(
         default=False, metadata={"help": "Run the teacher in channels_last memory format (faster for CNN teachers)."}
@@ -105,20 +109,28 @@ class DistillationTrainingArguments(TrainingArguments):
             or not math.isfinite(self.temperature)
             or self.temperature <= 0
         ):
-            raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0 (1.0 leaves the logits as they are).")
+            raise ValueError(
+                f"temperature={self.temperature!r} must be a finite number > 0 (1.0 leaves the logits as they are)."
+            )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r} is not one of {sorted(TEACHER_DTYPES)}.")
         if self.cache_teacher_logits and self.distillation_type == "none":
-            raise ValueError("cache_teacher_logits=True needs a teacher, but distillation_type='none' uses none; drop one.")
+            raise ValueError(
+                "cache_teacher_logits=True needs a teacher, but distillation_type='none' uses none; drop one."
+            )
         if self.distillation_type == "hard" and self.temperature != 1.0:
             logger.warning("temperature=%s is ignored by distillation_type='hard'.", self.temperature)
         if self.distillation_type == "none" and self.alpha not in (0.0, 0.5):
             logger.warning("alpha=%s is ignored by distillation_type='none' (labels only).", self.alpha)
         if self.max_steps <= 0 and not (isinstance(self.num_train_epochs, (int, float)) and self.num_train_epochs > 0):
-            raise ValueError(f"num_train_epochs={self.num_train_epochs!r} with max_steps={self.max_steps!r} trains "
-                             "nothing; give a positive number of epochs or max_steps > 0.")
+            raise ValueError(
+                f"num_train_epochs={self.num_train_epochs!r} with max_steps={self.max_steps!r} trains "
+                "nothing; give a positive number of epochs or max_steps > 0."
+            )
         if self.label_names is not None and list(self.label_names) != ["labels"]:
-            raise ValueError(f"label_names={self.label_names!r}: DistillationTrainer reads the labels from 'labels' only.")
+            raise ValueError(
+                f"label_names={self.label_names!r}: DistillationTrainer reads the labels from 'labels' only."
+            )
         if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on the CPU torch warns every epoch
         super().__post_init__()
@@ -127,7 +139,9 @@ class DistillationTrainingArguments(TrainingArguments):
 def _check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """Fail early when the teacher cannot teach this student: other classes or other input images."""
     if not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher_model is a {type(teacher).__name__}; pass a torch.nn.Module classifier (transformers or timm).")
+        raise TypeError(
+            f"teacher_model is a {type(teacher).__name__}; pass a torch.nn.Module classifier (transformers or timm)."
+        )
     student_io, teacher_io = adapter_for(student), adapter_for(teacher)
     student_labels, teacher_labels = student_io.num_labels(), teacher_io.num_labels()
     if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
@@ -135,7 +149,10 @@ def _check_teacher(student: nn.Module, teacher: nn.Module) -> None:
             f"The teacher predicts {teacher_labels} classes but the student {student_labels}; distillation needs the same "
             "label set (fine-tune the teacher's head on the student's labels first)."
         )
-    (student_size, student_channels), (teacher_size, teacher_channels) = student_io.input_spec(), teacher_io.input_spec()
+    (student_size, student_channels), (teacher_size, teacher_channels) = (
+        student_io.input_spec(),
+        teacher_io.input_spec(),
+    )
     if student_size is not None and teacher_size is not None and student_size != teacher_size:
         raise ValueError(
             f"The student expects {student_size}-pixel images but the teacher {teacher_size}: both see the same batch. "
@@ -156,7 +173,9 @@ def split_heads(outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return output_logits(outputs), None
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float
+) -> torch.Tensor:
     """Per-example distillation term: T^2-scaled KL (`soft`) or cross-entropy to the teacher's argmax (`hard`)."""
     if kind == "soft":
         t = temperature
@@ -183,7 +202,9 @@ class TeacherLogitCache:
 
     def __init__(self, size: int, num_labels: int | None):
         if num_labels is None:
-            raise ValueError("cache_teacher_logits=True needs the number of classes (config.num_labels or num_classes).")
+            raise ValueError(
+                "cache_teacher_logits=True needs the number of classes (config.num_labels or num_classes)."
+            )
         self.logits = torch.zeros(size, num_labels, dtype=torch.float32)
         self.filled = torch.zeros(size, dtype=torch.bool)
 
@@ -223,7 +244,9 @@ class DistillationTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         if args is None:
-            args = DistillationTrainingArguments(output_dir="trainer_output", distillation_type="hard" if teacher_model is not None else "none")
+            args = DistillationTrainingArguments(
+                output_dir="trainer_output", distillation_type="hard" if teacher_model is not None else "none"
+            )
         if not isinstance(args, DistillationTrainingArguments):
             raise TypeError(
                 f"args is a {type(args).__name__}; DistillationTrainer needs DistillationTrainingArguments (same fields "
@@ -236,10 +259,13 @@ class DistillationTrainer(Trainer):
         if mixup_fn is not None and not (args.dataloader_drop_last and args.per_device_train_batch_size % 2 == 0):
             raise ValueError(
                 f"mixup_fn pairs the examples of a batch: it needs an even per_device_train_batch_size (got "
-                f"{args.per_device_train_batch_size}) and dataloader_drop_last=True (got {args.dataloader_drop_last}).")
+                f"{args.per_device_train_batch_size}) and dataloader_drop_last=True (got {args.dataloader_drop_last})."
+            )
         if mixup_fn is not None and args.cache_teacher_logits:
-            raise ValueError("mixup_fn mixes every batch anew, so cached teacher logits would be those of other "
-                             "pixels; set cache_teacher_logits=False (the teacher then runs on each mixed batch).")
+            raise ValueError(
+                "mixup_fn mixes every batch anew, so cached teacher logits would be those of other "
+                "pixels; set cache_teacher_logits=False (the teacher then runs on each mixed batch)."
+            )
         if args.distillation_type != "none" and teacher_model is None:
             raise ValueError(
                 f"distillation_type={args.distillation_type!r} needs teacher_model=; pass one, or set distillation_type='none'."
@@ -254,7 +280,9 @@ class DistillationTrainer(Trainer):
             check_finite_parameters(model, "The student")
         kwargs.setdefault("data_collator", collate_fn)
         if kwargs.get("train_dataset") is not None:  # raw image / label rows: prepared for the student, labels checked
-            kwargs["train_dataset"] = ensure_prepared(kwargs["train_dataset"], model, train=not args.cache_teacher_logits)
+            kwargs["train_dataset"] = ensure_prepared(
+                kwargs["train_dataset"], model, train=not args.cache_teacher_logits
+            )
         super().__init__(model=model, args=args, **kwargs)
 
         # compute_loss normalises by `num_items_in_batch` when the Trainer passes it (it then counts the labels of the
@@ -270,8 +298,9 @@ class DistillationTrainer(Trainer):
         self.teacher_runner: TeacherRunner | None = None
         if teacher_model is not None:
             teacher_model.to(self._student_device())
-            self.teacher_runner = TeacherRunner(teacher_model, args.teacher_dtype, args.teacher_channels_last,
-                                                args.teacher_compile)
+            self.teacher_runner = TeacherRunner(
+                teacher_model, args.teacher_dtype, args.teacher_channels_last, args.teacher_compile
+            )
             self.step_timer = StepTimeCallback(self.teacher_runner)  # logs `teacher_share` of the step time
             self.add_callback(self.step_timer)
         if args.distillation_type != "none" and hasattr(self.model, "set_distilled_training"):
@@ -279,8 +308,10 @@ class DistillationTrainer(Trainer):
             logger.info("timm distilled student: the distillation head learns from the teacher.")
         self._teacher_cache: TeacherLogitCache | None = None
         if not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError("The student has no trainable parameters (was it frozen, e.g. used as a teacher before?); "
-                             "call student.requires_grad_(True) first.")
+            raise ValueError(
+                "The student has no trainable parameters (was it frozen, e.g. used as a teacher before?); "
+                "call student.requires_grad_(True) first."
+            )
         self._check_dataset(self.train_dataset)
 
     # ---- checks before training -------------------------------------------------------------------------------
@@ -304,7 +335,9 @@ class DistillationTrainer(Trainer):
                 )
         batch = self.data_collator([dataset[0]])
         if "pixel_values" not in batch:
-            raise ValueError(f"Training batches have no 'pixel_values' (keys: {sorted(batch)}); use data.prepare_dataset.")
+            raise ValueError(
+                f"Training batches have no 'pixel_values' (keys: {sorted(batch)}); use data.prepare_dataset."
+            )
         needs_labels = args.distillation_type == "none" or args.alpha < 1
         if needs_labels and "labels" not in batch:
             raise ValueError(
@@ -312,7 +345,12 @@ class DistillationTrainer(Trainer):
                 "loss; add labels, or set alpha=1.0 to learn from the teacher only."
             )
         if "labels" in batch:
-            check_labels(batch["labels"], adapter_for(self.model).num_labels(), "of the first training example", allow_all_ignored=True)
+            check_labels(
+                batch["labels"],
+                adapter_for(self.model).num_labels(),
+                "of the first training example",
+                allow_all_ignored=True,
+            )
         if args.cache_teacher_logits and args.teacher_cache_column not in batch:
             raise ValueError(
                 f"cache_teacher_logits=True needs a {args.teacher_cache_column!r} index column in the training set (keys: "
@@ -322,8 +360,10 @@ class DistillationTrainer(Trainer):
         shape = tuple(batch["pixel_values"].shape[1:])
         expected = (channels, *((size, size) if isinstance(size, int) else size)) if size and channels else None
         if expected is not None and shape != expected:
-            raise ValueError(f"Training images are {shape} (C, H, W) but the student expects {expected}; resize them "
-                             "with prepare_dataset(..., image_size=, num_channels=).")
+            raise ValueError(
+                f"Training images are {shape} (C, H, W) but the student expects {expected}; resize them "
+                "with prepare_dataset(..., image_size=, num_channels=)."
+            )
 
     # ---- teacher -------------------------------------------------------------------------------------------------
 
@@ -336,8 +376,12 @@ class DistillationTrainer(Trainer):
             if cached is not None:
                 return cached.to(pixel_values.device)
         logits = self.teacher_runner(pixel_values)
-        require_finite(logits, "The teacher's logits", f"at training step {self.state.global_step}",
-                       "Stopping before the student learns from them; check the teacher's weights and the inputs.")
+        require_finite(
+            logits,
+            "The teacher's logits",
+            f"at training step {self.state.global_step}",
+            "Stopping before the student learns from them; check the teacher's weights and the inputs.",
+        )
         if cache is not None:
             cache.put(index, logits)
         return logits
@@ -376,14 +420,20 @@ class DistillationTrainer(Trainer):
         targets = labels
         if self.mixup_fn is not None and model.training and labels is not None:
             if bool(labels.eq(IGNORE_INDEX).any()):
-                raise ValueError(f"mixup_fn needs a label for every example, but the batch at training step "
-                                 f"{self.state.global_step} has {IGNORE_INDEX} (ignored) labels.")
+                raise ValueError(
+                    f"mixup_fn needs a label for every example, but the batch at training step "
+                    f"{self.state.global_step} has {IGNORE_INDEX} (ignored) labels."
+                )
             inputs["pixel_values"], targets = self.mixup_fn(inputs["pixel_values"], labels)  # soft targets (B, C)
         outputs = self._student_outputs(model, inputs)
         cls_logits, dist_logits = split_heads(outputs)
         if labels is not None:
-            check_labels(labels, cls_logits.shape[-1], f"of the batch at training step {self.state.global_step}",
-                         allow_all_ignored=True)
+            check_labels(
+                labels,
+                cls_logits.shape[-1],
+                f"of the batch at training step {self.state.global_step}",
+                allow_all_ignored=True,
+            )
         smoothing = args.label_smoothing_factor
         eval_logits = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
 
@@ -396,7 +446,9 @@ class DistillationTrainer(Trainer):
         else:
             teacher_logits = self._teacher_logits(inputs["pixel_values"], index if model.training else None)
             student_logits = cls_logits if dist_logits is None else dist_logits
-            per_example = args.alpha * distillation_loss(student_logits, teacher_logits, args.distillation_type, args.temperature)
+            per_example = args.alpha * distillation_loss(
+                student_logits, teacher_logits, args.distillation_type, args.temperature
+            )
             if args.alpha < 1:
                 if labels is None:
                     raise ValueError(f"alpha={args.alpha} < 1 weights the label loss, but the batch has no 'labels'.")
@@ -414,8 +466,12 @@ class DistillationTrainer(Trainer):
                     loss = loss * self.accelerator.num_processes
             else:
                 loss = total / mask.sum().clamp(min=1)
-        require_finite(loss.detach(), "The distillation loss", f"at training step {self.state.global_step}",
-                       "Stopping before the student's weights turn NaN; lower the learning rate or check the data.")
+        require_finite(
+            loss.detach(),
+            "The distillation loss",
+            f"at training step {self.state.global_step}",
+            "Stopping before the student's weights turn NaN; lower the learning rate or check the data.",
+        )
         if return_outputs:
             return loss, ImageClassifierOutput(loss=loss, logits=eval_logits)
         return loss

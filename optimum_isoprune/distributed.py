@@ -63,20 +63,23 @@ def all_reduce_gradients(model: nn.Module, count: int) -> int:
     dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
     chosen = [p for p, flag in zip(params, has_grad.tolist()) if flag]
     if chosen:
-        flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float32)
-            for p in chosen
-        ])
+        flat = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float32)
+                for p in chosen
+            ]
+        )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for p in chosen:
             size = p.numel()
-            p.grad = flat[offset:offset + size].view_as(p).to(p.device, p.dtype).clone()
+            p.grad = flat[offset : offset + size].view_as(p).to(p.device, p.dtype).clone()
             offset += size
     total = torch.tensor([count], dtype=torch.int64, device=device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    logger.info("Rank %d/%d: Taylor gradients summed over %d calibration batches (%d here).",
-                rank, world, int(total), count)
+    logger.info(
+        "Rank %d/%d: Taylor gradients summed over %d calibration batches (%d here).", rank, world, int(total), count
+    )
     return int(total)
 
 

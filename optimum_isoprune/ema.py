@@ -31,8 +31,13 @@ class EMACallback(TrainerCallback):
     read from `<checkpoint>/ema.safetensors`, the checkpoint being `resume_from` or `output_dir/checkpoint-<step>`.
     """
 
-    def __init__(self, decay: float = 0.99996, warmup: bool = False, device: str | torch.device | None = None,
-                 resume_from: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        decay: float = 0.99996,
+        warmup: bool = False,
+        device: str | torch.device | None = None,
+        resume_from: str | os.PathLike | None = None,
+    ) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"decay={decay!r} must be a number in [0, 1) (DeiT uses 0.99996).")
         self.decay = float(decay)
@@ -78,14 +83,16 @@ class EMACallback(TrainerCallback):
                 f"Resuming at a step > 0 but {path} does not exist, so the weight average cannot continue. Resume from "
                 "a checkpoint written with EMACallback, or pass EMACallback(resume_from=<that checkpoint>)."
             )
-        self.ema_model.load_state_dict(load_file(path, device=str(next(self.ema_model.parameters()).device)),
-                                       strict=True)
+        self.ema_model.load_state_dict(
+            load_file(path, device=str(next(self.ema_model.parameters()).device)), strict=True
+        )
         logger.info("Loaded the weight average from %s.", path)
 
     # ---- Trainer events -------------------------------------------------------------------------------------------
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
         if model is None:
             raise ValueError("EMACallback needs the model; add it to a transformers Trainer (trainer.add_callback).")
         self._track(model)  # after the Trainer loaded a resumed checkpoint's weights

@@ -25,7 +25,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-
 from transformers.utils import CONFIG_NAME
 from transformers.utils import IMAGE_PROCESSOR_NAME as PREPROCESSOR_NAME
 
@@ -120,7 +119,9 @@ def require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         extra = "openvino" if module.startswith("openvino") else "onnx"
-        hint = _EXTRA_HINT if extra == "onnx" else 'install the OpenVINO extra: pip install "optimum-isoprune[openvino]"'
+        hint = (
+            _EXTRA_HINT if extra == "onnx" else 'install the OpenVINO extra: pip install "optimum-isoprune[openvino]"'
+        )
         raise ImportError(f"{module} is not installed; {hint}.") from err
 
 
@@ -267,7 +268,11 @@ def _preprocessor_dict(model: nn.Module, adapter: ModelAdapter) -> dict[str, Any
 
 
 def _write_side_files(
-    model: nn.Module, adapter: ModelAdapter, checkpoint_dir: str | None, output_dir: str, num_labels: int,
+    model: nn.Module,
+    adapter: ModelAdapter,
+    checkpoint_dir: str | None,
+    output_dir: str,
+    num_labels: int,
     image_processor: Any = None,
 ) -> None:
     config_target = os.path.join(output_dir, CONFIG_NAME)
@@ -339,8 +344,15 @@ def export_onnx(
         try:
             with contextlib.redirect_stdout(log):
                 torch.onnx.export(
-                    wrapper, (example,), path, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, verbose=False,
+                    wrapper,
+                    (example,),
+                    path,
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=dynamic_shapes,
+                    verbose=False,
                     external_data=weight_bytes > _EXTERNAL_DATA_BYTES,
                 )
         except Exception as err:
@@ -353,14 +365,23 @@ def export_onnx(
             op = failing_op(message)
             raise OnnxExportError(
                 f"Exporting {adapter.architecture} to ONNX (opset {opset}) failed"
-                + (f" at op {op}" if op else "") + f": {_summary(str(err.__cause__ or err))}", op=op,
+                + (f" at op {op}" if op else "")
+                + f": {_summary(str(err.__cause__ or err))}",
+                op=op,
             ) from err
     seconds = time.perf_counter() - start
     _write_side_files(model, adapter, checkpoint_dir, output_dir, num_labels, image_processor)
     result = OnnxExport(
-        path=path, output_dir=output_dir, opset=opset, architecture=adapter.architecture,
-        input_shape=list(example.shape[1:]), dynamic_batch=dynamic_batch, num_labels=num_labels,
-        file_bytes=onnx_file_bytes(path), atol=atol, export_seconds=round(seconds, 2),
+        path=path,
+        output_dir=output_dir,
+        opset=opset,
+        architecture=adapter.architecture,
+        input_shape=list(example.shape[1:]),
+        dynamic_batch=dynamic_batch,
+        num_labels=num_labels,
+        file_bytes=onnx_file_bytes(path),
+        atol=atol,
+        export_seconds=round(seconds, 2),
         exporter=f"torch.onnx dynamo (torch {torch.__version__})",
     )
     if check:
@@ -368,8 +389,13 @@ def export_onnx(
         batch_sizes = [1, 3] if dynamic_batch else [int(example.shape[0])]
         result.max_abs_diff = verify_onnx(path, model, batch_sizes=batch_sizes, atol=atol)
         result.parity_batch_sizes = batch_sizes
-        logger.info("Exported %s to %s: max |logits - PyTorch| = %.2e at batch sizes %s.", adapter.architecture, path,
-                    result.max_abs_diff, batch_sizes)
+        logger.info(
+            "Exported %s to %s: max |logits - PyTorch| = %.2e at batch sizes %s.",
+            adapter.architecture,
+            path,
+            result.max_abs_diff,
+            batch_sizes,
+        )
     with open(os.path.join(output_dir, EXPORT_INFO_NAME), "w", encoding="utf-8") as f:
         info = {k: v for k, v in result.to_dict().items() if k not in ("path", "output_dir")}
         json.dump({"file": ONNX_NAME, "input": INPUT_NAME, "output": OUTPUT_NAME, **info}, f, indent=2)
@@ -420,8 +446,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
         message = str(err)
         op = re.search(r"implementation for (\w+)\(", message) or re.search(r"op_type[=:]\s*['\"]?(\w+)", message)
         raise InvalidOnnxModelError(
-            f"onnxruntime cannot load {path}"
-            + (f" (op {op.group(1)})" if op else "") + f": {_summary(message)}"
+            f"onnxruntime cannot load {path}" + (f" (op {op.group(1)})" if op else "") + f": {_summary(message)}"
         ) from err
 
 
@@ -455,7 +480,8 @@ def verify_onnx(
     if atol is not None and not worst < atol:
         raise OnnxParityError(
             f"{path}: onnxruntime logits differ from PyTorch by up to {worst:.3g} (tolerance {atol:g}) on random inputs "
-            f"at batch sizes {list(batch_sizes)}; the file is kept for inspection.", max_abs_diff=worst,
+            f"at batch sizes {list(batch_sizes)}; the file is kept for inspection.",
+            max_abs_diff=worst,
         )
     return worst
 
@@ -473,8 +499,13 @@ def evaluate_onnx(
 
     if len(dataset) == 0:
         raise ValueError("evaluate_onnx got an empty dataset.")
-    return evaluate_model(_OnnxClassifier(runner(path, runtime=runtime, threads=threads)), dataset,
-                          batch_size=batch_size, device="cpu", disable_tqdm=True)
+    return evaluate_model(
+        _OnnxClassifier(runner(path, runtime=runtime, threads=threads)),
+        dataset,
+        batch_size=batch_size,
+        device="cpu",
+        disable_tqdm=True,
+    )
 
 
 class _OnnxClassifier(nn.Module):
@@ -492,7 +523,9 @@ def runner(path: str | os.PathLike, runtime: str = "onnxruntime", threads: int |
     """A function numpy pixel_values -> numpy logits that runs the ONNX file with onnxruntime or OpenVINO (CPU)."""
     if runtime == "onnxruntime":
         session = onnx_session(path, threads=threads)
-        return lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+        return lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)})[
+            0
+        ]
     if runtime == "openvino":
         ov = require("openvino")
         check_onnx_model(path)
@@ -504,4 +537,3 @@ def runner(path: str | os.PathLike, runtime: str = "onnxruntime", threads: int |
         request = compiled.create_infer_request()
         return lambda pixels: np.asarray(request.infer([np.ascontiguousarray(pixels, dtype=np.float32)])[0])
     raise ValueError(f"Unknown runtime {runtime!r}; expected 'onnxruntime' or 'openvino'.")
-

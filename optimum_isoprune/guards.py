@@ -38,7 +38,9 @@ def require_finite(tensor: torch.Tensor, what: str, where: str, hint: str = "") 
     """Raise `NonFiniteError` naming `what` and `where` when `tensor` holds NaN or inf."""
     bad = count_non_finite(tensor)
     if bad:
-        raise NonFiniteError(f"{what} {where} holds {bad} NaN/inf value(s) of {tensor.numel()}.{' ' + hint if hint else ''}")
+        raise NonFiniteError(
+            f"{what} {where} holds {bad} NaN/inf value(s) of {tensor.numel()}.{' ' + hint if hint else ''}"
+        )
 
 
 def check_finite_parameters(model: nn.Module, what: str) -> None:
@@ -53,30 +55,47 @@ def check_finite_parameters(model: nn.Module, what: str) -> None:
         )
 
 
-def check_labels(labels: torch.Tensor, num_classes: int | None, where: str, error: type[Exception] = ValueError,
-                 allow_all_ignored: bool = False) -> None:
+def check_labels(
+    labels: torch.Tensor,
+    num_classes: int | None,
+    where: str,
+    error: type[Exception] = ValueError,
+    allow_all_ignored: bool = False,
+) -> None:
     """Labels must be whole class indices in [0, num_classes), or -100 (ignored); at least one must be used unless
     `allow_all_ignored`."""
     if labels.is_floating_point():
         if count_non_finite(labels) or not bool(torch.equal(labels, labels.round())):
-            raise error(f"Labels {where} are not whole numbers (e.g. {labels.flatten()[:4].tolist()}); give integer "
-                        "class indices.")
+            raise error(
+                f"Labels {where} are not whole numbers (e.g. {labels.flatten()[:4].tolist()}); give integer "
+                "class indices."
+            )
     if labels.dtype == torch.bool or labels.is_complex():
         raise error(f"Labels {where} are of dtype {labels.dtype}; give integer class indices.")
     used = labels[labels != IGNORE_INDEX]
     if used.numel() == 0 and allow_all_ignored:
         return
     if used.numel() == 0:
-        raise error(f"Every label {where} is {IGNORE_INDEX} (ignored): the loss would be 0/0 (NaN). Give labelled "
-                    "examples, or no labels at all (the model's own predictions are then used).")
+        raise error(
+            f"Every label {where} is {IGNORE_INDEX} (ignored): the loss would be 0/0 (NaN). Give labelled "
+            "examples, or no labels at all (the model's own predictions are then used)."
+        )
     low, high = int(used.min()), int(used.max())
     if low < 0 and num_classes is None:
         raise error(f"Labels {where} include {low}: class indices start at 0 ({IGNORE_INDEX} = ignored).")
     if low < 0 or (num_classes is not None and high >= num_classes):
-        raise error(f"Labels {where} range over {low}..{high}, but the model has {num_classes} classes (0.."
-                    f"{None if num_classes is None else num_classes - 1}; {IGNORE_INDEX} = ignored). Check the label "
-                    "column, or give a model with the dataset's number of classes.")
+        raise error(
+            f"Labels {where} range over {low}..{high}, but the model has {num_classes} classes (0.."
+            f"{None if num_classes is None else num_classes - 1}; {IGNORE_INDEX} = ignored). Check the label "
+            "column, or give a model with the dataset's number of classes."
+        )
 
 
-__all__ = ["keeps_global_rng", "require_finite", "check_finite_parameters", "check_labels", "count_non_finite",
-           "NonFiniteError"]
+__all__ = [
+    "keeps_global_rng",
+    "require_finite",
+    "check_finite_parameters",
+    "check_labels",
+    "count_non_finite",
+    "NonFiniteError",
+]

@@ -46,7 +46,6 @@ class HubPublishError(IsoPruneError, OSError):
         self.step = step
 
 
-
 def validate_repo_id(repo_id: str) -> str:
     """Return `repo_id` if the Hub would accept it ("name" or "namespace/name"), else raise ValueError."""
     if not isinstance(repo_id, str) or not repo_id:
@@ -73,7 +72,11 @@ def base_model_info_from_hub(repo_id: str, *, api: HfApi | None = None, token: s
     try:
         info = api.model_info(repo_id, files_metadata=True)
     except (HfHubHTTPError, OSError, *_transport_errors()) as err:
-        logger.warning("Could not read base model info of %s from the Hub (%s); the card will lack its license and tags.", repo_id, err)
+        logger.warning(
+            "Could not read base model info of %s from the Hub (%s); the card will lack its license and tags.",
+            repo_id,
+            err,
+        )
         return {}
     card_data = info.card_data.to_dict() if getattr(info, "card_data", None) else {}
     sizes = {s.rfilename: s.size for s in (info.siblings or []) if s.size is not None}
@@ -121,8 +124,12 @@ def _folder_files(folder: Path) -> list[str]:
                 continue
             files.append((Path(root) / name).relative_to(folder).as_posix())
     if links:
-        logger.warning("Not uploading %d symbolic link(s), which may point outside %s: %s", len(links), folder,
-                       ", ".join(p.relative_to(folder).as_posix() for p in sorted(links)))
+        logger.warning(
+            "Not uploading %d symbolic link(s), which may point outside %s: %s",
+            len(links),
+            folder,
+            ", ".join(p.relative_to(folder).as_posix() for p in sorted(links)),
+        )
     return files
 
 
@@ -131,8 +138,10 @@ def _card_for_repo(text: str, folder_name: str, repo_id: str) -> str:
     if folder_name == repo_id or f'"{folder_name}"' not in text:
         return text
     text = text.replace(f'load_pruned_model("{folder_name}")', f'load_pruned_model(snapshot_download("{repo_id}"))')
-    text = text.replace("\nfrom optimum_isoprune import load_pruned_model\n",
-                        "\nfrom huggingface_hub import snapshot_download\nfrom optimum_isoprune import load_pruned_model\n")
+    text = text.replace(
+        "\nfrom optimum_isoprune import load_pruned_model\n",
+        "\nfrom huggingface_hub import snapshot_download\nfrom optimum_isoprune import load_pruned_model\n",
+    )
     return text.replace(f'"{folder_name}"', f'"{repo_id}"')
 
 
@@ -155,7 +164,9 @@ def push_to_hub(
     validate_repo_id(repo_id)
     folder_path = Path(folder)
     if not folder_path.is_dir():
-        raise FileNotFoundError(f"No folder at {os.fspath(folder)!r}: save the pruned model there first (save_pretrained).")
+        raise FileNotFoundError(
+            f"No folder at {os.fspath(folder)!r}: save the pruned model there first (save_pretrained)."
+        )
     files = _folder_files(folder_path)
     if not files:
         raise ValueError(f"Folder {os.fspath(folder)!r} is empty; nothing to push.")
@@ -167,8 +178,9 @@ def push_to_hub(
         text = (folder_path / CARD_NAME).read_text(encoding="utf-8")
         published = _card_for_repo(text, Path(os.path.abspath(folder_path)).name, repo_id)
         if published != text:
-            operations[files.index(CARD_NAME)] = CommitOperationAdd(path_in_repo=CARD_NAME,
-                                                                    path_or_fileobj=published.encode("utf-8"))
+            operations[files.index(CARD_NAME)] = CommitOperationAdd(
+                path_in_repo=CARD_NAME, path_or_fileobj=published.encode("utf-8")
+            )
     commit_message = commit_message or "Upload model pruned with optimum-isoprune (Isomorphic Pruning)"
 
     api = api or HfApi(token=token)

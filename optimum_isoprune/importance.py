@@ -32,8 +32,12 @@ def accumulate_gradients(
     for pixel_values, labels in tqdm(batches, total=total, desc="Calibration (Taylor importance)", leave=False):
         where = f"of calibration batch {count}"
         logits = logits_fn(model, pixel_values)
-        require_finite(logits.detach(), "The model's logits", where,
-                       "The weights or the inputs overflow; check the model (model.float()) and the data's scale.")
+        require_finite(
+            logits.detach(),
+            "The model's logits",
+            where,
+            "The weights or the inputs overflow; check the model (model.float()) and the data's scale.",
+        )
         if labels is not None:
             check_labels(labels, logits.shape[-1], where, CalibrationDataError)
         targets = labels if labels is not None else logits.detach().argmax(-1)
@@ -43,8 +47,12 @@ def accumulate_gradients(
         count += 1
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
-            require_finite(parameter.grad, f"The gradient of {name}", "after calibration",
-                           "Taylor importance needs finite gradients; try importance='magnitude' or smaller inputs.")
+            require_finite(
+                parameter.grad,
+                f"The gradient of {name}",
+                "after calibration",
+                "Taylor importance needs finite gradients; try importance='magnitude' or smaller inputs.",
+            )
     return count
 
 
@@ -57,7 +65,9 @@ def channel_scores(groups: list[PrunableGroup], criterion: str, seed: int) -> di
     if criterion == "random":
         generator = torch.Generator().manual_seed(seed)
         return {g: torch.rand(g.width, generator=generator) for g in groups}
-    scorer = tp.importance.GroupTaylorImportance() if criterion == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
+    scorer = (
+        tp.importance.GroupTaylorImportance() if criterion == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
+    )
     scores = {}
     for group in groups:
         score = scorer(group.tp_group)
@@ -65,7 +75,9 @@ def channel_scores(groups: list[PrunableGroup], criterion: str, seed: int) -> di
             raise RuntimeError(f"Could not score group {group.name}: got {None if score is None else score.shape}.")
         score = score.detach().float().cpu()
         if bool(torch.isinf(score).any()):
-            raise NonFiniteError(f"Importance scores of group {group.name} hold inf (the weights or gradients overflow).")
+            raise NonFiniteError(
+                f"Importance scores of group {group.name} hold inf (the weights or gradients overflow)."
+            )
         scores[group] = torch.nan_to_num(score, nan=0.0)  # 0/0 of a group whose scores are all zero
     return scores
 

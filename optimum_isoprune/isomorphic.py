@@ -84,14 +84,18 @@ def collect_groups(
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
         attention = next(
-            (by_projection[id(d.target.module)] for d, _ in group
-             if id(d.target.module) in by_projection and graph.is_out_channel_pruning_fn(d.handler)),
+            (
+                by_projection[id(d.target.module)]
+                for d, _ in group
+                if id(d.target.module) in by_projection and graph.is_out_channel_pruning_fn(d.handler)
+            ),
             None,
         )
         if attention is not None:
             out = attention.output
-            group = graph.get_pruning_group(out, graph.get_pruner_of_module(out).prune_in_channels,
-                                            list(range(out.in_features)))
+            group = graph.get_pruning_group(
+                out, graph.get_pruner_of_module(out).prune_in_channels, list(range(out.in_features))
+            )
         groups.append(_describe(graph, group, names, attention))
     return groups
 
@@ -106,14 +110,20 @@ def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup
         idxs = np.asarray([getattr(i, "idx", i) for i in item.idxs], dtype=np.int64)
         # A customized pruner (an adapter's, for a block torch-pruning cannot trace) lists the layers it changes;
         # each layer's indices repeat the block's channels block-wise, so the root of entry j is root_idxs[j % n].
-        expand = None if isinstance(target, nn.Parameter) else getattr(graph.get_pruner_of_module(target), "layer_indices", None)
+        expand = (
+            None
+            if isinstance(target, nn.Parameter)
+            else getattr(graph.get_pruner_of_module(target), "layer_indices", None)
+        )
         for layer, layer_is_out, layer_idxs in expand(target, idxs, is_out) if expand else [(target, is_out, idxs)]:
             targets.append(GroupTarget(layer, layer_is_out, np.resize(root_idxs, len(layer_idxs)), layer_idxs))
             signature.append((type(layer).__name__, layer_is_out, len(layer_idxs)))
             producers += int(layer_is_out and isinstance(layer, (nn.Linear, nn.Conv2d)))
             if _conv_groups(layer) > 1 and not np.array_equal(layer_idxs, root_idxs):
-                raise ValueError(f"{names.get(layer, layer)}: a grouped convolution whose channels are reordered "
-                                 "relative to its group's root cannot keep equal conv groups; not supported.")
+                raise ValueError(
+                    f"{names.get(layer, layer)}: a grouped convolution whose channels are reordered "
+                    "relative to its group's root cannot keep equal conv groups; not supported."
+                )
             channel_groups = max(channel_groups, _conv_groups(layer))
     root, root_fn = group[0].dep.target.module, group[0].dep.handler
     width = len(group[0].idxs)

@@ -48,7 +48,12 @@ def _input_shape(image_size: int | tuple[int, int], num_channels: int, batch_siz
         height = width = image_size
     else:
         height, width = image_size
-    for name, value in (("image_size", height), ("image_size", width), ("num_channels", num_channels), ("batch_size", batch_size)):
+    for name, value in (
+        ("image_size", height),
+        ("image_size", width),
+        ("num_channels", num_channels),
+        ("batch_size", batch_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer (or a (height, width) pair), got {value!r}.")
     return (batch_size, num_channels, height, width)
@@ -127,5 +132,7 @@ def compare_latency(
     Returns ``{"before": ..., "after": ...}`` (each from `measure_latency`), the shape that
     `optimum_isoprune.hub.create_model_card(latency=...)` expects.
     """
-    kwargs = dict(image_size=image_size, num_channels=num_channels, batch_size=batch_size, repeats=repeats, warmup=warmup)
+    kwargs = dict(
+        image_size=image_size, num_channels=num_channels, batch_size=batch_size, repeats=repeats, warmup=warmup
+    )
     return {"before": measure_latency(base_model, **kwargs), "after": measure_latency(pruned_model, **kwargs)}

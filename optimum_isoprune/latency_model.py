@@ -160,9 +160,11 @@ class LatencySummary:
         return abs(self.measured_ms - self.target_ms) / self.target_ms
 
     def describe(self) -> str:
-        return (f"target {self.target_ms:.4g} ms / batch of {self.batch_size}: predicted {self.predicted_ms:.4g} ms, "
-                f"measured {self.measured_ms:.4g} ms (base {self.base_measured_ms:.4g} ms, spread "
-                f"{self.measured_spread:.1%}) on {self.machine}, {self.dtype}")
+        return (
+            f"target {self.target_ms:.4g} ms / batch of {self.batch_size}: predicted {self.predicted_ms:.4g} ms, "
+            f"measured {self.measured_ms:.4g} ms (base {self.base_measured_ms:.4g} ms, spread "
+            f"{self.measured_spread:.1%}) on {self.machine}, {self.dtype}"
+        )
 
 
 def relative_spread(times: Sequence[float]) -> float:
@@ -204,8 +206,9 @@ class _Table:
         fy = 0.0 if len(b) == 1 else float(np.clip((y - b[j]) / (b[j + 1] - b[j]), 0, 1))
         i1, j1 = min(i + 1, len(a) - 1), min(j + 1, len(b) - 1)
         v = self.values
-        return float((1 - fx) * (1 - fy) * v[i, j] + fx * (1 - fy) * v[i1, j] + (1 - fx) * fy * v[i, j1]
-                     + fx * fy * v[i1, j1])
+        return float(
+            (1 - fx) * (1 - fy) * v[i, j] + fx * (1 - fy) * v[i1, j] + (1 - fx) * fy * v[i, j1] + fx * fy * v[i1, j1]
+        )
 
 
 @dataclass(eq=False)
@@ -261,8 +264,15 @@ def _heads(group: PrunableGroup, which: int) -> Width:
 class LatencyModel:
     """Predicted latency (ms per batch) of a plan on this device; see the module docstring."""
 
-    def __init__(self, ops: list[_Op], tables: list[_Table], settings: LatencySettings, shape_key: dict[str, Any],
-                 input_shape: tuple[int, ...], forward: Callable[[nn.Module, torch.Tensor], Any]):
+    def __init__(
+        self,
+        ops: list[_Op],
+        tables: list[_Table],
+        settings: LatencySettings,
+        shape_key: dict[str, Any],
+        input_shape: tuple[int, ...],
+        forward: Callable[[nn.Module, torch.Tensor], Any],
+    ):
         self.ops, self.tables, self.settings, self.shape_key = ops, tables, settings, shape_key
         self.input_shape = input_shape  # one image: channels, height, width
         self.forward = forward
@@ -276,9 +286,17 @@ class LatencyModel:
     # -- building -------------------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model: nn.Module, example: torch.Tensor, forward: Callable[[nn.Module, torch.Tensor], Any],
-                   classes: Sequence[IsomorphicClass], cost: CostModel, settings: LatencySettings, round_to: int,
-                   min_heads: int) -> "LatencyModel":
+    def from_model(
+        cls,
+        model: nn.Module,
+        example: torch.Tensor,
+        forward: Callable[[nn.Module, torch.Tensor], Any],
+        classes: Sequence[IsomorphicClass],
+        cost: CostModel,
+        settings: LatencySettings,
+        round_to: int,
+        min_heads: int,
+    ) -> "LatencyModel":
         """Find the width-dependent operations of `model` (one batch-1 forward pass) and their grids."""
         groups = list({id(g): g for c in classes for g in c.groups}.values())
         prunable = {t.key for g in groups for t in g.targets}
@@ -306,10 +324,19 @@ class LatencyModel:
         with s.threads_set():
             machine = describe_machine(s.torch_device)
         return {
-            "format": CACHE_FORMAT, "machine": machine, "device": s.device, "batch_size": s.batch_size,
-            "dtype": s.dtype, "threads": s.threads, "repeats": s.repeats, "grid_points": s.grid_points,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "optimum_isoprune": __version__},
+            "format": CACHE_FORMAT,
+            "machine": machine,
+            "device": s.device,
+            "batch_size": s.batch_size,
+            "dtype": s.dtype,
+            "threads": s.threads,
+            "repeats": s.repeats,
+            "grid_points": s.grid_points,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "optimum_isoprune": __version__,
+            },
             "shape": self.shape_key,
         }
 
@@ -317,8 +344,14 @@ class LatencyModel:
         digest = hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:20]
         return self.settings.cache_folder() / f"{digest}.json"
 
-    def measure(self, model: nn.Module, model_macs: int, timer: Timer | None = None, disable_tqdm: bool = False,
-                previous: "LatencyModel | None" = None) -> "LatencyModel":
+    def measure(
+        self,
+        model: nn.Module,
+        model_macs: int,
+        timer: Timer | None = None,
+        disable_tqdm: bool = False,
+        previous: "LatencyModel | None" = None,
+    ) -> "LatencyModel":
         """Fill the tables (from `previous` or the cache when they match, else by timing) and calibrate them on the
         measured end-to-end latency; warns when timings are noisy."""
         self.path = path = self.cache_path()
@@ -336,8 +369,12 @@ class LatencyModel:
         timer = timer or WallClock(s.torch_device, s.warmup(), s.repeats)
         spreads = []
         total = sum(int(np.prod([len(a) for a in t.axes])) for t in self.tables)
-        with s.threads_set(), tqdm(total=total + 1, desc="Timing layers for the latency model", unit="point",
-                                   disable=disable_tqdm) as bar:
+        with (
+            s.threads_set(),
+            tqdm(
+                total=total + 1, desc="Timing layers for the latency model", unit="point", disable=disable_tqdm
+            ) as bar,
+        ):
             self.base_times = time_model(model, self.forward, self.input_shape, model_macs, s, timer)
             spreads.append(relative_spread(self.base_times))
             bar.update(1)
@@ -357,7 +394,9 @@ class LatencyModel:
                 "The device looks busy: repeated timings of the same work varied by %.0f%% (median over layers; "
                 "%.0f%% for the whole model, interquartile range / median). The latency model and the measured "
                 "latency are less reliable; stop other jobs or raise latency_repeats.",
-                100 * spread, 100 * relative_spread(self.base_times))
+                100 * spread,
+                100 * relative_spread(self.base_times),
+            )
         self._save(path)
         return self
 
@@ -391,24 +430,32 @@ class LatencyModel:
         if self.correction != 1.0 or abs(predicted_ms - measured_ms) <= CALIBRATION_TOLERANCE * measured_ms:
             return False
         if max(summary.measured_spread, summary.base_spread) > NOISE_WARNING:
-            logger.warning("The pruned model measured %.4g ms where %.4g ms were predicted, but the timings are too noisy "
-                           "to correct the latency model with (spread %.0f%%); keeping this result.", summary.measured_ms,
-                           summary.predicted_ms, 100 * max(summary.measured_spread, summary.base_spread))
+            logger.warning(
+                "The pruned model measured %.4g ms where %.4g ms were predicted, but the timings are too noisy "
+                "to correct the latency model with (spread %.0f%%); keeping this result.",
+                summary.measured_ms,
+                summary.predicted_ms,
+                100 * max(summary.measured_spread, summary.base_spread),
+            )
             return False
         self.correction = measured_ms / predicted_ms
         return True
 
     def _save(self, path: Path) -> None:
-        data = {"key": self.cache_key(), "base_times": self.base_times, 
-                "tables": {t.key(): t.values.ravel().tolist() for t in self.tables}}
+        data = {
+            "key": self.cache_key(),
+            "base_times": self.base_times,
+            "tables": {t.key(): t.values.ravel().tolist() for t in self.tables},
+        }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data), encoding="utf-8")
             os.replace(tmp, path)
         except OSError as error:
-            logger.warning("Could not cache the latency model in %s (%s); it will be measured again next time.",
-                           path.parent, error)
+            logger.warning(
+                "Could not cache the latency model in %s (%s); it will be measured again next time.", path.parent, error
+            )
 
     # -- using ----------------------------------------------------------------------------------------
 
@@ -421,8 +468,15 @@ class LatencyModel:
             return sum(op.table([float(a[-1]) for a in op.table.axes]) for op in self.ops)
         return sum(op.table([w(plan) for w in op.widths]) for op in self.ops)
 
-    def summarize(self, pruned: nn.Module, base: nn.Module, plan: Plan, macs: tuple[int, int], target_ms: float,
-                  timer: Timer | None = None) -> LatencySummary:
+    def summarize(
+        self,
+        pruned: nn.Module,
+        base: nn.Module,
+        plan: Plan,
+        macs: tuple[int, int],
+        target_ms: float,
+        timer: Timer | None = None,
+    ) -> LatencySummary:
         """Measure the pruned model end to end next to the unpruned one (alternating, `SIDE_BY_SIDE_ROUNDS` rounds
         each, with the settings of the tables), and compare it with the prediction. `macs`: (pruned, base) per image."""
         s = self.settings
@@ -433,17 +487,29 @@ class LatencyModel:
                 times[name] += time_model(model, self.forward, self.input_shape, count, s, timer)
         spread = relative_spread(times["pruned"])
         if spread > NOISE_WARNING:
-            logger.warning("The device looks busy: the pruned model's timed runs varied by %.0f%% (interquartile "
-                           "range / median); its measured latency is less reliable.", 100 * spread)
+            logger.warning(
+                "The device looks busy: the pruned model's timed runs varied by %.0f%% (interquartile "
+                "range / median); its measured latency is less reliable.",
+                100 * spread,
+            )
         with s.threads_set():
             machine, threads = describe_machine(s.torch_device), torch.get_num_threads()
         return LatencySummary(
-            target_ms=target_ms, predicted_ms=self.predict(plan), measured_ms=statistics.median(times["pruned"]),
-            base_measured_ms=statistics.median(times["base"]), base_predicted_ms=self.predict_base(),
+            target_ms=target_ms,
+            predicted_ms=self.predict(plan),
+            measured_ms=statistics.median(times["pruned"]),
+            base_measured_ms=statistics.median(times["base"]),
+            base_predicted_ms=self.predict_base(),
             base_spread=relative_spread(times["base"]),
             correction=self.correction,
-            measured_spread=spread, batch_size=s.batch_size, device=s.device, dtype=s.dtype, threads=threads,
-            machine=machine, repeats=len(times["pruned"]), cached=self.cached,
+            measured_spread=spread,
+            batch_size=s.batch_size,
+            device=s.device,
+            dtype=s.dtype,
+            threads=threads,
+            machine=machine,
+            repeats=len(times["pruned"]),
+            cached=self.cached,
             timed_points=sum(int(np.prod([len(a) for a in t.axes])) for t in self.tables),
         )
 
@@ -465,8 +531,10 @@ class LatencyModel:
         for ranking in rankings:
             if ranking.isoclass.heads or any(g.attention is not None for g in ranking.isoclass.groups):
                 continue
-            ranking.widths = [self._efficient_widths(g, int(n), int(k), ranking.round_to)
-                              for g, n, k in zip(ranking.isoclass.groups, ranking.counts, ranking.min_keep)]
+            ranking.widths = [
+                self._efficient_widths(g, int(n), int(k), ranking.round_to)
+                for g, n, k in zip(ranking.isoclass.groups, ranking.counts, ranking.min_keep)
+            ]
 
     def _efficient_widths(self, group: PrunableGroup, full: int, floor: int, step: int) -> np.ndarray:
         keys = {t.key: len(t.root_idxs) for t in group.targets}
@@ -488,8 +556,14 @@ class LatencyModel:
         return candidates[times < faster_above]
 
 
-def time_model(model: nn.Module, forward: Callable[[nn.Module, torch.Tensor], Any], input_shape: Sequence[int],
-               macs_per_image: int, settings: LatencySettings, timer: Timer) -> list[float]:
+def time_model(
+    model: nn.Module,
+    forward: Callable[[nn.Module, torch.Tensor], Any],
+    input_shape: Sequence[int],
+    macs_per_image: int,
+    settings: LatencySettings,
+    timer: Timer,
+) -> list[float]:
     """Timed end-to-end forward passes of `model` on a random batch (a copy when the target device or dtype
     differs from the model's), in eval mode."""
     param = next(model.parameters())
@@ -525,11 +599,13 @@ class _Builder:
         size = sum(int(np.prod(shape)) for shape in shapes) * torch.empty((), dtype=self.s.torch_dtype).element_size()
         count = int(np.clip(np.ceil(COLD_BYTES / max(size, 1)), 1, MAX_COPIES))
         device, dtype = self.s.torch_device, self.s.torch_dtype
-        return itertools.cycle([tuple(torch.full(shape, 0.01, device=device, dtype=dtype) for shape in shapes)
-                                for _ in range(count)])
+        return itertools.cycle(
+            [tuple(torch.full(shape, 0.01, device=device, dtype=dtype) for shape in shapes) for _ in range(count)]
+        )
 
-    def _table(self, kind: str, signature: tuple, axes: list[np.ndarray],
-               build: Callable[[tuple[int, ...]], TimedOp]) -> _Table:
+    def _table(
+        self, kind: str, signature: tuple, axes: list[np.ndarray], build: Callable[[tuple[int, ...]], TimedOp]
+    ) -> _Table:
         key = (kind, signature, tuple(len(a) for a in axes))
         if key not in self.tables:
             self.tables[key] = _Table(kind, signature, axes, build)
@@ -582,8 +658,13 @@ class _Builder:
         if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
             key = next((k for k in ((id(m), True), (id(m), False)) if k in self.prunable), None)
             return self._norm(m, key, shape_in, b) if key is not None else None
-        if not isinstance(m, (nn.Identity, nn.Dropout)) and not any(True for _ in m.parameters(recurse=False)) \
-                and last is not None and shape_in == last[0] and shape_out == shape_in:
+        if (
+            not isinstance(m, (nn.Identity, nn.Dropout))
+            and not any(True for _ in m.parameters(recurse=False))
+            and last is not None
+            and shape_in == last[0]
+            and shape_out == shape_in
+        ):
             self._elementwise(m, shape_in, last, b)
         return None
 
@@ -605,8 +686,12 @@ class _Builder:
                 x = self._tensor((b, c, h, w_))
                 params = self._cold([(c, 1, *kernel), (c,)] if bias else [(c, 1, *kernel)])
                 macs = b * h_out * w_out * c * kernel[0] * kernel[1]
-                return TimedOp("depthwise", w, macs, lambda: F.conv2d(x, *_with_bias(next(params)), m.stride,
-                                                                        m.padding, m.dilation, c))
+                return TimedOp(
+                    "depthwise",
+                    w,
+                    macs,
+                    lambda: F.conv2d(x, *_with_bias(next(params)), m.stride, m.padding, m.dilation, c),
+                )
 
             table = self._table("depthwise", (b, h, w_, m.out_channels, spec, bias), [axis], build)
             self.ops.append(_Op(table, [width], [keys[0] if keys else None]))
@@ -620,8 +705,9 @@ class _Builder:
             x = self._tensor((b, w[0], h, w_))
             params = self._cold([(w[1], w[0], *kernel), (w[1],)] if bias else [(w[1], w[0], *kernel)])
             macs = b * h_out * w_out * w[1] * w[0] * kernel[0] * kernel[1]
-            return TimedOp("conv", w, macs, lambda: F.conv2d(x, *_with_bias(next(params)), m.stride, m.padding,
-                                                             m.dilation))
+            return TimedOp(
+                "conv", w, macs, lambda: F.conv2d(x, *_with_bias(next(params)), m.stride, m.padding, m.dilation)
+            )
 
         table = self._table("conv", (b, h, w_, m.in_channels, m.out_channels, spec, bias), [ax_in, ax_out], build)
         self.ops.append(_Op(table, [w_in, w_o], [k_in, k_out]))
@@ -646,8 +732,9 @@ class _Builder:
             def build(w):
                 x = self._tensor((b, w[0], h, w_))
                 mean, var = self._tensor((w[0],)), self._tensor((w[0],)).abs() + 1
-                return TimedOp("batch_norm", w, b * w[0] * h * w_,
-                               lambda: F.batch_norm(x, mean, var, mean, var, False, 0.0, 1e-5))
+                return TimedOp(
+                    "batch_norm", w, b * w[0] * h * w_, lambda: F.batch_norm(x, mean, var, mean, var, False, 0.0, 1e-5)
+                )
 
             table = self._table("batch_norm", (b, h, w_, full), [axis], build)
             channel_dim = 1
@@ -672,38 +759,58 @@ class _Builder:
         table = self._table("elementwise", (type(m).__name__, tuple(shape), channel_dim), [axis], build)
         self.ops.append(_Op(table, [width], [key]))
 
-    def attention(self, group: PrunableGroup, cost: CostModel, min_heads: int, heads_prunable: bool,
-                  dims_prunable: bool) -> None:
+    def attention(
+        self, group: PrunableGroup, cost: CostModel, min_heads: int, heads_prunable: bool, dims_prunable: bool
+    ) -> None:
         """The attention product (scaled dot-product attention) of one attention group: heads x dims per head."""
         att = group.attention
         tokens, keys = next((t, k) for a, t, k in cost.attentions if a.module is att.module)
         rows = self.s.batch_size * max(tokens // max(keys, 1), 1)
         heads = _grid(att.num_heads, 1, min_heads, self.points) if heads_prunable else np.array([att.num_heads])
-        dims = _grid(att.head_dim, self.round_to, self.round_to, self.points) if dims_prunable else \
-            np.array([att.head_dim])
+        dims = (
+            _grid(att.head_dim, self.round_to, self.round_to, self.points)
+            if dims_prunable
+            else np.array([att.head_dim])
+        )
 
         def build(w, rows=rows, seq=keys):
             q, k, v = (self._tensor((rows, w[0], seq, w[1])) for _ in range(3))
-            return TimedOp("attention", w, 2 * rows * w[0] * seq * seq * w[1],
-                           lambda: F.scaled_dot_product_attention(q, k, v))
+            return TimedOp(
+                "attention", w, 2 * rows * w[0] * seq * seq * w[1], lambda: F.scaled_dot_product_attention(q, k, v)
+            )
 
         table = self._table("attention", (rows, keys, att.num_heads, att.head_dim), [heads, dims], build)
         self.ops.append(_Op(table, [_heads(group, 0), _heads(group, 1)], [None, None]))
 
 
-def build_latency_model(model: nn.Module, example: torch.Tensor, forward: Callable[[nn.Module, torch.Tensor], Any],
-                        classes: Sequence[IsomorphicClass], cost: CostModel, config: Any, macs_per_image: int,
-                        timer: Timer | None = None, previous: LatencyModel | None = None) -> LatencyModel:
+def build_latency_model(
+    model: nn.Module,
+    example: torch.Tensor,
+    forward: Callable[[nn.Module, torch.Tensor], Any],
+    classes: Sequence[IsomorphicClass],
+    cost: CostModel,
+    config: Any,
+    macs_per_image: int,
+    timer: Timer | None = None,
+    previous: LatencyModel | None = None,
+) -> LatencyModel:
     """The latency model of `model` for a config's `latency_*` settings, measured (or read from the cache)."""
     settings = LatencySettings(
-        batch_size=config.latency_batch_size, device=config.latency_device or str(example.device),
-        dtype=config.latency_dtype, threads=config.latency_threads, grid_points=config.latency_grid_points,
-        repeats=config.latency_repeats, cache_dir=config.latency_cache_dir,
+        batch_size=config.latency_batch_size,
+        device=config.latency_device or str(example.device),
+        dtype=config.latency_dtype,
+        threads=config.latency_threads,
+        grid_points=config.latency_grid_points,
+        repeats=config.latency_repeats,
+        cache_dir=config.latency_cache_dir,
     )
     device = settings.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"latency_device={settings.device!r} but CUDA is not available here; measure on the "
-                         "device you deploy to, or use latency_device='cpu'.")
-    latency = LatencyModel.from_model(model, example, forward, classes, cost, settings, config.round_to,
-                                      config.min_heads)
+        raise ValueError(
+            f"latency_device={settings.device!r} but CUDA is not available here; measure on the "
+            "device you deploy to, or use latency_device='cpu'."
+        )
+    latency = LatencyModel.from_model(
+        model, example, forward, classes, cost, settings, config.round_to, config.min_heads
+    )
     return latency.measure(model, macs_per_image, timer, previous=previous)

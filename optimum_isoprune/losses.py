@@ -23,9 +23,12 @@ def label_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: flo
     """
     if is_soft(targets):
         if targets.shape != logits.shape:
-            raise ValueError(f"Soft targets have shape {tuple(targets.shape)} but the logits {tuple(logits.shape)}; "
-                             "build them for the model's number of classes (e.g. timm Mixup(num_classes=...)).")
+            raise ValueError(
+                f"Soft targets have shape {tuple(targets.shape)} but the logits {tuple(logits.shape)}; "
+                "build them for the model's number of classes (e.g. timm Mixup(num_classes=...))."
+            )
         require_finite(targets, "The soft targets", "of the batch", "Check the mixup / cutmix settings.")
         return -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none",
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=label_smoothing
+    )

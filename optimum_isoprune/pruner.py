@@ -28,8 +28,8 @@ from .isomorphic import IsomorphicClass, PrunableGroup, build_classes, collect_g
 from .latency_model import LatencyModel, Timer, build_latency_model
 from .modeling import to_pruned_model
 from .reconstruction import reconstruct
-from .search import CalibrationLoss, ChannelMasks, SearchSummary, global_ratios_at, search_split
 from .report import ClassAmount, PruningReport
+from .search import CalibrationLoss, ChannelMasks, SearchSummary, global_ratios_at, search_split
 from .surgery import apply_plan, layer_widths
 
 logger = logging.getLogger(__name__)
@@ -51,12 +51,13 @@ def load_model(name_or_path: str | os.PathLike, random_weights: bool = False, **
             raise ValueError(f"random_weights works with timm/<name> models only, not {name!r}.")
         import timm
 
-        return timm.create_model(name[len("timm/"):].split(".")[0], pretrained=False, **kwargs)
+        return timm.create_model(name[len("timm/") :].split(".")[0], pretrained=False, **kwargs)
     if name.startswith("timm/") or name.startswith("hf-hub:"):
         import timm
 
-        return timm.create_model(name.replace("timm/", "hf-hub:timm/", 1)
-                                 if name.startswith("timm/") else name, pretrained=True, **kwargs)
+        return timm.create_model(
+            name.replace("timm/", "hf-hub:timm/", 1) if name.startswith("timm/") else name, pretrained=True, **kwargs
+        )
     from transformers import AutoModelForImageClassification
 
     return AutoModelForImageClassification.from_pretrained(name, **{"trust_remote_code": False, **kwargs})
@@ -110,8 +111,9 @@ class IsomorphicPruner:
         return self._report
 
     @keeps_global_rng  # the seed below must not reset the caller's random numbers
-    def prune(self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None,
-              **config_kwargs: Any) -> nn.Module:
+    def prune(
+        self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None, **config_kwargs: Any
+    ) -> nn.Module:
         """Return a pruned copy of the model (the original is never modified), all parameters trainable.
 
         Pass an `IsomorphicPruningConfig`, or its fields as keyword arguments (`prune(target_macs=1.2e9)`).
@@ -119,8 +121,10 @@ class IsomorphicPruner:
         if config is not None and config_kwargs:
             raise TypeError(f"Pass either a config or its fields, not both (got config and {sorted(config_kwargs)}).")
         if config is not None and not isinstance(config, IsomorphicPruningConfig):
-            raise TypeError(f"prune() takes an IsomorphicPruningConfig or its fields as keywords, got {config!r:.60}; "
-                            "e.g. pruner.prune(pruning_ratio=0.5).")
+            raise TypeError(
+                f"prune() takes an IsomorphicPruningConfig or its fields as keywords, got {config!r:.60}; "
+                "e.g. pruner.prune(pruning_ratio=0.5)."
+            )
         config = config or IsomorphicPruningConfig(**config_kwargs)
         self._check_model()
         timings: dict[str, float] = {}
@@ -130,7 +134,9 @@ class IsomorphicPruner:
         image_size = config.image_size or adapter.image_size()
         criterion, reconstruction, searching = self._data_needs(config, calibration_dataset)
         needs_data = criterion == "taylor" or reconstruction != "none" or searching
-        batches, held_out = self._calibration(config, calibration_dataset, image_size, searching) if needs_data else ([], [])
+        batches, held_out = (
+            self._calibration(config, calibration_dataset, image_size, searching) if needs_data else ([], [])
+        )
 
         model = copy.deepcopy(self.model)
         model.eval()
@@ -154,19 +160,38 @@ class IsomorphicPruner:
         if config.target_latency is not None:
             with _timed(timings, "latency_model"):
                 example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
-                latency = build_latency_model(model, example, adapter.logits, classes, cost, config, macs_before,
-                                              self.latency_timer, previous=self._latency_retry)
+                latency = build_latency_model(
+                    model,
+                    example,
+                    adapter.logits,
+                    classes,
+                    cost,
+                    config,
+                    macs_before,
+                    self.latency_timer,
+                    previous=self._latency_retry,
+                )
                 latency.round_widths(rankings)
 
         with _timed(timings, "budget"):
             score = None
             if searching:
-                def refit(consumers):  # candidates are scored after the reconstruction the final model gets
-                    reconstruct(model, self.model, consumers, batches, adapter.logits, reconstruction,
-                                config.reconstruction_damping, warn=False)
 
-                score = CalibrationLoss(model, ChannelMasks(groups), held_out, adapter.logits,
-                                        refit if reconstruction != "none" else None)
+                def refit(consumers):  # candidates are scored after the reconstruction the final model gets
+                    reconstruct(
+                        model,
+                        self.model,
+                        consumers,
+                        batches,
+                        adapter.logits,
+                        reconstruction,
+                        config.reconstruction_damping,
+                        warn=False,
+                    )
+
+                score = CalibrationLoss(
+                    model, ChannelMasks(groups), held_out, adapter.logits, refit if reconstruction != "none" else None
+                )
             try:
                 plan, search = self._solve(budget, rankings, config, score, latency)
             except BudgetError as error:
@@ -177,28 +202,39 @@ class IsomorphicPruner:
 
         with _timed(timings, "surgery"):
             layers = layer_widths(plan)
-            order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # timm's graph lists blocks last-first
+            order = {
+                name: i for i, (name, _) in enumerate(model.named_modules())
+            }  # timm's graph lists blocks last-first
             layers.sort(key=lambda width: order.get(width.name, len(order)))
             removed = apply_plan(graph, plan)
 
         with _timed(timings, "reconstruction"):
-            recovery = reconstruct(model, self.model, removed, batches, adapter.logits, reconstruction,
-                                   config.reconstruction_damping)
+            recovery = reconstruct(
+                model, self.model, removed, batches, adapter.logits, reconstruction, config.reconstruction_damping
+            )
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
         if latency is not None:
             with _timed(timings, "latency_check"):
-                latency_summary = latency.summarize(model, self.model, plan, (macs_after, macs_before),
-                                                    config.target_latency, self.latency_timer)
+                latency_summary = latency.summarize(
+                    model, self.model, plan, (macs_after, macs_before), config.target_latency, self.latency_timer
+                )
             if self._latency_retry is None and latency.correct(plan, latency_summary):
-                logger.info("Measured %.4g ms where the latency model predicted %.4g ms: predictions corrected by "
-                            "the miss, solving again.", latency_summary.measured_ms, latency_summary.predicted_ms)
+                logger.info(
+                    "Measured %.4g ms where the latency model predicted %.4g ms: predictions corrected by "
+                    "the miss, solving again.",
+                    latency_summary.measured_ms,
+                    latency_summary.predicted_ms,
+                )
                 self._latency_retry = latency
                 try:
                     return self.prune(config, calibration_dataset)
                 except BudgetError as error:  # the correction moved the target out of reach: keep this result
-                    logger.warning("Keeping the first result (%.4g ms measured): after correcting on it, %s",
-                                   latency_summary.measured_ms, error)
+                    logger.warning(
+                        "Keeping the first result (%.4g ms measured): after correcting on it, %s",
+                        latency_summary.measured_ms,
+                        error,
+                    )
                 finally:
                     self._latency_retry = None
         check_same_model_on_all_ranks(model)  # DDP starts from one model; no-op in a single process
@@ -218,8 +254,12 @@ class IsomorphicPruner:
             pruning_ratio=_removed_fraction(rankings, plan, "channels"),
             head_pruning_ratio=_removed_fraction(rankings, plan, "heads"),
             head_dim_pruning_ratio=_removed_fraction(rankings, plan, "head_dims"),
-            classes=[ClassAmount(r.isoclass.name, len(r.isoclass.groups), int(r.counts.sum()),
-                                 int(plan.kept_units[r.isoclass].sum())) for r in rankings],
+            classes=[
+                ClassAmount(
+                    r.isoclass.name, len(r.isoclass.groups), int(r.counts.sum()), int(plan.kept_units[r.isoclass].sum())
+                )
+                for r in rankings
+            ],
             layers=layers,
             timings=timings,
             config=config.to_dict(),
@@ -230,23 +270,30 @@ class IsomorphicPruner:
         logger.debug("Pruned %s:\n%s", adapter.architecture, self._report.summary())
         return model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, image_processor: Any = None,
-                        **card_kwargs: Any) -> str:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, image_processor: Any = None, **card_kwargs: Any
+    ) -> str:
         """Save the pruned model, `pruning_config.json`, `pruning_report.json`, the model card and its width plot.
 
         `card_kwargs` go to `hub.create_model_card` (eval_results, finetuning, latency, ...).
         """
-        from .checkpoint import save_pruned_model
         from .card import save_model_card
+        from .checkpoint import save_pruned_model
 
         model = self._require_pruned()
         if image_processor is None:
             image_processor = load_image_processor(self.base_model_name_or_path)
         # The card is written into a staging folder: name the snippets after the target folder, not the stage.
         card_kwargs.setdefault("repo_id", Path(os.path.abspath(save_directory)).name)
-        save_pruned_model(model, save_directory, pruning_config=self.config, report=self.report,
-                          image_processor=image_processor, base_model_name_or_path=self.base_model_name_or_path,
-                          write_card=lambda folder: save_model_card(folder, self.report, **card_kwargs))
+        save_pruned_model(
+            model,
+            save_directory,
+            pruning_config=self.config,
+            report=self.report,
+            image_processor=image_processor,
+            base_model_name_or_path=self.base_model_name_or_path,
+            write_card=lambda folder: save_model_card(folder, self.report, **card_kwargs),
+        )
         return str(save_directory)
 
     def create_model_card(self, **card_kwargs: Any):
@@ -256,17 +303,35 @@ class IsomorphicPruner:
         self._require_pruned()
         return create_model_card(self.report, **card_kwargs)
 
-    def push_to_hub(self, repo_id: str, save_directory: str | os.PathLike | None = None, *, token: str | None = None,
-                    private: bool | None = None, revision: str | None = None, commit_message: str | None = None,
-                    create_pr: bool = False, api: Any = None, **card_kwargs: Any):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        save_directory: str | os.PathLike | None = None,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        api: Any = None,
+        **card_kwargs: Any,
+    ):
         """Save everything locally (kept on failure), then upload it to `repo_id` in one commit."""
         from .hub import push_to_hub, validate_repo_id
 
         validate_repo_id(repo_id)
         folder = save_directory or os.path.join(os.getcwd(), repo_id.split("/")[-1])
         self.save_pretrained(folder, repo_id=repo_id, **card_kwargs)
-        return push_to_hub(folder, repo_id, token=token, private=private, revision=revision,
-                           commit_message=commit_message, create_pr=create_pr, api=api)
+        return push_to_hub(
+            folder,
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            api=api,
+        )
 
     def _require_pruned(self) -> nn.Module:
         if self.pruned_model is None:
@@ -280,12 +345,16 @@ class IsomorphicPruner:
         if not params:
             raise ValueError("The model has no parameters to prune.")
         if any(p.is_meta for p in params):
-            raise ValueError("The model is on the meta device (weights not loaded); load real weights first, "
-                             "e.g. from_pretrained(..., device_map=None).")
+            raise ValueError(
+                "The model is on the meta device (weights not loaded); load real weights first, "
+                "e.g. from_pretrained(..., device_map=None)."
+            )
         dtypes = {p.dtype for p in params}
         if dtypes != {torch.float32}:
-            raise ValueError(f"The model has parameters of dtype {sorted(map(str, dtypes))}; prune in float32 "
-                             "(model.float()) and cast the pruned model afterwards.")
+            raise ValueError(
+                f"The model has parameters of dtype {sorted(map(str, dtypes))}; prune in float32 "
+                "(model.float()) and cast the pruned model afterwards."
+            )
         check_finite_parameters(self.model, "The model to prune")
 
     @staticmethod
@@ -305,12 +374,15 @@ class IsomorphicPruner:
                 logger.warning("No calibration data given: %s.", "; ".join(missing))
         searching = config.budget_policy == "search" and config.pruning_ratio is None
         if searching and calibration_dataset is None:
-            raise CalibrationDataError("budget_policy='search' scores splits on calibration data: pass "
-                                       "calibration_dataset=..., or use budget_policy='shared'.")
+            raise CalibrationDataError(
+                "budget_policy='search' scores splits on calibration data: pass "
+                "calibration_dataset=..., or use budget_policy='shared'."
+            )
         return criterion, reconstruction, searching
 
-    def _trace(self, model: nn.Module, config: IsomorphicPruningConfig, image_size: int
-               ) -> tuple[tp.DependencyGraph, CostModel, list[PrunableGroup], list[IsomorphicClass]]:
+    def _trace(
+        self, model: nn.Module, config: IsomorphicPruningConfig, image_size: int
+    ) -> tuple[tp.DependencyGraph, CostModel, list[PrunableGroup], list[IsomorphicClass]]:
         """Trace the copy once: torch-pruning's dependency graph, the cost model, the groups and their classes."""
         adapter = self.adapter
         example = torch.zeros(1, adapter.num_channels(), image_size, image_size, device=self._device())
@@ -324,15 +396,17 @@ class IsomorphicPruner:
             )
         adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))
-        classes = build_classes(groups, config.grouping, config.prune_heads and bool(attentions),
-                                config.prune_head_dims)
+        classes = build_classes(
+            groups, config.grouping, config.prune_heads and bool(attentions), config.prune_head_dims
+        )
         return graph, cost, groups, classes
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _calibration(self, config: IsomorphicPruningConfig, data: Any, image_size: int, held_out: bool
-                     ) -> tuple[list, list[torch.Tensor]]:
+    def _calibration(
+        self, config: IsomorphicPruningConfig, data: Any, image_size: int, held_out: bool
+    ) -> tuple[list, list[torch.Tensor]]:
         """Batches for importance and reconstruction, and (for the search policy) held-out images to score splits."""
         from .data import ensure_prepared
 
@@ -345,10 +419,13 @@ class IsomorphicPruner:
         for batch in batches:
             check_batch(batch, self.adapter.num_channels(), image_size)
         batches = [(x.to(device), None if y is None else y.to(device)) for x, y in batches]
-        used, extra = batches[:config.num_calibration_batches], batches[config.num_calibration_batches:]
+        used, extra = batches[: config.num_calibration_batches], batches[config.num_calibration_batches :]
         if held_out and not extra:
-            logger.warning("The calibration data has no batches left after the %d used for importance: the search "
-                           "scores splits on those same batches. Pass more data for a held-out score.", len(used))
+            logger.warning(
+                "The calibration data has no batches left after the %d used for importance: the search "
+                "scores splits on those same batches. Pass more data for a held-out score.",
+                len(used),
+            )
             extra = used
         return used, [x for x, _ in extra]
 
@@ -362,8 +439,14 @@ class IsomorphicPruner:
             ignored += [sub for m in matches for sub in m.modules()]
         return ignored
 
-    def _solve(self, budget: Budget, rankings: list[ClassRanking], config: IsomorphicPruningConfig,
-               score: CalibrationLoss | None, latency: LatencyModel | None) -> tuple[Plan, SearchSummary | None]:
+    def _solve(
+        self,
+        budget: Budget,
+        rankings: list[ClassRanking],
+        config: IsomorphicPruningConfig,
+        score: CalibrationLoss | None,
+        latency: LatencyModel | None,
+    ) -> tuple[Plan, SearchSummary | None]:
         def shared(ratio: float) -> dict:
             return shared_ratios(rankings, ratio, config.head_pruning_ratio, config.head_dim_pruning_ratio)
 
@@ -379,8 +462,18 @@ class IsomorphicPruner:
         pinned = {c: r for c, r in low.items() if high[c] == r}  # head ratios the user fixed
         if score is not None:
             starts = {"shared": shared, "global": global_ratios_at(rankings, pinned)}
-            plan, summary = search_split(budget, metric, target, name, starts, pinned, score,
-                                         config.search_candidates, config.seed, config.search_finalists)
+            plan, summary = search_split(
+                budget,
+                metric,
+                target,
+                name,
+                starts,
+                pinned,
+                score,
+                config.search_candidates,
+                config.seed,
+                config.search_finalists,
+            )
             summary.calibration_images = sum(len(x) for x in score.batches)
             return plan, summary
         ratios_at = shared

@@ -107,7 +107,10 @@ def quantize_onnx(
         quantization.shape_inference.quant_pre_process(onnx_path, prepared, skip_symbolic_shape=False)
         if mode == "int8-dynamic":
             quantization.quantize_dynamic(
-                prepared, output_path, op_types_to_quantize=_DYNAMIC_OPS, weight_type=quantization.QuantType.QInt8,
+                prepared,
+                output_path,
+                op_types_to_quantize=_DYNAMIC_OPS,
+                weight_type=quantization.QuantType.QInt8,
                 per_channel=False,
             )
         else:
@@ -120,9 +123,14 @@ def quantize_onnx(
             )
             reader = _CalibrationReader(iter(batches), channels, size)
             quantization.quantize_static(
-                prepared, output_path, reader, quant_format=quantization.QuantFormat.QDQ,
-                op_types_to_quantize=_STATIC_OPS, per_channel=True,
-                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                prepared,
+                output_path,
+                reader,
+                quant_format=quantization.QuantFormat.QDQ,
+                op_types_to_quantize=_STATIC_OPS,
+                per_channel=True,
+                activation_type=quantization.QuantType.QUInt8,
+                weight_type=quantization.QuantType.QInt8,
                 calibrate_method=quantization.CalibrationMethod.MinMax,
             )
             if reader.count == 0:

@@ -223,8 +223,9 @@ class _Stop(Exception):
     """Raised by a hook once every layer of the current pass has run: the rest of the forward is not needed."""
 
 
-def _levels(pruned: nn.Module, layers: list[_Layer], probe: torch.Tensor, forward: Forward
-            ) -> tuple[list[list[_Layer]], dict[_Layer, int], int]:
+def _levels(
+    pruned: nn.Module, layers: list[_Layer], probe: torch.Tensor, forward: Forward
+) -> tuple[list[list[_Layer]], dict[_Layer, int], int]:
     """Layers in the order one forward pass calls them, grouped by the input tensor they read; how
     many times each is called per forward; and the bytes of all their outputs for one image."""
     seen: list[tuple[_Layer, torch.Tensor]] = []  # inputs kept alive so that tensor ids stay unique
@@ -235,6 +236,7 @@ def _levels(pruned: nn.Module, layers: list[_Layer], probe: torch.Tensor, forwar
             nonlocal output_bytes
             seen.append((layer, inputs[0]))
             output_bytes += output.numel() * output.element_size() // len(probe)
+
         return hook
 
     handles = [layer.pruned.register_forward_hook(record(layer)) for layer in layers]
@@ -259,14 +261,16 @@ def _levels(pruned: nn.Module, layers: list[_Layer], probe: torch.Tensor, forwar
     return levels, calls, output_bytes
 
 
-def _original_outputs(original: nn.Module, layers: list[_Layer], batches, forward: Forward
-                      ) -> dict[_Layer, list[list[torch.Tensor]]]:
+def _original_outputs(
+    original: nn.Module, layers: list[_Layer], batches, forward: Forward
+) -> dict[_Layer, list[list[torch.Tensor]]]:
     """Every layer's original outputs (kept channels, as rows) for every batch, from one forward pass each."""
     outputs: dict[_Layer, list[list[torch.Tensor]]] = {layer: [] for layer in layers}
 
     def keep(layer: _Layer):
         def hook(module, inputs, output):
             outputs[layer][-1].append(_original_rows(layer, output))
+
         return hook
 
     handles = [layer.original.register_forward_hook(keep(layer)) for layer in layers]
@@ -282,8 +286,15 @@ def _original_outputs(original: nn.Module, layers: list[_Layer], batches, forwar
     return outputs
 
 
-def _accumulate(pruned: nn.Module, original: nn.Module, level: list[_Layer], calls: dict[_Layer, int],
-                batches, forward: Forward, outputs: dict[_Layer, list[list[torch.Tensor]]] | None) -> None:
+def _accumulate(
+    pruned: nn.Module,
+    original: nn.Module,
+    level: list[_Layer],
+    calls: dict[_Layer, int],
+    batches,
+    forward: Forward,
+    outputs: dict[_Layer, list[list[torch.Tensor]]] | None,
+) -> None:
     """Statistics of one level: the original model's outputs of its layers (from `outputs` when held,
     else from a forward pass), then the pruned model's inputs."""
     held: dict[_Layer, list[torch.Tensor]] = {layer: [] for layer in level}
@@ -298,6 +309,7 @@ def _accumulate(pruned: nn.Module, original: nn.Module, level: list[_Layer], cal
         def hook(module, inputs, output):
             held[layer].append(_original_rows(layer, output))
             count_down(layer)
+
         return hook
 
     def add_input(layer: _Layer):
@@ -308,6 +320,7 @@ def _accumulate(pruned: nn.Module, original: nn.Module, level: list[_Layer], cal
                 layer.stats = _Statistics(x.shape[1], len(layer.kept_out), x.device)
             layer.stats.add(x, held[layer].pop(0))
             count_down(layer)
+
         return hook
 
     handles = [] if outputs else [layer.original.register_forward_hook(keep_output(layer)) for layer in level]
@@ -335,8 +348,9 @@ def _accumulate(pruned: nn.Module, original: nn.Module, level: list[_Layer], cal
         layer.rows_per_image = max(1, layer.stats.rows // images)
 
 
-def _solve_level(layers: list[_Layer], mode: str, damping: float, summary: ReconstructionSummary
-                 ) -> list[tuple[float, float]]:
+def _solve_level(
+    layers: list[_Layer], mode: str, damping: float, summary: ReconstructionSummary
+) -> list[tuple[float, float]]:
     """Solve and write every layer of a level; returns each layer's (error before, error after)."""
     errors = []
     for layer in layers:
@@ -365,7 +379,11 @@ def _warn_underdetermined(summary: ReconstructionSummary, layers: list[_Layer]) 
     logger.warning(
         "Reconstruction: %d layer(s) have more unknowns than calibration rows (%s); they use the damped solution, "
         "which stays near the pruned weights. Pass at least %d calibration images for a determined least-squares "
-        "fit (num_calibration_batches x calibration_batch_size).", len(names), shown, needed)
+        "fit (num_calibration_batches x calibration_batch_size).",
+        len(names),
+        shown,
+        needed,
+    )
 
 
 def _inputs(layer: _Layer) -> int:
@@ -380,8 +398,9 @@ def _least_squares(stats: _Statistics, w0: torch.Tensor, damping: float, has_bia
     inputs = stats.xtx.shape[0] - 1
     scale = float(a.diagonal()[:inputs].mean())
     if damping > 0 and scale > 0:
-        solved = torch.linalg.solve(a + damping * scale * torch.eye(size, dtype=a.dtype, device=a.device),
-                                    c + damping * scale * start)
+        solved = torch.linalg.solve(
+            a + damping * scale * torch.eye(size, dtype=a.dtype, device=a.device), c + damping * scale * start
+        )
     else:  # the exact optimum; where it is not unique, the one nearest to W0
         solved = start + torch.linalg.pinv(a, hermitian=True) @ (c - a @ start)
     return torch.cat([solved, w0[size:]])
@@ -423,5 +442,7 @@ def reestimate_batchnorm(model: nn.Module, batches, forward: Forward) -> int:
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
-        raise NonFiniteError(f"Reconstruction found NaN or inf in {what}; check the calibration data and the "
-                             "model's weights for non-finite values.")
+        raise NonFiniteError(
+            f"Reconstruction found NaN or inf in {what}; check the calibration data and the "
+            "model's weights for non-finite values."
+        )

@@ -105,7 +105,9 @@ class PruningReport(JsonFile):
         lines = [f"{'':8}{'before':>14}{'after':>14}{'ratio':>8}"]
         lines += [f"{n:8}{b:>14}{a:>14}{r:>8}" for n, b, a, r in rows]
         for c in self.classes:
-            lines.append(f"  class {c.name}: {c.before} -> {c.after} ({c.ratio:.1%} removed, {c.num_groups} group{'s' if c.num_groups != 1 else ''})")
+            lines.append(
+                f"  class {c.name}: {c.before} -> {c.after} ({c.ratio:.1%} removed, {c.num_groups} group{'s' if c.num_groups != 1 else ''})"
+            )
         if self.reconstruction.get("mode", "none") != "none":
             from .reconstruction import ReconstructionSummary
 

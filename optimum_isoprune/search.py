@@ -60,8 +60,10 @@ class SearchSummary:
     def describe(self) -> str:
         starts = ", ".join(f"{k} {v:.4f}" for k, v in self.start_scores.items())
         rescored = f", {self.rescored} rescored after reconstruction" if self.rescored else ""
-        return (f"searched over {self.candidates} candidate splits from the {self.chosen_start} start{rescored} "
-                f"(KL to the original on {self.calibration_images} held-out images: {starts}; chosen {self.chosen_score:.4f})")
+        return (
+            f"searched over {self.candidates} candidate splits from the {self.chosen_start} start{rescored} "
+            f"(KL to the original on {self.calibration_images} held-out images: {starts}; chosen {self.chosen_score:.4f})"
+        )
 
 
 class ChannelMasks:
@@ -122,6 +124,7 @@ def _shape(mask: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Te
 def _scale_output(mask: torch.Tensor):
     def hook(module, inputs, output):
         return output * _shape(mask, output, 1 if isinstance(module, nn.Conv2d) else -1)
+
     return hook
 
 
@@ -129,6 +132,7 @@ def _scale_input(mask: torch.Tensor):
     def hook(module, inputs):
         x = inputs[0]
         return (x * _shape(mask, x, 1 if isinstance(module, nn.Conv2d) else -1), *inputs[1:])
+
     return hook
 
 
@@ -140,9 +144,14 @@ class CalibrationLoss:
     weights it changes are put back afterwards.
     """
 
-    def __init__(self, model: nn.Module, masks: ChannelMasks, batches: Sequence[torch.Tensor],
-                 logits: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                 refit: Callable[[dict[tuple[nn.Module, bool], np.ndarray]], Any] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: ChannelMasks,
+        batches: Sequence[torch.Tensor],
+        logits: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        refit: Callable[[dict[tuple[nn.Module, bool], np.ndarray]], Any] | None = None,
+    ):
         self.model, self.masks, self.batches, self.logits, self.refit = model, masks, batches, logits, refit
         with torch.no_grad():
             self.reference = [torch.log_softmax(logits(model, x).float(), -1) for x in batches]
@@ -194,6 +203,7 @@ def global_ratios_at(rankings: list[ClassRanking], fixed: Ratios) -> Callable[[f
 
 def weighted_ratios_at(weights: dict[IsomorphicClass, float], fixed: Ratios) -> Callable[[float], Ratios]:
     """Class c loses min(MAX_RATIO, w_c * s), s = t / (1 - t) sweeping from nothing (t=0) to everything (t->1)."""
+
     def ratios_at(t: float) -> Ratios:
         scale = t / max(1.0 - t, 1e-12)
         return {**{c: min(MAX_RATIO, w * scale) for c, w in weights.items()}, **fixed}
@@ -230,8 +240,9 @@ def search_split(
         progress.update()
         return value
 
-    start_plans = {label: solve(budget, metric, target, ratios_at, name, pinned=pinned)
-                   for label, ratios_at in starts.items()}
+    start_plans = {
+        label: solve(budget, metric, target, ratios_at, name, pinned=pinned) for label, ratios_at in starts.items()
+    }
     explored = {label: evaluate(plan, not cheap) for label, plan in start_plans.items()}
     best_label = min(explored, key=explored.get)
     best = (explored[best_label], start_plans[best_label])
@@ -260,7 +271,7 @@ def search_split(
                     best, weights, improved = (value, plan), trial, True
                     break
         if not improved:
-            step = step ** 0.5
+            step = step**0.5
     summary.start_scores, summary.chosen_start = explored, best_label
     if cheap:  # rescore the starts and the best few others after reconstruction; choose among those
         pool = {label: (evaluate(plan, True), plan) for label, plan in start_plans.items()}

@@ -37,8 +37,9 @@ class TeacherRunner:
     with a warning, when compilation fails (no compiler on the machine, an unsupported operator).
     """
 
-    def __init__(self, teacher: nn.Module, dtype: str = "float32", channels_last: bool = False,
-                 compile: bool = False) -> None:
+    def __init__(
+        self, teacher: nn.Module, dtype: str = "float32", channels_last: bool = False, compile: bool = False
+    ) -> None:
         if dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher dtype {dtype!r} is not one of {sorted(TEACHER_DTYPES)}.")
         self.teacher = teacher
@@ -86,8 +87,9 @@ class TeacherRunner:
         except Exception as error:  # only compilation errors are retried; an eager failure is raised as it is
             if not self._compiled:
                 raise
-            logger.warning("torch.compile of the teacher failed (%s: %.200s); running it eagerly.",
-                           type(error).__name__, error)
+            logger.warning(
+                "torch.compile of the teacher failed (%s: %.200s); running it eagerly.", type(error).__name__, error
+            )
             self._forward, self._compiled = self.teacher, False
             outputs = self.io.call(x)
         logits = output_logits(outputs).float()

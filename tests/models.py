@@ -25,8 +25,15 @@ from transformers import (
 )
 
 IMAGE_SIZE = 32
-VIT_KWARGS = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
-                  image_size=IMAGE_SIZE, patch_size=8, num_labels=10)
+VIT_KWARGS = dict(
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=256,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    num_labels=10,
+)
 CONVNEXT_KWARGS = dict(hidden_sizes=[32, 64], depths=[2, 2], num_stages=2, image_size=IMAGE_SIZE, num_labels=10)
 SWIN_KWARGS = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
@@ -34,8 +41,12 @@ TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3,
 
 def _timm_wrapper(architecture: str = "vit_tiny_patch16_224", vit: bool = True) -> torch.nn.Module:
     model_args = {k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"} if vit else None
-    config = TimmWrapperConfig(architecture=architecture, num_labels=10, model_args=model_args,
-                               pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "num_classes": 10})
+    config = TimmWrapperConfig(
+        architecture=architecture,
+        num_labels=10,
+        model_args=model_args,
+        pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "num_classes": 10},
+    )
     return TimmWrapperForImageClassification(config)
 
 
@@ -52,24 +63,38 @@ BUILDERS = {
         MobileNetV2Config(image_size=IMAGE_SIZE, depth_multiplier=0.35, num_labels=10)
     ),
     "timm_vit": lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
-    "timm_deit_distilled": lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False,
-                                                     **TIMM_VIT_KWARGS),
-    "timm_convnext": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10,
-                                               dims=(32, 64, 96, 128), depths=(1, 1, 2, 1)),
+    "timm_deit_distilled": lambda: timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, **TIMM_VIT_KWARGS
+    ),
+    "timm_convnext": lambda: timm.create_model(
+        "convnext_atto", pretrained=False, num_classes=10, dims=(32, 64, 96, 128), depths=(1, 1, 2, 1)
+    ),
     "timm_resnet": lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
     "timm_wrapper": _timm_wrapper,
-    "hf_swin": lambda: SwinForImageClassification(SwinConfig(
-        image_size=IMAGE_SIZE, patch_size=2, num_labels=10,
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in SWIN_KWARGS.items()})),
-    "timm_swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=IMAGE_SIZE,
-                                           patch_size=2, num_classes=10, **SWIN_KWARGS),
+    "hf_swin": lambda: SwinForImageClassification(
+        SwinConfig(
+            image_size=IMAGE_SIZE,
+            patch_size=2,
+            num_labels=10,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in SWIN_KWARGS.items()},
+        )
+    ),
+    "timm_swin": lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=IMAGE_SIZE,
+        patch_size=2,
+        num_classes=10,
+        **SWIN_KWARGS,
+    ),
 }
 
 
 def _timm_cnn(name: str, image_size: int = 64) -> torch.nn.Module:
     """A timm CNN at its real width, fed small images (its pretrained_cfg says which size) to stay fast."""
-    return timm.create_model(name, pretrained=False, num_classes=10,
-                             pretrained_cfg_overlay=dict(input_size=(3, image_size, image_size)))
+    return timm.create_model(
+        name, pretrained=False, num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, image_size, image_size))
+    )
 
 
 # timm families beyond the support matrix above (tests/test_timm_families.py): what each adds is in the comment.

@@ -16,8 +16,11 @@ def test_timm_fused_and_eager_attention_agree_after_head_dim_pruning(name):
     removed both must still compute the original softmax temperature (folded into the query weights)."""
     model = build(name)
     pruner = IsomorphicPruner(model)
-    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude", reconstruction="none",
-                                                  prune_heads=False, round_to=1))
+    pruned = pruner.prune(
+        IsomorphicPruningConfig(
+            pruning_ratio=0.5, importance="magnitude", reconstruction="none", prune_heads=False, round_to=1
+        )
+    )
     assert pruner.report.head_dim_pruning_ratio > 0
     size = pruner.adapter.image_size()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -35,9 +38,28 @@ def test_input_spec_reads_transformers_and_timm():
     import timm
     from transformers import ViTConfig, ViTForImageClassification
 
-    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7, num_channels=1))
+    vit = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=28,
+            patch_size=7,
+            num_channels=1,
+        )
+    )
     assert adapter_for(vit).input_spec() == (28, 1)
-    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    deit = timm.create_model(
+        "deit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+    )
     assert adapter_for(deit).input_spec() == (28, 1)
     resnet = timm.create_model("resnet18", pretrained=False, in_chans=1)
     assert adapter_for(resnet).input_spec() == (None, 1)  # CNNs take any size

@@ -20,15 +20,14 @@ import sys
 
 import pytest
 import torch
-from models import IMAGE_SIZE, VIT_KWARGS, build, logits
 from safetensors.torch import load_file, save_file
 
+from models import IMAGE_SIZE, VIT_KWARGS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.checkpoint import load_pruned_model, save_pruned_model
 from optimum_isoprune.cli import main
 from optimum_isoprune.errors import CalibrationDataError, NonFiniteError, UnsupportedModelError
-from optimum_isoprune.modeling import PrunedCheckpointError
-from optimum_isoprune.modeling import modeling_pruned
+from optimum_isoprune.modeling import PrunedCheckpointError, modeling_pruned
 
 MARKER = "ISOPRUNE_ADVERSARY_RAN"
 
@@ -64,6 +63,7 @@ def leftovers(parent) -> list[str]:
 @pytest.fixture
 def no_prompt(monkeypatch):
     """Any interactive prompt (transformers' "run the custom code? [y/N]") fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("prompted the user")
 
@@ -104,6 +104,7 @@ def test_checkpoint_code_never_runs(saved_vit, tmp_path, model_type, no_prompt):
     def edit(config):
         config["model_type"] = model_type
         config["auto_map"]["AutoModelForImageClassification"] = "modeling_pruned.PrunedViTForImageClassification"
+
     _edit_config(saved_vit, edit)
     if model_type == "bert":
         with pytest.raises(PrunedCheckpointError, match=r"model_type 'bert'.*not a pruned checkpoint type.*never run"):
@@ -146,8 +147,9 @@ def _shard(saved, shard_name) -> None:
     (saved / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("shard", ["../outside/model.safetensors", "/tmp/outside/model.safetensors", "sub/x.safetensors",
-                                   "model.bin"])
+@pytest.mark.parametrize(
+    "shard", ["../outside/model.safetensors", "/tmp/outside/model.safetensors", "sub/x.safetensors", "model.bin"]
+)
 def test_index_cannot_point_outside_the_folder(saved_vit, tmp_path, shard):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -164,13 +166,17 @@ def test_index_without_weight_map_is_named(saved_vit):
         load_pruned_model(saved_vit)
 
 
-@pytest.mark.parametrize("arg", [{"checkpoint_path": "/etc/passwd"}, {"pretrained": True},
-                                 {"pretrained_cfg_overlay": {"file": "/tmp/x.pth"}}])
+@pytest.mark.parametrize(
+    "arg",
+    [{"checkpoint_path": "/etc/passwd"}, {"pretrained": True}, {"pretrained_cfg_overlay": {"file": "/tmp/x.pth"}}],
+)
 def test_timm_config_cannot_load_other_files(tmp_path, arg, monkeypatch):
     save_pruned_model(pruned("timm_vit"), tmp_path)
     _edit_config(tmp_path, lambda c: c["model_args"].update(arg))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
-    with pytest.raises(PrunedCheckpointError, match=rf"model_args sets \['{next(iter(arg))}'\].*own model\.safetensors"):
+    with pytest.raises(
+        PrunedCheckpointError, match=rf"model_args sets \['{next(iter(arg))}'\].*own model\.safetensors"
+    ):
         load_pruned_model(tmp_path)
 
 
@@ -292,6 +298,7 @@ def _kill_in_child(point: str, target) -> int:
             def half(path, *a, **k):
                 os.remove(os.path.join(path, "model.safetensors"))
                 die()
+
             shutil.rmtree = half
         save_pruned_model(model, target)
         os._exit(0)
@@ -343,8 +350,22 @@ def test_prune_cli_says_it_replaces_a_checkpoint(saved_vit, tmp_path, caplog):
     folder = tmp_path / "stock"
     build("vit").save_pretrained(folder)
     with caplog.at_level(logging.WARNING):
-        assert main(["--quiet", "prune", str(folder), "--prune-ratio", "0.5", "--importance", "magnitude",
-                     "--output", str(saved_vit)]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "prune",
+                    str(folder),
+                    "--prune-ratio",
+                    "0.5",
+                    "--importance",
+                    "magnitude",
+                    "--output",
+                    str(saved_vit),
+                ]
+            )
+            == 0
+        )
     assert "holds a checkpoint; it will be replaced" in caplog.text
 
 
@@ -381,32 +402,63 @@ def test_distill_validates_the_student_before_training(student_dir, tmp_path, ca
     else:
         (student_dir / "pruning_config.json").write_text(json.dumps({"pruning_ratio": 0.5, "prune_heads": "no"}))
     monkeypatch.setattr(Trainer, "train", lambda *a, **k: pytest.fail("trained before validating the inputs"))
-    rc = main(["distill", "--student", str(student_dir), "--teacher", str(student_dir), "--dataset", "fashion-mnist",
-               "--output", str(tmp_path / "out")])
+    rc = main(
+        [
+            "distill",
+            "--student",
+            str(student_dir),
+            "--teacher",
+            str(student_dir),
+            "--dataset",
+            "fashion-mnist",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert ("pruning_report.json" in err) if damage == "no report" else ("prune_heads must be True or False" in err)
 
 
 def _tiny_split(*args, **kwargs):
-    from datasets import ClassLabel, Dataset, Features, Image
     import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) for _ in range(8)]
-    return Dataset.from_dict({"image": images, "label": [i % 10 for i in range(8)]},
-                             features=Features({"image": Image(), "label": ClassLabel(num_classes=10)}))
+    return Dataset.from_dict(
+        {"image": images, "label": [i % 10 for i in range(8)]},
+        features=Features({"image": Image(), "label": ClassLabel(num_classes=10)}),
+    )
 
 
 def test_distill_saves_the_weights_before_a_later_failure(student_dir, tmp_path, capsys, monkeypatch):
-    import optimum_isoprune.cli as cli
     import optimum_isoprune.card as card
+    import optimum_isoprune.cli as cli
 
     monkeypatch.setattr(cli, "load_split", _tiny_split)
     monkeypatch.setattr(card, "save_model_card", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("card broke")))
     out = tmp_path / "kd"
-    rc = main(["distill", "--student", str(student_dir), "--teacher", str(student_dir), "--dataset", "x",
-               "--max-steps", "1", "--batch-size", "4", "--output", str(out), "--cpu", "--latency-repeats", "0"])
+    rc = main(
+        [
+            "distill",
+            "--student",
+            str(student_dir),
+            "--teacher",
+            str(student_dir),
+            "--dataset",
+            "x",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--output",
+            str(out),
+            "--cpu",
+            "--latency-repeats",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "card broke" in err and f"distilled weights are saved in {out}" in err
     assert load_pruned_model(out) is not None
@@ -415,8 +467,20 @@ def test_distill_saves_the_weights_before_a_later_failure(student_dir, tmp_path,
 @pytest.mark.parametrize("flags", [["--epochs", "-1"], ["--epochs", "0"], ["--max-steps", "0"], ["--max-steps", "-5"]])
 def test_distill_refuses_nothing_to_train(student_dir, tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as info:
-        main(["distill", "--student", str(student_dir), "--teacher", str(student_dir), "--dataset", "fashion-mnist",
-              "--output", str(tmp_path / "out"), *flags])
+        main(
+            [
+                "distill",
+                "--student",
+                str(student_dir),
+                "--teacher",
+                str(student_dir),
+                "--dataset",
+                "fashion-mnist",
+                "--output",
+                str(tmp_path / "out"),
+                *flags,
+            ]
+        )
     assert info.value.code == 2 and "must be a positive" in capsys.readouterr().err
 
 
@@ -432,8 +496,9 @@ def test_training_arguments_refuse_nothing_to_train(tmp_path):
 
 def _prune(calibration, name="vit", **kwargs):
     kwargs.setdefault("pruning_ratio", 0.5)
-    return IsomorphicPruner(build(name)).prune(calibration_dataset=calibration, num_calibration_batches=2,
-                                               calibration_batch_size=4, **kwargs)
+    return IsomorphicPruner(build(name)).prune(
+        calibration_dataset=calibration, num_calibration_batches=2, calibration_batch_size=4, **kwargs
+    )
 
 
 def _loader(x, y):
@@ -452,8 +517,13 @@ def test_all_ignored_labels_are_refused():
         _prune(_loader(pixels(8), torch.full((8,), -100)))
 
 
-@pytest.mark.parametrize("labels, message", [(torch.full((8,), 15), r"range over 15\.\.15, but the model has 10 classes"),
-                                             (torch.full((8,), -3), "include -3: class indices start at 0")])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.full((8,), 15), r"range over 15\.\.15, but the model has 10 classes"),
+        (torch.full((8,), -3), "include -3: class indices start at 0"),
+    ],
+)
 def test_out_of_range_calibration_labels_are_named(labels, message):
     with pytest.raises(CalibrationDataError, match=message):
         _prune(_loader(pixels(8), labels))
@@ -499,8 +569,15 @@ def _trainer(student, teacher, tmp_path, dataset=None, **kwargs):
     from optimum_isoprune.data import prepare_dataset
 
     kwargs.setdefault("save_strategy", "no")
-    args = DistillationTrainingArguments(output_dir=str(tmp_path / "trainer"), distillation_type="soft", max_steps=2,
-                                         per_device_train_batch_size=4, report_to="none", use_cpu=True, **kwargs)
+    args = DistillationTrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        distillation_type="soft",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        **kwargs,
+    )
     dataset = prepare_dataset(_tiny_split() if dataset is None else dataset, model=student)
     return DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=dataset)
 
@@ -558,12 +635,16 @@ def _double_heads(config):
 
 EDITS = {
     "heads and head dim swapped consistently": (_double_heads, "edited after saving"),
-    "head count only": (lambda c: c["pruned_attributes"][_first_attention(c)].update(num_attention_heads=3),
-                        "num_attention_heads=3"),
+    "head count only": (
+        lambda c: c["pruned_attributes"][_first_attention(c)].update(num_attention_heads=3),
+        "num_attention_heads=3",
+    ),
     "pruned_attributes deleted": (lambda c: c.pop("pruned_attributes"), r"records sizes .* but its weight has shape"),
     "method injected": (lambda c: c["pruned_attributes"].update({"": {"forward": 1}}), r"overwrite .*\.forward"),
-    "attribute of another kind": (lambda c: c["pruned_attributes"][_first_attention(c)].update(head_dim=[1, 2]),
-                                  "same kind"),
+    "attribute of another kind": (
+        lambda c: c["pruned_attributes"][_first_attention(c)].update(head_dim=[1, 2]),
+        "same kind",
+    ),
     "checksum damaged": (lambda c: c.update(pruned_checksums="x"), "damaged 'pruned_checksums'"),
 }
 
@@ -611,17 +692,20 @@ def test_every_saved_tensor_is_shape_checked(saved_vit):
 # =========================================================================================== 12. config types
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(pruning_ratio=0.5, prune_heads="no"), "prune_heads must be True or False"),
-    (dict(pruning_ratio=0.5, prune_head_dims=0), "prune_head_dims must be True or False"),
-    (dict(target_macs="1e9"), "target_macs must be a finite number"),
-    (dict(target_params=float("nan")), "target_params must be a finite number"),
-    (dict(pruning_ratio=0.5, image_size=32.5), "image_size must be an integer"),
-    (dict(pruning_ratio=0.5, ignored_modules="classifier"), r"ignored_modules must be a list of module names"),
-    (dict(pruning_ratio=0.5, ignored_modules=[3]), r"ignored_modules must be a list"),
-    (dict(pruning_ratio=0.5, round_to=True), "round_to must be an integer"),
-    (dict(pruning_ratio=0.5, seed="0"), "seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pruning_ratio=0.5, prune_heads="no"), "prune_heads must be True or False"),
+        (dict(pruning_ratio=0.5, prune_head_dims=0), "prune_head_dims must be True or False"),
+        (dict(target_macs="1e9"), "target_macs must be a finite number"),
+        (dict(target_params=float("nan")), "target_params must be a finite number"),
+        (dict(pruning_ratio=0.5, image_size=32.5), "image_size must be an integer"),
+        (dict(pruning_ratio=0.5, ignored_modules="classifier"), r"ignored_modules must be a list of module names"),
+        (dict(pruning_ratio=0.5, ignored_modules=[3]), r"ignored_modules must be a list"),
+        (dict(pruning_ratio=0.5, round_to=True), "round_to must be an integer"),
+        (dict(pruning_ratio=0.5, seed="0"), "seed must be an integer"),
+    ],
+)
 def test_config_fields_are_type_checked(kwargs, message):
     with pytest.raises(TypeError, match=message):
         IsomorphicPruningConfig(**kwargs)
@@ -686,10 +770,13 @@ def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
     """The console script's handler is installed when the package is imported: a SIGINT from then on (while the
     command would still be importing torch) gives one line and 130. The child says when it is ready, so the
     test does not depend on how fast the machine starts Python."""
-    script = ("import sys; sys.argv = ['optimum-isoprune']; import optimum_isoprune, time; "
-              "print('ready', flush=True); time.sleep(60)")
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=tmp_path)
+    script = (
+        "import sys; sys.argv = ['optimum-isoprune']; import optimum_isoprune, time; "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     assert process.stdout.readline().strip() == "ready"
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)

@@ -15,11 +15,11 @@ import textwrap
 import pytest
 import safetensors.torch
 import torch
-from models import IMAGE_SIZE, build, logits
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageClassification, PreTrainedModel
 
+from models import IMAGE_SIZE, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, PruningReport
 from optimum_isoprune.checkpoint import load_pruned_model, save_pruned_model
 from optimum_isoprune.modeling import PrunedCheckpointError, to_pruned_model
@@ -133,9 +133,9 @@ def test_stock_transformers_checkpoint_loads_too(tmp_path):
 
 
 def test_timm_wrapper_loads_every_way(tmp_path):
-    from transformers import pipeline
-    from PIL import Image
     import numpy as np
+    from PIL import Image
+    from transformers import pipeline
 
     model = pruned("timm_wrapper")
     x = pixels()
@@ -166,8 +166,10 @@ def test_saving_twice_gives_identical_tensors(name, tmp_path):
     save_pruned_model(load_pruned_model(tmp_path / "a"), tmp_path / "c")
     c = load_file(tmp_path / "c" / "model.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["pruned_shapes"] == json.loads(
-        (tmp_path / "c" / "config.json").read_text())["pruned_shapes"]
+    assert (
+        json.loads((tmp_path / "a" / "config.json").read_text())["pruned_shapes"]
+        == json.loads((tmp_path / "c" / "config.json").read_text())["pruned_shapes"]
+    )
 
 
 def test_nothing_is_pickled(tmp_path, monkeypatch):
@@ -220,11 +222,15 @@ def test_missing_config_names_the_file(saved):
 def test_config_widths_that_disagree_with_the_weights(saved):
     config_file = saved / "config.json"
     config = json.loads(config_file.read_text())
-    module, tensors = next((m, t) for m, t in config["pruned_shapes"].items() if "weight" in t and len(t["weight"]) == 2)
+    module, tensors = next(
+        (m, t) for m, t in config["pruned_shapes"].items() if "weight" in t and len(t["weight"]) == 2
+    )
     tensors["weight"] = [tensors["weight"][0] + 1, tensors["weight"][1]]
     tensors.pop("bias", None)
     config_file.write_text(json.dumps(config))
-    with pytest.raises(PrunedCheckpointError, match=rf"model\.safetensors does not match .*config\.json.*{module}\.weight"):
+    with pytest.raises(
+        PrunedCheckpointError, match=rf"model\.safetensors does not match .*config\.json.*{module}\.weight"
+    ):
         load_pruned_model(saved)
 
 
@@ -313,7 +319,8 @@ def test_resave_keeps_other_files_and_drops_stale_shards(tmp_path):
     (target / "README.md").write_text("my card")
     (target / "model-00001-of-00002.safetensors").write_bytes(b"stale")
     (target / "preprocessor_config.json").write_text(
-        (target / "preprocessor_config.json").read_text().replace('"do_resize": true', '"do_resize": false'))
+        (target / "preprocessor_config.json").read_text().replace('"do_resize": true', '"do_resize": false')
+    )
     save_pruned_model(pruned("resnet"), target)
     assert (target / "README.md").read_text() == "my card"
     assert not (target / "model-00001-of-00002.safetensors").exists()
@@ -339,8 +346,9 @@ def test_fresh_process_loads_timm_checkpoints(tmp_path):
         save_file({"x": x, "logits": logits(model, x).contiguous()}, tmp_path / f"{name}.io.safetensors")
         directories.append(str(tmp_path / name))
     script = tmp_path / "load.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import sys, torch
         from safetensors.torch import load_file
         from optimum_isoprune.checkpoint import load_pruned_model
@@ -349,8 +357,15 @@ def test_fresh_process_loads_timm_checkpoints(tmp_path):
             assert torch.equal(load_pruned_model(directory)(io["x"]), io["logits"]), directory
         print("ok", len(sys.argv) - 1)
         """
-    ))
-    result = subprocess.run([sys.executable, str(script), *directories], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script), *directories],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"ok {len(TIMM_FAMILIES)}" in result.stdout

@@ -16,14 +16,25 @@ from models import VIT_KWARGS
 from optimum_isoprune import cli
 from optimum_isoprune.cli import main, parse_amount, parse_target
 
-
 # ------------------------------------------------------------------------------------------- units
 
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("1.2G", 1.2e9), ("500M", 5e8), ("5M", 5e6), ("300k", 3e5), ("300K", 3e5), ("1.2e9", 1.2e9), ("42", 42.0),
-     ("0.6g", 6e8), ("1.2GMACs", 1.2e9), ("5.74M params", 5.74e6), (" 2T ", 2e12), (".5G", 5e8)],
+    [
+        ("1.2G", 1.2e9),
+        ("500M", 5e8),
+        ("5M", 5e6),
+        ("300k", 3e5),
+        ("300K", 3e5),
+        ("1.2e9", 1.2e9),
+        ("42", 42.0),
+        ("0.6g", 6e8),
+        ("1.2GMACs", 1.2e9),
+        ("5.74M params", 5.74e6),
+        (" 2T ", 2e12),
+        (".5G", 5e8),
+    ],
 )
 def test_parse_amount(text, expected):
     assert parse_amount(text) == pytest.approx(expected)
@@ -113,15 +124,34 @@ def image_dir(tmp_path_factory):
         for label in ("cat", "dog"):
             os.makedirs(root / split / label)
             for i in range(8):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    root / split / label / f"{i}.png"
+                )
     return str(root)
 
 
 @pytest.fixture(scope="module")
 def pruned_dir(vit_dir, image_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pruned") / "half")
-    rc = main(["--quiet", "prune", vit_dir, "--target-macs", "50%", "--calibration-dataset", image_dir,
-               "--num-calibration-batches", "2", "--calibration-batch-size", "4", "--round-to", "4", "--output", out])
+    rc = main(
+        [
+            "--quiet",
+            "prune",
+            vit_dir,
+            "--target-macs",
+            "50%",
+            "--calibration-dataset",
+            image_dir,
+            "--num-calibration-batches",
+            "2",
+            "--calibration-batch-size",
+            "4",
+            "--round-to",
+            "4",
+            "--output",
+            out,
+        ]
+    )
     assert rc == 0
     return out
 
@@ -134,8 +164,15 @@ def test_prune_local_folder_with_calibration(pruned_dir, vit_dir, capsys):
     from optimum_isoprune.checkpoint import load_pruned_model
     from optimum_isoprune.counting import count_macs
 
-    for name in ("config.json", "model.safetensors", "pruning_config.json", "pruning_report.json", "README.md",
-                 "layer_widths.png", "preprocessor_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "pruning_config.json",
+        "pruning_report.json",
+        "README.md",
+        "layer_widths.png",
+        "preprocessor_config.json",
+    ):
         assert os.path.isfile(os.path.join(pruned_dir, name)), name
     report = PruningReport.from_pretrained(pruned_dir)
     config = IsomorphicPruningConfig.from_pretrained(pruned_dir)
@@ -149,7 +186,9 @@ def test_prune_local_folder_with_calibration(pruned_dir, vit_dir, capsys):
 
 def test_prune_ratio_magnitude_prints_summary(vit_dir, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["--quiet", "prune", vit_dir, "--ratio", "0.25", "--importance", "magnitude", "--output", str(out)]) == 0
+    assert (
+        main(["--quiet", "prune", vit_dir, "--ratio", "0.25", "--importance", "magnitude", "--output", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "MACs" in printed and f"Saved the pruned model to {out}" in printed
     config = json.loads((out / "pruning_config.json").read_text())
@@ -160,8 +199,24 @@ def test_prune_target_params_absolute(vit_dir, tmp_path):
     from optimum_isoprune import PruningReport
 
     out = tmp_path / "p"
-    assert main(["--quiet", "prune", vit_dir, "--target-params", "60K", "--importance", "magnitude",
-                 "--round-to", "2", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "prune",
+                vit_dir,
+                "--target-params",
+                "60K",
+                "--importance",
+                "magnitude",
+                "--round-to",
+                "2",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = PruningReport.from_pretrained(out)
     assert abs(report.params_after - 60e3) / 60e3 <= 0.02
 
@@ -170,8 +225,22 @@ def test_prune_timm_name_with_random_weights(tmp_path):
     from optimum_isoprune import PruningReport
 
     out = tmp_path / "t"
-    rc = main(["--quiet", "prune", "timm/resnet18", "--random-weights", "--image-size", "64", "--ratio", "0.5",
-               "--importance", "magnitude", "--output", str(out)])
+    rc = main(
+        [
+            "--quiet",
+            "prune",
+            "timm/resnet18",
+            "--random-weights",
+            "--image-size",
+            "64",
+            "--ratio",
+            "0.5",
+            "--importance",
+            "magnitude",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = PruningReport.from_pretrained(out)
     assert report.macs_after < report.macs_before
@@ -188,8 +257,25 @@ def test_distill_saves_student_and_card(pruned_dir, vit_dir, image_dir, tmp_path
     from optimum_isoprune.checkpoint import load_pruned_model
 
     out = tmp_path / "kd"
-    rc = main(["--quiet", "distill", "--student", pruned_dir, "--teacher", vit_dir, "--dataset", image_dir,
-               "--max-steps", "2", "--batch-size", "4", "--output", str(out), "--cpu"])
+    rc = main(
+        [
+            "--quiet",
+            "distill",
+            "--student",
+            pruned_dir,
+            "--teacher",
+            vit_dir,
+            "--dataset",
+            image_dir,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--output",
+            str(out),
+            "--cpu",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     for name in ("config.json", "model.safetensors", "pruning_config.json", "pruning_report.json", "README.md"):
         assert (out / name).is_file(), name
@@ -199,7 +285,9 @@ def test_distill_saves_student_and_card(pruned_dir, vit_dir, image_dir, tmp_path
 
 
 def test_distill_needs_a_pruned_student(vit_dir, image_dir, tmp_path, capsys):
-    rc = main(["distill", "--student", vit_dir, "--teacher", vit_dir, "--dataset", image_dir, "--output", str(tmp_path)])
+    rc = main(
+        ["distill", "--student", vit_dir, "--teacher", vit_dir, "--dataset", image_dir, "--output", str(tmp_path)]
+    )
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a pruned checkpoint" in err
@@ -252,8 +340,21 @@ def test_push_offline_fails_in_one_line(pruned_dir, monkeypatch, capsys):
     "argv, code, words",
     [
         (["prune", "/no/such/model", "--ratio", "0.5", "--output", "x"], 1, "no model folder"),
-        (["prune", "timm/resnet18", "--ratio", "0.5", "--output", "x", "--random-weights", "--calibration-dataset",
-          "/no/such/data"], 1, "/no/such/data"),
+        (
+            [
+                "prune",
+                "timm/resnet18",
+                "--ratio",
+                "0.5",
+                "--output",
+                "x",
+                "--random-weights",
+                "--calibration-dataset",
+                "/no/such/data",
+            ],
+            1,
+            "/no/such/data",
+        ),
         (["evaluate", "/no/such/model", "--dataset", "fashion-mnist"], 1, "no model folder"),
         (["push", "/no/such/folder", "me/x"], 1, "/no/such/folder"),
         (["push", ".", "not a repo id"], 1, "Invalid Hub repo id"),
@@ -274,8 +375,9 @@ def test_debug_shows_the_traceback(capsys):
 
 
 def test_python_dash_m_runs_the_cli():
-    result = subprocess.run([sys.executable, "-m", "optimum_isoprune", "prune", "--help"], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "optimum_isoprune", "prune", "--help"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "--target-macs" in result.stdout
 
 
@@ -285,21 +387,57 @@ def test_prune_has_an_option_for_every_config_field():
 
     from optimum_isoprune import IsomorphicPruningConfig
 
-    args = cli.build_parser().parse_args([
-        "prune", "m", "--output", "o", "--target-macs", "1G", "--budget-policy", "search", "--min-heads", "2",
-        "--no-prune-heads", "--no-prune-head-dims", "--search-candidates", "5", "--search-batches", "3",
-        "--reconstruction", "bias", "--reconstruction-damping", "0.5", "--head-ratio", "0.25", "--ignore", "head",
-        "--ignore", "fc", "--seed", "7",
-    ])
+    args = cli.build_parser().parse_args(
+        [
+            "prune",
+            "m",
+            "--output",
+            "o",
+            "--target-macs",
+            "1G",
+            "--budget-policy",
+            "search",
+            "--min-heads",
+            "2",
+            "--no-prune-heads",
+            "--no-prune-head-dims",
+            "--search-candidates",
+            "5",
+            "--search-batches",
+            "3",
+            "--reconstruction",
+            "bias",
+            "--reconstruction-damping",
+            "0.5",
+            "--head-ratio",
+            "0.25",
+            "--ignore",
+            "head",
+            "--ignore",
+            "fc",
+            "--seed",
+            "7",
+        ]
+    )
     config = cli.config_from_args(args, target_macs=1e9)
-    assert (config.budget_policy, config.min_heads, config.prune_heads, config.prune_head_dims) == ("search", 2, False, False)
+    assert (config.budget_policy, config.min_heads, config.prune_heads, config.prune_head_dims) == (
+        "search",
+        2,
+        False,
+        False,
+    )
     assert (config.search_candidates, config.search_batches, config.reconstruction) == (5, 3, "bias")
     assert (config.reconstruction_damping, config.head_pruning_ratio, config.seed) == (0.5, 0.25, 7)
     assert config.ignored_modules == ["head", "fc"]
-    untouched = cli.config_from_args(cli.build_parser().parse_args(["prune", "m", "--output", "o", "--prune-ratio", "0.5"]),
-                                     pruning_ratio=0.5)
+    untouched = cli.config_from_args(
+        cli.build_parser().parse_args(["prune", "m", "--output", "o", "--prune-ratio", "0.5"]), pruning_ratio=0.5
+    )
     assert untouched == IsomorphicPruningConfig(pruning_ratio=0.5)
     dests = {a.dest for a in cli.build_parser()._subparsers._group_actions[0].choices["prune"]._actions}
-    assert {f.name for f in fields(IsomorphicPruningConfig)} - {"target_macs", "target_params", "pruning_ratio"} <= dests
+    assert {f.name for f in fields(IsomorphicPruningConfig)} - {
+        "target_macs",
+        "target_params",
+        "pruning_ratio",
+    } <= dests
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["prune", "m", "--output", "o", "--prune-ratio", "0.5", "--grouping", "nope"])

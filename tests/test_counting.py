@@ -33,8 +33,14 @@ def test_macs_and_params_follow_the_layer_widths():
     assert cost.macs() == full
     assert cost.params() == count_params(model)
     # Four hidden MLP neurons (fc1 outputs = fc2 inputs) and two conv channels (through the depthwise conv into fc1).
-    removed = {(id(fc1), True): 4, (id(model.fc2), False): 4, (id(conv), True): 2, (id(depthwise), True): 2,
-               (id(depthwise), False): 2, (id(fc1), False): 2}
+    removed = {
+        (id(fc1), True): 4,
+        (id(model.fc2), False): 4,
+        (id(conv), True): 2,
+        (id(depthwise), True): 2,
+        (id(depthwise), False): 2,
+        (id(fc1), False): 2,
+    }
     assert cost.macs(removed) == positions * (6 * 3 * 9 + 6 * 9 + 6 * 12 + 12 * 4)
     pruned_params = (6 * 27 + 6) + (6 * 9 + 6) + (6 * 12 + 12) + (12 * 4 + 4)
     assert cost.params(removed, {(id(depthwise), True): 8}) == pruned_params

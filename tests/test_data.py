@@ -60,7 +60,8 @@ def test_corrupt_file_is_named(tiny_idx_dir):
 
 
 @pytest.mark.skipif(
-    not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz")), reason="Debian dataset-fashion-mnist not installed"
+    not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz")),
+    reason="Debian dataset-fashion-mnist not installed",
 )
 def test_debian_fashion_mnist_first_examples():
     ds = load_fashion_mnist("train", limit=3)

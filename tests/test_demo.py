@@ -45,8 +45,16 @@ def smoke_run(data_dir, tmp_path_factory):
 
 
 def test_demo_smoke_writes_everything(smoke_run):
-    for name in ("config.json", "model.safetensors", "README.md", "layer_widths.png", "pruning_config.json",
-                 "pruning_report.json", "preprocessor_config.json", SUMMARY_NAME):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "layer_widths.png",
+        "pruning_config.json",
+        "pruning_report.json",
+        "preprocessor_config.json",
+        SUMMARY_NAME,
+    ):
         assert (smoke_run / name).is_file(), name
     assert (smoke_run / "layer_widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -94,8 +102,9 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_teacher_is_cached_and_reused(data_dir, tmp_path):
-    config = DemoConfig.smoke(use_cache=True, train_limit=128, test_limit=64, distill_max_steps=1,
-                              latency_batch_sizes=(1,))
+    config = DemoConfig.smoke(
+        use_cache=True, train_limit=128, test_limit=64, distill_max_steps=1, latency_batch_sizes=(1,)
+    )
     first = run_demo(tmp_path / "a", config=config, data_dir=data_dir, cache_dir=tmp_path / "cache")
     second = run_demo(tmp_path / "b", config=config, data_dir=data_dir, cache_dir=tmp_path / "cache")
     assert not first.teacher_cached and second.teacher_cached
@@ -124,8 +133,21 @@ def test_push_failure_keeps_the_output(data_dir, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(hub, "HfApi", Offline)
     out = tmp_path / "out"
-    rc = main(["--quiet", "demo", "--smoke", "--distill-steps", "1", "--output-dir", str(out), "--data-dir", data_dir,
-               "--push-to-hub", "me/demo"])
+    rc = main(
+        [
+            "--quiet",
+            "demo",
+            "--smoke",
+            "--distill-steps",
+            "1",
+            "--output-dir",
+            str(out),
+            "--data-dir",
+            data_dir,
+            "--push-to-hub",
+            "me/demo",
+        ]
+    )
     assert rc == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("optimum-isoprune")]
     assert len(err) == 1 and "local output" in err[0]

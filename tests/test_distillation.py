@@ -25,8 +25,14 @@ NUM_LABELS = 10
 def tiny_vit(seed=0, hidden=32, num_labels=NUM_LABELS, image_size=28, patch_size=7):
     torch.manual_seed(seed)
     config = ViTConfig(
-        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
-        image_size=image_size, patch_size=patch_size, num_channels=1, num_labels=num_labels,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=1,
+        num_labels=num_labels,
     )
     return ViTForImageClassification(config)
 
@@ -46,8 +52,15 @@ def tiny_data(n=16, seed=0, with_index=False, labels=True):
 
 def make_args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
-        logging_strategy="no", train_sampling_strategy="sequential", seed=0, per_device_train_batch_size=8,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_strategy="no",
+        train_sampling_strategy="sequential",
+        seed=0,
+        per_device_train_batch_size=8,
     )
     return DistillationTrainingArguments(**{**defaults, **kwargs})
 
@@ -64,7 +77,12 @@ def batch_of(rows):
 def test_argument_defaults_suit_distillation(tmp_path):
     args = make_args(tmp_path)
     assert args.remove_unused_columns is False and args.label_names == ["labels"]
-    assert (args.distillation_type, args.alpha, args.temperature, args.cache_teacher_logits) == ("hard", 0.5, 1.0, False)
+    assert (args.distillation_type, args.alpha, args.temperature, args.cache_teacher_logits) == (
+        "hard",
+        0.5,
+        1.0,
+        False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,43 +106,78 @@ def test_bad_arguments_are_named(tmp_path, kwargs, message):
 
 def test_teacher_with_other_labels_is_refused(tmp_path):
     with pytest.raises(ValueError, match="classes"):
-        DistillationTrainer(model=tiny_vit(), args=make_args(tmp_path), teacher_model=tiny_vit(num_labels=5), train_dataset=tiny_data())
+        DistillationTrainer(
+            model=tiny_vit(), args=make_args(tmp_path), teacher_model=tiny_vit(num_labels=5), train_dataset=tiny_data()
+        )
 
 
 def test_teacher_with_other_image_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="28-pixel.*32"):
-        DistillationTrainer(model=tiny_vit(), args=make_args(tmp_path), teacher_model=tiny_vit(image_size=32, patch_size=8), train_dataset=tiny_data())
+        DistillationTrainer(
+            model=tiny_vit(),
+            args=make_args(tmp_path),
+            teacher_model=tiny_vit(image_size=32, patch_size=8),
+            train_dataset=tiny_data(),
+        )
 
 
 def test_timm_teacher_with_other_image_size_is_refused(tmp_path):
     import timm
 
-    teacher = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=NUM_LABELS)
+    teacher = timm.create_model(
+        "deit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        in_chans=1,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        num_classes=NUM_LABELS,
+    )
     with pytest.raises(ValueError, match="image"):
-        DistillationTrainer(model=tiny_vit(), args=make_args(tmp_path), teacher_model=teacher, train_dataset=tiny_data())
+        DistillationTrainer(
+            model=tiny_vit(), args=make_args(tmp_path), teacher_model=teacher, train_dataset=tiny_data()
+        )
 
 
 def test_frozen_student_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no trainable parameters"):
-        DistillationTrainer(model=tiny_vit().requires_grad_(False), args=make_args(tmp_path), teacher_model=tiny_vit(),
-                            train_dataset=tiny_data())
+        DistillationTrainer(
+            model=tiny_vit().requires_grad_(False),
+            args=make_args(tmp_path),
+            teacher_model=tiny_vit(),
+            train_dataset=tiny_data(),
+        )
 
 
 def test_distillation_without_teacher_is_refused(tmp_path):
     with pytest.raises(ValueError, match="teacher_model"):
-        DistillationTrainer(model=tiny_vit(), args=make_args(tmp_path, distillation_type="soft"), train_dataset=tiny_data())
+        DistillationTrainer(
+            model=tiny_vit(), args=make_args(tmp_path, distillation_type="soft"), train_dataset=tiny_data()
+        )
 
 
 def test_plain_training_arguments_are_refused(tmp_path):
     with pytest.raises(TypeError, match="DistillationTrainingArguments"):
-        DistillationTrainer(model=tiny_vit(), args=TrainingArguments(output_dir=str(tmp_path)), teacher_model=tiny_vit(1))
+        DistillationTrainer(
+            model=tiny_vit(), args=TrainingArguments(output_dir=str(tmp_path)), teacher_model=tiny_vit(1)
+        )
 
 
 def test_dataset_without_labels_needs_alpha_one(tmp_path):
     with pytest.raises(ValueError, match="no 'labels'.*alpha"):
-        DistillationTrainer(model=tiny_vit(), args=make_args(tmp_path, alpha=0.5), teacher_model=tiny_vit(1), train_dataset=tiny_data(labels=False))
+        DistillationTrainer(
+            model=tiny_vit(),
+            args=make_args(tmp_path, alpha=0.5),
+            teacher_model=tiny_vit(1),
+            train_dataset=tiny_data(labels=False),
+        )
     trainer = DistillationTrainer(
-        model=tiny_vit(), args=make_args(tmp_path, alpha=1.0, max_steps=1), teacher_model=tiny_vit(1), train_dataset=tiny_data(labels=False)
+        model=tiny_vit(),
+        args=make_args(tmp_path, alpha=1.0, max_steps=1),
+        teacher_model=tiny_vit(1),
+        train_dataset=tiny_data(labels=False),
     )
     assert trainer.train().global_step == 1
 
@@ -136,9 +189,10 @@ def test_images_of_the_wrong_size_are_refused(tmp_path):
 
 
 def test_cache_needs_an_index_and_no_random_augmentation(tmp_path):
+    import numpy as np
+
     from optimum_isoprune.data import add_index_column, load_fashion_mnist, prepare_dataset
     from tests.test_data import _write_idx  # noqa: F401  (fixture helper reused below)
-    import numpy as np
 
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((4, 28, 28)), 2051)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(4), 2049)
@@ -147,8 +201,15 @@ def test_cache_needs_an_index_and_no_random_augmentation(tmp_path):
     with pytest.raises(ValueError, match="add_index_column"):
         DistillationTrainer(model=tiny_vit(), args=args, teacher_model=tiny_vit(1), train_dataset=prepare_dataset(raw))
     with pytest.raises(ValueError, match="random"):
-        DistillationTrainer(model=tiny_vit(), args=args, teacher_model=tiny_vit(1), train_dataset=prepare_dataset(add_index_column(raw), train=True))
-    DistillationTrainer(model=tiny_vit(), args=args, teacher_model=tiny_vit(1), train_dataset=prepare_dataset(add_index_column(raw)))
+        DistillationTrainer(
+            model=tiny_vit(),
+            args=args,
+            teacher_model=tiny_vit(1),
+            train_dataset=prepare_dataset(add_index_column(raw), train=True),
+        )
+    DistillationTrainer(
+        model=tiny_vit(), args=args, teacher_model=tiny_vit(1), train_dataset=prepare_dataset(add_index_column(raw))
+    )
 
 
 # ---- the loss ---------------------------------------------------------------------------------------------------
@@ -168,7 +229,15 @@ def _manual_loss(student_logits, teacher_logits, labels, kind, alpha, temperatur
 
 
 @pytest.mark.parametrize(
-    "kind, alpha, temperature", [("soft", 0.5, 1.0), ("soft", 0.7, 4.0), ("soft", 1.0, 2.0), ("hard", 0.5, 1.0), ("hard", 0.0, 1.0), ("none", 0.5, 1.0)]
+    "kind, alpha, temperature",
+    [
+        ("soft", 0.5, 1.0),
+        ("soft", 0.7, 4.0),
+        ("soft", 1.0, 2.0),
+        ("hard", 0.5, 1.0),
+        ("hard", 0.0, 1.0),
+        ("none", 0.5, 1.0),
+    ],
 )
 def test_loss_is_the_documented_mixture(tmp_path, kind, alpha, temperature):
     student, teacher = tiny_vit(0), tiny_vit(1, hidden=48)
@@ -186,7 +255,9 @@ def test_loss_is_the_documented_mixture(tmp_path, kind, alpha, temperature):
 def test_soft_loss_vanishes_when_student_equals_teacher(tmp_path):
     student = tiny_vit(0)
     args = make_args(tmp_path, distillation_type="soft", alpha=1.0, temperature=3.0)
-    trainer = DistillationTrainer(model=student, args=args, teacher_model=copy.deepcopy(student), train_dataset=tiny_data())
+    trainer = DistillationTrainer(
+        model=student, args=args, teacher_model=copy.deepcopy(student), train_dataset=tiny_data()
+    )
     assert trainer.compute_loss(student, batch_of(tiny_data(8))).abs().item() < 1e-6
 
 
@@ -194,7 +265,9 @@ def test_teacher_is_frozen_in_eval_mode_and_not_saved(tmp_path):
     teacher = tiny_vit(1)
     teacher.train()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    args = make_args(tmp_path, distillation_type="soft", max_steps=2, save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    args = make_args(
+        tmp_path, distillation_type="soft", max_steps=2, save_strategy="steps", save_steps=2, learning_rate=1e-2
+    )
     trainer = DistillationTrainer(model=tiny_vit(0), args=args, teacher_model=teacher, train_dataset=tiny_data())
     trainer.train()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -218,12 +291,26 @@ def test_gradient_accumulation_equals_a_doubled_batch(tmp_path, kind):
     rows = tiny_data(16)
     for row in rows[:6]:
         row["labels"] = -100  # uneven label counts across micro-batches: a mean of means would differ
-    common = dict(distillation_type=kind, optim="sgd", learning_rate=0.5, max_steps=1, max_grad_norm=0.0, lr_scheduler_type="constant")
+    common = dict(
+        distillation_type=kind,
+        optim="sgd",
+        learning_rate=0.5,
+        max_steps=1,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+    )
     teacher = tiny_vit(1, hidden=48)
     results = []
     for batch_size, accumulation in ((16, 1), (8, 2)):
-        args = make_args(tmp_path / f"{batch_size}", per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, **common)
-        trainer = DistillationTrainer(model=tiny_vit(0), args=args, teacher_model=teacher if kind != "none" else None, train_dataset=rows)
+        args = make_args(
+            tmp_path / f"{batch_size}",
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            **common,
+        )
+        trainer = DistillationTrainer(
+            model=tiny_vit(0), args=args, teacher_model=teacher if kind != "none" else None, train_dataset=rows
+        )
         trainer.train()
         results.append(trainer.model.state_dict())
     initial = tiny_vit(0).state_dict()
@@ -233,12 +320,24 @@ def test_gradient_accumulation_equals_a_doubled_batch(tmp_path, kind):
 
 
 def test_resume_from_checkpoint_gives_the_same_weights(tmp_path):
-    common = dict(distillation_type="soft", temperature=2.0, max_steps=4, save_strategy="steps", save_steps=2,
-                  learning_rate=5e-3, train_sampling_strategy="random", per_device_train_batch_size=4)
+    common = dict(
+        distillation_type="soft",
+        temperature=2.0,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        learning_rate=5e-3,
+        train_sampling_strategy="random",
+        per_device_train_batch_size=4,
+    )
     teacher = tiny_vit(1, hidden=48)
-    full = DistillationTrainer(model=tiny_vit(0), args=make_args(tmp_path / "a", **common), teacher_model=teacher, train_dataset=tiny_data())
+    full = DistillationTrainer(
+        model=tiny_vit(0), args=make_args(tmp_path / "a", **common), teacher_model=teacher, train_dataset=tiny_data()
+    )
     full.train()
-    resumed = DistillationTrainer(model=tiny_vit(7), args=make_args(tmp_path / "b", **common), teacher_model=teacher, train_dataset=tiny_data())
+    resumed = DistillationTrainer(
+        model=tiny_vit(7), args=make_args(tmp_path / "b", **common), teacher_model=teacher, train_dataset=tiny_data()
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert resumed.state.global_step == 4
     for key, value in full.model.state_dict().items():
@@ -262,9 +361,18 @@ def test_teacher_cache_gives_identical_losses_with_fewer_teacher_calls(tmp_path)
         teacher = tiny_vit(1, hidden=48)
         calls = []
         teacher.register_forward_hook(lambda *_: calls.append(1))
-        args = make_args(tmp_path / str(cache), distillation_type="soft", temperature=2.0, cache_teacher_logits=cache,
-                         num_train_epochs=2, train_sampling_strategy="random", per_device_train_batch_size=4)
-        trainer = RecordingTrainer(model=tiny_vit(0), args=args, teacher_model=teacher, train_dataset=tiny_data(12, with_index=True))
+        args = make_args(
+            tmp_path / str(cache),
+            distillation_type="soft",
+            temperature=2.0,
+            cache_teacher_logits=cache,
+            num_train_epochs=2,
+            train_sampling_strategy="random",
+            per_device_train_batch_size=4,
+        )
+        trainer = RecordingTrainer(
+            model=tiny_vit(0), args=args, teacher_model=teacher, train_dataset=tiny_data(12, with_index=True)
+        )
         trainer.losses = []
         trainer.train()
         runs[cache] = (torch.stack(trainer.losses), len(calls))
@@ -291,7 +399,16 @@ def _grad_max(module):
 
 def test_transformers_deit_with_teacher_heads(tmp_path):
     torch.manual_seed(0)
-    config = DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7, num_channels=1, num_labels=NUM_LABELS)
+    config = DeiTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        num_labels=NUM_LABELS,
+    )
     student, teacher = DeiTForImageClassificationWithTeacher(config), tiny_vit(1)
     args = make_args(tmp_path, distillation_type="hard", alpha=0.3)
     trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=tiny_data())
@@ -301,7 +418,9 @@ def test_transformers_deit_with_teacher_heads(tmp_path):
     with torch.no_grad():
         out = student(pixel_values=batch["pixel_values"])
         t = teacher(pixel_values=batch["pixel_values"]).logits
-    expected = 0.7 * F.cross_entropy(out.cls_logits, batch["labels"]) + 0.3 * F.cross_entropy(out.distillation_logits, t.argmax(-1))
+    expected = 0.7 * F.cross_entropy(out.cls_logits, batch["labels"]) + 0.3 * F.cross_entropy(
+        out.distillation_logits, t.argmax(-1)
+    )
     torch.testing.assert_close(loss, expected)
     _, logits, _ = trainer.prediction_step(student, batch, prediction_loss_only=False)
     torch.testing.assert_close(logits, (out.cls_logits + out.distillation_logits) / 2)
@@ -318,7 +437,16 @@ def test_transformers_deit_with_teacher_heads(tmp_path):
 def test_timm_distilled_student_and_timm_teacher(tmp_path):
     import timm
 
-    kwargs = dict(pretrained=False, img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=NUM_LABELS)
+    kwargs = dict(
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=NUM_LABELS,
+    )
     torch.manual_seed(0)
     student = timm.create_model("deit_tiny_distilled_patch16_224", **kwargs)
     teacher = timm.create_model("deit_tiny_patch16_224", **kwargs)
@@ -332,7 +460,9 @@ def test_timm_distilled_student_and_timm_teacher(tmp_path):
         cls_logits, dist_logits = student(batch["pixel_values"])
         t = teacher(batch["pixel_values"])
     p_t, p_s = torch.softmax(t / 2, -1), torch.softmax(dist_logits / 2, -1)
-    expected = 0.5 * F.cross_entropy(cls_logits, batch["labels"]) + 0.5 * 4 * (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    expected = (
+        0.5 * F.cross_entropy(cls_logits, batch["labels"]) + 0.5 * 4 * (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    )
     torch.testing.assert_close(loss, expected)
     for alpha, silent_head in ((0.0, "head_dist"), (1.0, "head")):
         trainer.args.alpha = alpha
@@ -379,8 +509,21 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script), str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
@@ -401,7 +544,9 @@ def _load_example():
     return module
 
 
-@pytest.mark.parametrize("extra", [["--distillation-type", "hard"], ["--distillation-type", "soft", "--cache-teacher-logits"]])
+@pytest.mark.parametrize(
+    "extra", [["--distillation-type", "hard"], ["--distillation-type", "soft", "--cache-teacher-logits"]]
+)
 def test_example_smoke_run_trains_and_saves(tmp_path, extra):
     results = _load_example().main(["--smoke", "--output-dir", str(tmp_path), *extra])
     assert results["steps"] == 4 and 0.0 <= results["student"]["top1"] <= 1.0

@@ -16,8 +16,16 @@ from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune import pruner as pruner_module
 from optimum_isoprune.distributed import model_fingerprint, rank_and_world, shard
 
-VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
-           patch_size=4, num_channels=3, num_labels=5)
+VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=16,
+    patch_size=4,
+    num_channels=3,
+    num_labels=5,
+)
 CONFIG = dict(pruning_ratio=0.4, importance="taylor", num_calibration_batches=5, calibration_batch_size=4)
 
 # Each process prunes the same model on the same 20 images; the scores it ranked by and the pruned weights are
@@ -96,9 +104,21 @@ def test_two_processes_prune_to_the_single_process_model(tmp_path, monkeypatch):
     script.write_text(SCRIPT.format(vit=VIT, config=CONFIG))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-         str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            str(script),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

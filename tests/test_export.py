@@ -13,9 +13,9 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip 
 
 from models import BUILDERS, VIT_KWARGS, build, logits  # noqa: E402
 from optimum_isoprune import (  # noqa: E402
+    InvalidOnnxModelError,
     IsomorphicPruner,
     IsomorphicPruningConfig,
-    InvalidOnnxModelError,
     NotACheckpointError,
     OnnxExportError,
     OnnxParityError,
@@ -26,11 +26,11 @@ from optimum_isoprune import (  # noqa: E402
     quantize_onnx,
     verify_onnx,
 )
+from optimum_isoprune.card import create_model_card  # noqa: E402
 from optimum_isoprune.cli import main  # noqa: E402
 from optimum_isoprune.deployment import measure_side_by_side  # noqa: E402
 from optimum_isoprune.errors import CalibrationDataError  # noqa: E402
 from optimum_isoprune.export import check_onnx_model, failing_op, onnx_session, runner  # noqa: E402
-from optimum_isoprune.card import create_model_card  # noqa: E402
 
 # Rows whose export takes more than ~10 s on two shared cores.
 SLOW_ROWS = {"mobilenet_v2", "hf_swin", "timm_swin", "timm_resnet"}
@@ -83,7 +83,8 @@ def test_pruned_checkpoint_folder_exports(name, tmp_path):
     assert json.loads((tmp_path / "onnx" / "config.json").read_text()) == saved
     if (tmp_path / "ckpt" / "preprocessor_config.json").is_file():
         assert (tmp_path / "onnx" / "preprocessor_config.json").read_text() == (
-            tmp_path / "ckpt" / "preprocessor_config.json").read_text()
+            tmp_path / "ckpt" / "preprocessor_config.json"
+        ).read_text()
     # the graph is the pruned one: fewer parameters than the unpruned model's graph
     x = torch.randn(2, pruner.adapter.num_channels(), size, size)
     with torch.no_grad():
@@ -137,8 +138,10 @@ def test_corrupt_onnx_file(tmp_path):
 
 def test_export_failure_names_the_op(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
-        raise RuntimeError("Failed to decompose the FX graph\n## Exception summary\n<class 'ValueError'>: cannot view\n"
-                           "While executing %view_10 : call_function[target=torch.ops.aten.view.default]")
+        raise RuntimeError(
+            "Failed to decompose the FX graph\n## Exception summary\n<class 'ValueError'>: cannot view\n"
+            "While executing %view_10 : call_function[target=torch.ops.aten.view.default]"
+        )
 
     monkeypatch.setattr(torch.onnx, "export", fail)
     with pytest.raises(OnnxExportError, match=r"failed at op aten\.view: <class 'ValueError'>: cannot view") as info:
@@ -173,9 +176,18 @@ def trained_digits(tmp_path_factory):
     labels = torch.tensor(digits.target)
     train_x, train_y, test_x, test_y = images[:1400], labels[:1400], images[1400:], labels[1400:]
     torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                                intermediate_size=96, image_size=8, patch_size=2, num_channels=1,
-                                                num_labels=10))
+    model = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            num_labels=10,
+        )
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(400):
@@ -201,7 +213,9 @@ def test_int8_stays_within_tolerance_of_fp32(trained_digits):
     for mode in ("int8-dynamic", "int8-static"):
         assert abs(accuracy[mode] - accuracy["fp32"]) <= 0.03, accuracy
         assert os.path.getsize(paths[mode]) < os.path.getsize(paths["fp32"])
-        assert np.isfinite(verify_onnx(paths[mode], model, atol=None))  # measured only: random inputs are off-distribution
+        assert np.isfinite(
+            verify_onnx(paths[mode], model, atol=None)
+        )  # measured only: random inputs are off-distribution
 
 
 def test_quantization_errors(trained_digits, tmp_path):
@@ -211,15 +225,21 @@ def test_quantization_errors(trained_digits, tmp_path):
     with pytest.raises(ValueError, match="Unknown quantization 'int4'"):
         quantize_onnx(paths["fp32"], "int4")
     with pytest.raises(CalibrationDataError, match="the ONNX model takes"):
-        quantize_onnx(paths["fp32"], "int8-static", output_path=tmp_path / "q.onnx",
-                      calibration_dataset=torch.randn(8, 3, 8, 8))
+        quantize_onnx(
+            paths["fp32"], "int8-static", output_path=tmp_path / "q.onnx", calibration_dataset=torch.randn(8, 3, 8, 8)
+        )
 
 
 def test_static_int8_of_a_convnet_runs(tmp_path):
     model = build("timm_resnet")
     result = export_onnx(model, tmp_path)
-    path = quantize_onnx(result.path, "int8-static", calibration_dataset=torch.randn(16, 3, 224, 224),
-                         num_calibration_batches=2, calibration_batch_size=8)
+    path = quantize_onnx(
+        result.path,
+        "int8-static",
+        calibration_dataset=torch.randn(16, 3, 224, 224),
+        num_calibration_batches=2,
+        calibration_batch_size=8,
+    )
     assert os.path.getsize(path) < os.path.getsize(result.path) / 2
     assert np.isfinite(verify_onnx(path, model, atol=None))
 
@@ -248,8 +268,9 @@ def test_measure_side_by_side_interleaves():
 
 def test_benchmark_deployment_and_card(trained_digits):
     model, paths, test, out = trained_digits
-    deployment = benchmark_deployment(model, out, batch_sizes=(1, 4), threads=1, rounds=2, warmup=1,
-                                      eval_dataset=test[:64], openvino=False)
+    deployment = benchmark_deployment(
+        model, out, batch_sizes=(1, 4), threads=1, rounds=2, warmup=1, eval_dataset=test[:64], openvino=False
+    )
     keys = [row["key"] for row in deployment["rows"]]
     assert keys == ["pytorch", "onnxruntime-fp32", "onnxruntime-int8-dynamic", "onnxruntime-int8-static"]
     for row in deployment["rows"]:
@@ -287,8 +308,26 @@ def pruned_folder(tmp_path_factory):
 
 def test_cli_export_with_int8_and_benchmark(pruned_folder, tmp_path, capsys):
     out = tmp_path / "onnx"
-    code = main(["export", str(pruned_folder), "--format", "onnx", "--output", str(out), "--quantize", "int8-dynamic",
-                 "--benchmark", "--batch-sizes", "1", "2", "--rounds", "2", "--threads", "1"])
+    code = main(
+        [
+            "export",
+            str(pruned_folder),
+            "--format",
+            "onnx",
+            "--output",
+            str(out),
+            "--quantize",
+            "int8-dynamic",
+            "--benchmark",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--rounds",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]

@@ -30,8 +30,9 @@ def _images(n: int = 6, size: int = 32, seed: int = 0) -> list[PILImage.Image]:
 def _rows(names: list[str], per_class: int = 2) -> Dataset:
     images = _images(per_class * len(names))
     labels = [i % len(names) for i in range(len(images))]
-    return Dataset.from_dict({"image": images, "label": labels},
-                             features=Features({"image": Image(), "label": ClassLabel(names=names)}))
+    return Dataset.from_dict(
+        {"image": images, "label": labels}, features=Features({"image": Image(), "label": ClassLabel(names=names)})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,21 @@ def my_vit(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("first_hour") / "my-vit"
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                       patch_size=8, num_labels=3, id2label=dict(enumerate(LABELS)),
-                       label2id={n: i for i, n in enumerate(LABELS)})
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+    )
     ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        folder
+    )
     return str(folder)
 
 
@@ -85,8 +96,9 @@ def test_evaluate_calibrate_and_distill_use_the_processor_normalisation(my_vit):
 
     model = AutoModelForImageClassification.from_pretrained(my_vit)
     rows = _rows(LABELS)
-    expected = prepare_dataset(rows, image_processor=AutoImageProcessor.from_pretrained(my_vit), image_size=32,
-                               num_channels=3)
+    expected = prepare_dataset(
+        rows, image_processor=AutoImageProcessor.from_pretrained(my_vit), image_size=32, num_channels=3
+    )
     assert evaluate_model(model, rows) == evaluate_model(model, expected)  # raw rows are prepared for the model
     transform = dataset_transform(ensure_prepared(rows, model))
     assert transform.mean.flatten().tolist() == [0.5] * 3 and transform.std.flatten().tolist() == [0.5] * 3
@@ -111,8 +123,17 @@ def test_unknown_normalisation_is_said(caplog):
     from optimum_isoprune import data
 
     data._warn_once.cache_clear()
-    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+    model = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            num_labels=3,
+        )
+    )
     with caplog.at_level(logging.WARNING, logger="optimum_isoprune"):
         data.prepare_dataset(_rows(LABELS), model=model)
     assert "mean/std" in caplog.text and "ImageNet" in caplog.text
@@ -124,11 +145,13 @@ def test_unknown_normalisation_is_said(caplog):
 @pytest.mark.parametrize(
     "names, words",
     [
-        (["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
-         "10 classes"),                                             # fashion-mnist on a 3-class model
-        (LABELS + ["eel"], "4 classes"),                             # a fourth class folder
-        (["test", "train"], "no class subfolders"),                  # images directly under the split folders
-        (["cat", "bird", "dog"], "another order"),                   # the model's names, another order
+        (
+            ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
+            "10 classes",
+        ),  # fashion-mnist on a 3-class model
+        (LABELS + ["eel"], "4 classes"),  # a fourth class folder
+        (["test", "train"], "no class subfolders"),  # images directly under the split folders
+        (["cat", "bird", "dog"], "another order"),  # the model's names, another order
     ],
 )
 def test_labels_that_cannot_be_the_models_fail_before_any_work(my_vit, names, words):
@@ -202,7 +225,10 @@ def test_unknown_option_is_named_first(my_vit, capsys):
 
 def test_prune_ratio_and_the_deprecated_ratio_alias(my_vit, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["--quiet", "prune", my_vit, "--prune-ratio", "0.25", "--importance", "magnitude", "--output", str(out)]) == 0
+    assert (
+        main(["--quiet", "prune", my_vit, "--prune-ratio", "0.25", "--importance", "magnitude", "--output", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "removing 25% of every isomorphic class" in printed  # said before pruning
     assert json.loads((out / "pruning_config.json").read_text())["pruning_ratio"] == 0.25
@@ -224,12 +250,36 @@ def test_prune_says_what_is_kept_and_prints_the_summary_once(my_vit, image_root,
 
 def test_distill_without_the_eval_split_fails_before_training(tmp_path, my_vit, image_root, capsys):
     student = tmp_path / "student"
-    assert main(["--quiet", "prune", my_vit, "--prune-ratio", "0.25", "--importance", "magnitude", "--output", str(student)]) == 0
+    assert (
+        main(
+            ["--quiet", "prune", my_vit, "--prune-ratio", "0.25", "--importance", "magnitude", "--output", str(student)]
+        )
+        == 0
+    )
     only_train = tmp_path / "only_train"
     shutil.copytree(Path(image_root) / "train", only_train / "train")
     out = tmp_path / "kd"
-    assert main(["distill", "--student", str(student), "--teacher", my_vit, "--dataset", str(only_train),
-                 "--max-steps", "1", "--batch-size", "4", "--output", str(out), "--cpu"]) == 1
+    assert (
+        main(
+            [
+                "distill",
+                "--student",
+                str(student),
+                "--teacher",
+                my_vit,
+                "--dataset",
+                str(only_train),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--output",
+                str(out),
+                "--cpu",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "'test'" in err and "--eval-split" in err and "nothing was trained yet" in err
     assert not out.exists()
@@ -244,13 +294,53 @@ def distilled(my_vit, image_root, tmp_path_factory):
     student = root / "my-vit-half"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OPTIMUM_ISOPRUNE_CACHE", str(root / "cache"))
-        assert main(["--quiet", "prune", my_vit, "--target-macs", "50%", "--calibration-dataset", image_root,
-                     "--num-calibration-batches", "1", "--calibration-batch-size", "4", "--round-to", "2",
-                     "--output", str(student)]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "prune",
+                    my_vit,
+                    "--target-macs",
+                    "50%",
+                    "--calibration-dataset",
+                    image_root,
+                    "--num-calibration-batches",
+                    "1",
+                    "--calibration-batch-size",
+                    "4",
+                    "--round-to",
+                    "2",
+                    "--output",
+                    str(student),
+                ]
+            )
+            == 0
+        )
         out = root / "my-vit-half-kd"
-        assert main(["--quiet", "distill", "--student", str(student), "--teacher", my_vit, "--dataset", image_root,
-                     "--max-steps", "2", "--batch-size", "4", "--latency-repeats", "10", "--output", str(out),
-                     "--cpu"]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "distill",
+                    "--student",
+                    str(student),
+                    "--teacher",
+                    my_vit,
+                    "--dataset",
+                    image_root,
+                    "--max-steps",
+                    "2",
+                    "--batch-size",
+                    "4",
+                    "--latency-repeats",
+                    "10",
+                    "--output",
+                    str(out),
+                    "--cpu",
+                ]
+            )
+            == 0
+        )
     assert (root / "cache" / "evaluations.json").is_file()  # the teacher's accuracy, for the next distill
     return out
 
@@ -324,10 +414,14 @@ def test_push_names_the_repo_in_the_uploaded_card(distilled):
     before = (distilled / "README.md").read_text()
     push_to_hub(distilled, "me/vit-half", api=api)
     readme = next(op for op in api.operations if op.path_in_repo == "README.md")
-    text = readme.path_or_fileobj.decode() if isinstance(readme.path_or_fileobj, bytes) else Path(readme.path_or_fileobj).read_text()
+    text = (
+        readme.path_or_fileobj.decode()
+        if isinstance(readme.path_or_fileobj, bytes)
+        else Path(readme.path_or_fileobj).read_text()
+    )
     assert 'from_pretrained("me/vit-half", trust_remote_code=True)' in text
     assert 'load_pruned_model(snapshot_download("me/vit-half"))' in text
-    assert "my-vit-half-kd\"" not in text
+    assert 'my-vit-half-kd"' not in text
     assert (distilled / "README.md").read_text() == before  # the local folder is unchanged
 
 
@@ -337,8 +431,15 @@ def test_push_names_the_repo_in_the_uploaded_card(distilled):
 def test_unit_follows_the_magnitude_in_cards_and_names():
     from optimum_isoprune import PruningReport, create_model_card
 
-    report = PruningReport(base_model="me/small", architecture="ViTForImageClassification", macs_before=32_200_000,
-                           macs_after=16_100_000, params_before=455_000, params_after=229_000, image_size=28)
+    report = PruningReport(
+        base_model="me/small",
+        architecture="ViTForImageClassification",
+        macs_before=32_200_000,
+        macs_after=16_100_000,
+        params_before=455_000,
+        params_after=229_000,
+        image_size=28,
+    )
     card = create_model_card(report)
     assert card.data.model_name == "small-isopruned-16.1M"
     assert "| MACs (M) | 32.20 | 16.10 |" in card.text and "| Parameters (K) | 455.00 | 229.00 |" in card.text
@@ -346,8 +447,25 @@ def test_unit_follows_the_magnitude_in_cards_and_names():
 
 def test_random_weights_card_says_so_and_links_no_base(tmp_path):
     out = tmp_path / "t"
-    assert main(["--quiet", "prune", "timm/resnet18", "--random-weights", "--image-size", "32", "--prune-ratio", "0.5",
-                 "--importance", "magnitude", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "prune",
+                "timm/resnet18",
+                "--random-weights",
+                "--image-size",
+                "32",
+                "--prune-ratio",
+                "0.5",
+                "--importance",
+                "magnitude",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = (out / "README.md").read_text()
     assert "**random weights**" in text and "huggingface.co/timm/resnet18" not in text
     assert "base_model:" not in text.split("---")[1]
@@ -383,16 +501,29 @@ def test_plot_panel_order_is_stable_and_labelled(tmp_path, monkeypatch):
 
     from optimum_isoprune import LayerWidth, PruningReport, plot_layer_widths
 
-    layers = [LayerWidth("blocks.0.mlp.fc1", "channels", 64, 32), LayerWidth("blocks.0.attn", "heads", 4, 2),
-              LayerWidth("blocks.1.mlp.fc2", "residual", 32, 24), LayerWidth("blocks.0.attn", "head_dim", 8, 6)]
-    report = PruningReport(base_model=None, architecture="VisionTransformer", macs_before=10, macs_after=5,
-                           params_before=10, params_after=5, image_size=32, layers=layers)
+    layers = [
+        LayerWidth("blocks.0.mlp.fc1", "channels", 64, 32),
+        LayerWidth("blocks.0.attn", "heads", 4, 2),
+        LayerWidth("blocks.1.mlp.fc2", "residual", 32, 24),
+        LayerWidth("blocks.0.attn", "head_dim", 8, 6),
+    ]
+    report = PruningReport(
+        base_model=None,
+        architecture="VisionTransformer",
+        macs_before=10,
+        macs_after=5,
+        params_before=10,
+        params_after=5,
+        image_size=32,
+        layers=layers,
+    )
     seen = []
     original = Figure.savefig
 
     def record(self, *args, **kwargs):
-        seen.append([(ax.get_title(), ax.get_xlabel(), [t.get_text() for t in ax.get_xticklabels()])
-                     for ax in self.axes])
+        seen.append(
+            [(ax.get_title(), ax.get_xlabel(), [t.get_text() for t in ax.get_xticklabels()]) for ax in self.axes]
+        )
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", record)
@@ -410,8 +541,16 @@ def test_plural_wording():
     from optimum_isoprune import ClassAmount, PruningReport
     from optimum_isoprune.card import _finetuning_context
 
-    report = PruningReport(base_model=None, architecture="X", macs_before=10, macs_after=5, params_before=10,
-                           params_after=5, image_size=32, classes=[ClassAmount("residual", 1, 64, 48)])
+    report = PruningReport(
+        base_model=None,
+        architecture="X",
+        macs_before=10,
+        macs_after=5,
+        params_before=10,
+        params_after=5,
+        image_size=32,
+        classes=[ClassAmount("residual", 1, 64, 48)],
+    )
     assert "1 group)" in report.summary()
     assert _finetuning_context({"epochs": 1, "steps": 469})["sentence"].startswith("Fine-tuned for 1 epoch / 469 steps")
 
@@ -455,12 +594,14 @@ def test_help_shows_defaults_and_matches_the_readme(capsys):
 
 
 def test_help_and_import_do_not_load_torch():
-    code = ("import sys, contextlib, io\n"
-            "import optimum_isoprune\n"
-            "from optimum_isoprune.cli import main\n"
-            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-            "    main(['prune', '--help'])\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'timm', 'datasets') if m in sys.modules)\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys, contextlib, io\n"
+        "import optimum_isoprune\n"
+        "from optimum_isoprune.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['prune', '--help'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'timm', 'datasets') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

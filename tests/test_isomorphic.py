@@ -18,8 +18,12 @@ def _groups(name: str):
     adapter = get_adapter(model)
     adapter.make_traceable(model)
     size = adapter.image_size()
-    graph = tp.DependencyGraph().build_dependency(model, torch.zeros(1, adapter.num_channels(), size, size),
-                                                  forward_fn=adapter.logits, **adapter.graph_options(model))
+    graph = tp.DependencyGraph().build_dependency(
+        model,
+        torch.zeros(1, adapter.num_channels(), size, size),
+        forward_fn=adapter.logits,
+        **adapter.graph_options(model),
+    )
     return collect_groups(graph, model, adapter.attentions(model), adapter.classifiers(model))
 
 

@@ -59,7 +59,12 @@ def test_compare_latency_uses_same_settings():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"batch_size": 0}, "batch_size"), ({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"), ({"image_size": 0}, "image_size")],
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"repeats": 0}, "repeats"),
+        ({"warmup": -1}, "warmup"),
+        ({"image_size": 0}, "image_size"),
+    ],
 )
 def test_bad_arguments_are_rejected(kwargs, message):
     kwargs = {"image_size": 8, **kwargs}

@@ -7,15 +7,15 @@ import re
 import tempfile
 
 import pytest
-
-from models import VIT_KWARGS, build
 from transformers import ViTConfig, ViTForImageClassification
+
+import optimum_isoprune.latency_model as latency_model
+from models import VIT_KWARGS, build
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.cli import build_parser
 from optimum_isoprune.counting import count_macs
 from optimum_isoprune.errors import BudgetError
 from optimum_isoprune.hub import create_model_card
-import optimum_isoprune.latency_model as latency_model
 
 
 class FakeTimer:
@@ -134,16 +134,19 @@ def test_noisy_timings_warn_with_the_spread(tmp_path, caplog):
     assert not [r for r in caplog.records if "busy" in r.getMessage()]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(target_latency=10.0, target_macs=1e6), "exactly one"),
-    (dict(target_latency=0.0), "positive"),
-    (dict(target_latency=-5.0), "positive"),
-    (dict(target_latency=10.0, latency_device="gpu"), "latency_device"),
-    (dict(target_latency=10.0, latency_dtype="int8"), "latency_dtype"),
-    (dict(target_latency=10.0, latency_threads=0), "latency_threads"),
-    (dict(target_latency=10.0, latency_batch_size=0), "latency_batch_size"),
-    (dict(target_latency=10.0, latency_grid_points=1), "latency_grid_points"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_latency=10.0, target_macs=1e6), "exactly one"),
+        (dict(target_latency=0.0), "positive"),
+        (dict(target_latency=-5.0), "positive"),
+        (dict(target_latency=10.0, latency_device="gpu"), "latency_device"),
+        (dict(target_latency=10.0, latency_dtype="int8"), "latency_dtype"),
+        (dict(target_latency=10.0, latency_threads=0), "latency_threads"),
+        (dict(target_latency=10.0, latency_batch_size=0), "latency_batch_size"),
+        (dict(target_latency=10.0, latency_grid_points=1), "latency_grid_points"),
+    ],
+)
 def test_bad_latency_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         IsomorphicPruningConfig(**kwargs)
@@ -175,8 +178,13 @@ def test_cli_rejects_bad_latencies(text, capsys):
 
 def test_real_measurement_is_consistent(tmp_path):
     """The wall clock on this machine: no timed assertion, only that the pieces agree with each other."""
-    settings = dict(latency_batch_size=8, latency_grid_points=3, latency_repeats=3, latency_cache_dir=str(tmp_path),
-                    importance="magnitude")
+    settings = dict(
+        latency_batch_size=8,
+        latency_grid_points=3,
+        latency_repeats=3,
+        latency_cache_dir=str(tmp_path),
+        importance="magnitude",
+    )
 
     def run(target):
         pruner = IsomorphicPruner(build("vit"))

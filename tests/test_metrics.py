@@ -66,7 +66,18 @@ def _dataset(n=20, num_labels=10):
 
 def test_evaluate_model_matches_compute_metrics_for_transformers_and_plain_tensor_models():
     torch.manual_seed(0)
-    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7, num_channels=1, num_labels=10))
+    vit = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=28,
+            patch_size=7,
+            num_channels=1,
+            num_labels=10,
+        )
+    )
     data = _dataset()
     with torch.no_grad():
         logits = vit(pixel_values=torch.stack([d["pixel_values"] for d in data])).logits.numpy()

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch_pruning as tp
-from models import IMAGE_SIZE, build, logits
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForImageClassification, BeitConfig, BeitForImageClassification, pipeline
 
 import optimum_isoprune.modeling as modeling
+from models import IMAGE_SIZE, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.checkpoint import load_pruned_model
 from optimum_isoprune.modeling import PrunedConfigMixin, PrunedModelMixin, PrunedViTConfig, to_pruned_model
@@ -61,9 +61,16 @@ def prune_with_torch_pruning(model: nn.Module, ratio: float = 0.3) -> nn.Module:
     num_heads = {p: a.num_attention_heads for a in attentions for p in (a.q_proj, a.k_proj, a.v_proj)}
     classifiers = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "classifier" in n]
     pruner = tp.pruner.MetaPruner(
-        model, pixels(batch=1), forward_fn=lambda m, x: m(pixel_values=x).logits,
-        importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio, global_pruning=True,
-        isomorphic=True, num_heads=num_heads, prune_num_heads=True, ignored_layers=classifiers,
+        model,
+        pixels(batch=1),
+        forward_fn=lambda m, x: m(pixel_values=x).logits,
+        importance=tp.importance.GroupMagnitudeImportance(),
+        pruning_ratio=ratio,
+        global_pruning=True,
+        isomorphic=True,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        ignored_layers=classifiers,
     )
     pruner.step()
     for a in attentions:
@@ -155,8 +162,10 @@ def test_loaded_weights_own_aligned_memory(tmp_path):
     # Weights left in the memory-mapped file sit at unaligned offsets, where CPU kernels may round
     # differently (seen on ConvNeXt-B: 4e-7); loading copies them so logits stay bit-identical.
     to_pruned_model(pruned("convnext")).save_pretrained(tmp_path)
-    for loaded in (load_pruned_model(tmp_path),
-                   AutoModelForImageClassification.from_pretrained(tmp_path, trust_remote_code=True)):
+    for loaded in (
+        load_pruned_model(tmp_path),
+        AutoModelForImageClassification.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
         assert all(t.data_ptr() % 64 == 0 for t in [*loaded.parameters(), *loaded.buffers()] if t.numel())
 
 
@@ -231,8 +240,16 @@ def test_bfloat16_model_stays_exact():
 def test_unsupported_models_are_rejected():
     with pytest.raises(TypeError, match="Sequential"):
         to_pruned_model(nn.Sequential(nn.Linear(2, 2)))
-    beit = BeitForImageClassification(BeitConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                 intermediate_size=64, image_size=32, patch_size=8))
+    beit = BeitForImageClassification(
+        BeitConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    )
     with pytest.raises(TypeError, match="BeitForImageClassification"):
         to_pruned_model(beit)
 
@@ -255,8 +272,15 @@ def test_config_fields_are_validated():
 
 
 def test_manifest_naming_a_missing_module_is_a_clear_error():
-    config = PrunedViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                             image_size=32, patch_size=8, pruned_shapes={"vit.nowhere": {"weight": [1]}})
+    config = PrunedViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        pruned_shapes={"vit.nowhere": {"weight": [1]}},
+    )
     with pytest.raises(modeling.PrunedCheckpointError, match="vit.nowhere"):
         modeling.PrunedViTForImageClassification(config)
 
@@ -264,7 +288,9 @@ def test_manifest_naming_a_missing_module_is_a_clear_error():
 def test_model_built_from_config_alone_has_the_pruned_shapes():
     converted = to_pruned_model(pruned("convnextv2"))
     rebuilt = type(converted)(converted.config)
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in converted.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in converted.state_dict().items()
+    }
 
 
 def test_travelling_files_import_only_torch_and_transformers():
@@ -326,8 +352,14 @@ def test_fresh_process_without_optimum_isoprune_loads_every_family(tmp_path):
     script.write_text(FRESH_PROCESS)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-I", str(script), *directories], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), *directories],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"fresh process ok: {len(HF_FAMILIES)}" in result.stdout
 

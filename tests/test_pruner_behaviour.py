@@ -24,8 +24,10 @@ from optimum_isoprune.adapters import get_adapter
 def _calibration(n: int = 8, channels: int = 3, size: int = IMAGE_SIZE) -> datasets.Dataset:
     rng = np.random.default_rng(0)
     return datasets.Dataset.from_dict(
-        {"pixel_values": rng.standard_normal((n, channels, size, size)).astype("float32"),
-         "labels": rng.integers(0, 10, n)}
+        {
+            "pixel_values": rng.standard_normal((n, channels, size, size)).astype("float32"),
+            "labels": rng.integers(0, 10, n),
+        }
     ).with_format("torch")
 
 
@@ -35,18 +37,21 @@ def _mlp_widths(model) -> list[int]:
 
 def test_uniform_grouping_prunes_every_layer_alike_and_isomorphic_does_not():
     uniform = IsomorphicPruner(build("vit")).prune(
-        IsomorphicPruningConfig(pruning_ratio=0.5, grouping="uniform", importance="taylor"), _calibration())
+        IsomorphicPruningConfig(pruning_ratio=0.5, grouping="uniform", importance="taylor"), _calibration()
+    )
     assert _mlp_widths(uniform) == [128, 128, 128]
     # Taylor scores differ per layer, so a class-wide ranking gives layers different widths.
     isomorphic = IsomorphicPruner(build("vit")).prune(
-        IsomorphicPruningConfig(pruning_ratio=0.5, importance="taylor"), _calibration())
+        IsomorphicPruningConfig(pruning_ratio=0.5, importance="taylor"), _calibration()
+    )
     assert sum(_mlp_widths(isomorphic)) == pytest.approx(3 * 128, abs=3 * 8)
     assert len(set(_mlp_widths(isomorphic))) > 1
 
 
 def test_widths_are_multiples_of_round_to():
     pruned = IsomorphicPruner(build("vit")).prune(
-        IsomorphicPruningConfig(pruning_ratio=0.37, round_to=16, importance="magnitude"))
+        IsomorphicPruningConfig(pruning_ratio=0.37, round_to=16, importance="magnitude")
+    )
     assert all(w % 16 == 0 for w in _mlp_widths(pruned))
     assert pruned.vit.layers[0].layernorm_before.normalized_shape[0] % 16 == 0
 
@@ -54,16 +59,19 @@ def test_widths_are_multiples_of_round_to():
 @pytest.mark.parametrize("min_heads", [1, 3])
 def test_min_heads_is_kept_in_every_layer(min_heads):
     pruned = IsomorphicPruner(build("vit")).prune(
-        IsomorphicPruningConfig(pruning_ratio=0.5, head_pruning_ratio=0.95, min_heads=min_heads,
-                                importance="magnitude"))
+        IsomorphicPruningConfig(pruning_ratio=0.5, head_pruning_ratio=0.95, min_heads=min_heads, importance="magnitude")
+    )
     heads = [a.num_heads for a in get_adapter(pruned).attentions(pruned)]
     assert min(heads) == min_heads
 
 
 def test_heads_and_head_dims_follow_their_own_ratios():
     pruner = IsomorphicPruner(build("timm_vit"))
-    pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.25, head_pruning_ratio=0.5, head_dim_pruning_ratio=0.0,
-                                         round_to=1, importance="magnitude"))
+    pruner.prune(
+        IsomorphicPruningConfig(
+            pruning_ratio=0.25, head_pruning_ratio=0.5, head_dim_pruning_ratio=0.0, round_to=1, importance="magnitude"
+        )
+    )
     classes = {c.name.split(":")[0]: c for c in pruner.report.classes}
     assert classes["heads"].after == 6  # 12 heads, half removed
     assert classes["head_dim"].after == classes["head_dim"].before
@@ -145,7 +153,8 @@ def test_unsupported_model_names_itself_and_the_supported_list():
 
 def test_ignored_modules_keep_their_width():
     pruned = IsomorphicPruner(build("vit")).prune(
-        IsomorphicPruningConfig(pruning_ratio=0.5, ignored_modules=["layers.1.mlp.fc1"], importance="magnitude"))
+        IsomorphicPruningConfig(pruning_ratio=0.5, ignored_modules=["layers.1.mlp.fc1"], importance="magnitude")
+    )
     assert pruned.vit.layers[1].mlp.fc1.out_features == 256
     assert pruned.vit.layers[0].mlp.fc1.out_features < 256
 
@@ -172,8 +181,15 @@ PAPER_SHAPES = [
 def test_paper_deit_shapes(name, ratio, head_ratio, head_dim_ratio, macs, params):
     torch.manual_seed(0)
     pruner = IsomorphicPruner(timm.create_model(name, pretrained=False))
-    pruner.prune(IsomorphicPruningConfig(pruning_ratio=ratio, head_pruning_ratio=head_ratio,
-                                         head_dim_pruning_ratio=head_dim_ratio, round_to=2, importance="magnitude"))
+    pruner.prune(
+        IsomorphicPruningConfig(
+            pruning_ratio=ratio,
+            head_pruning_ratio=head_ratio,
+            head_dim_pruning_ratio=head_dim_ratio,
+            round_to=2,
+            importance="magnitude",
+        )
+    )
     assert abs(pruner.report.macs_after - macs) / macs <= 0.015
     assert abs(pruner.report.params_after - params) / params <= 0.015
 
@@ -189,8 +205,11 @@ def test_the_least_important_channels_are_the_ones_removed(grouping):
             layer.mlp.fc1.weight[strong] *= 1000
             layer.mlp.fc2.weight.mul_(0.01)
             layer.mlp.fc2.weight[:, strong] *= 1000
-    pruned = IsomorphicPruner(model).prune(IsomorphicPruningConfig(
-        pruning_ratio=0.5, grouping=grouping, importance="magnitude", prune_heads=False, prune_head_dims=False))
+    pruned = IsomorphicPruner(model).prune(
+        IsomorphicPruningConfig(
+            pruning_ratio=0.5, grouping=grouping, importance="magnitude", prune_heads=False, prune_head_dims=False
+        )
+    )
     for before, after in zip(model.vit.layers, pruned.vit.layers):
         assert after.mlp.fc1.out_features == 128
         assert torch.equal(after.mlp.fc1.bias, before.mlp.fc1.bias[strong])  # exactly the strong neurons, in order

@@ -26,8 +26,10 @@ def test_readme_has_python_blocks():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
-                    reason="Debian's dataset-fashion-mnist is not installed (make demo / .ci/run install it)")
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason="Debian's dataset-fashion-mnist is not installed (make demo / .ci/run install it)",
+)
 def test_python_blocks_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}

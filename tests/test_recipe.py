@@ -35,9 +35,18 @@ def _recipe():
 
 def _vit(seed: int, hidden: int = 32) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return ViTForImageClassification(ViTConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                                               intermediate_size=2 * hidden, image_size=28, patch_size=7,
-                                               num_channels=1, num_labels=10))
+    return ViTForImageClassification(
+        ViTConfig(
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            image_size=28,
+            patch_size=7,
+            num_channels=1,
+            num_labels=10,
+        )
+    )
 
 
 def _rows(n: int = 16) -> list[dict]:
@@ -72,15 +81,24 @@ def test_mixup_mixes_the_pixels_the_student_and_the_teacher_see(tmp_path):
         calls.append((original, mixed.clone(), targets.clone()))
         return mixed, targets
 
-    args = DistillationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2,
-                                         per_device_train_batch_size=4, dataloader_drop_last=True,
-                                         save_strategy="no", disable_tqdm=True)
+    args = DistillationTrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=2,
+        per_device_train_batch_size=4,
+        dataloader_drop_last=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     teacher = _vit(1)
     seen = []
-    teacher.register_forward_pre_hook(lambda module, a, kw: seen.append(kw.get("pixel_values", a[0] if a else None)),
-                                      with_kwargs=True)
-    trainer = DistillationTrainer(model=_vit(0), args=args, teacher_model=teacher, mixup_fn=recording,
-                                  train_dataset=_rows())
+    teacher.register_forward_pre_hook(
+        lambda module, a, kw: seen.append(kw.get("pixel_values", a[0] if a else None)), with_kwargs=True
+    )
+    trainer = DistillationTrainer(
+        model=_vit(0), args=args, teacher_model=teacher, mixup_fn=recording, train_dataset=_rows()
+    )
     trainer.train()
     assert len(calls) == 2
     for (pixels, mixed, targets), teacher_pixels in zip(calls, seen):
@@ -93,13 +111,20 @@ def test_mixup_mixes_the_pixels_the_student_and_the_teacher_see(tmp_path):
 def test_mixup_needs_even_full_batches_and_no_teacher_cache(tmp_path):
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1, save_strategy="no")
     with pytest.raises(ValueError, match="even per_device_train_batch_size"):
-        DistillationTrainer(model=_vit(0), args=DistillationTrainingArguments(**base, per_device_train_batch_size=4),
-                            teacher_model=_vit(1), mixup_fn=deit_mixup(10), train_dataset=_rows())
-    args = DistillationTrainingArguments(**base, per_device_train_batch_size=4, dataloader_drop_last=True,
-                                         cache_teacher_logits=True)
+        DistillationTrainer(
+            model=_vit(0),
+            args=DistillationTrainingArguments(**base, per_device_train_batch_size=4),
+            teacher_model=_vit(1),
+            mixup_fn=deit_mixup(10),
+            train_dataset=_rows(),
+        )
+    args = DistillationTrainingArguments(
+        **base, per_device_train_batch_size=4, dataloader_drop_last=True, cache_teacher_logits=True
+    )
     with pytest.raises(ValueError, match="cache_teacher_logits=False"):
-        DistillationTrainer(model=_vit(0), args=args, teacher_model=_vit(1), mixup_fn=deit_mixup(10),
-                            train_dataset=_rows())
+        DistillationTrainer(
+            model=_vit(0), args=args, teacher_model=_vit(1), mixup_fn=deit_mixup(10), train_dataset=_rows()
+        )
 
 
 # ---- teacher runner -------------------------------------------------------------------------------------------------
@@ -148,8 +173,9 @@ def test_ema_update_is_the_moving_average_and_round_trips(tmp_path):
     other = EMACallback(decay=0.9)
     other._track(model)
     other.load(tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(ema.ema_model.state_dict().values(),
-                                                 other.ema_model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(ema.ema_model.state_dict().values(), other.ema_model.state_dict().values())
+    )
     with pytest.raises(FileNotFoundError, match="weight average cannot continue"):
         other.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="decay"):
@@ -206,9 +232,23 @@ def test_recipe_resume_equals_uninterrupted_with_ema(tmp_path):
 def test_recipe_smoke_on_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-         str(RECIPE), "--smoke", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29543",
+            str(RECIPE),
+            "--smoke",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "recipe_results.json").read_text())

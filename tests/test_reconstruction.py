@@ -18,7 +18,6 @@ from optimum_isoprune.errors import NonFiniteError
 from optimum_isoprune.reconstruction import ReconstructionSummary, reconstruct
 from optimum_isoprune.report import PruningReport
 
-
 SMALL_INPUT = {"timm_resnet": 32}  # resnet18's default 224 px would make the refit of its big convs slow
 
 
@@ -72,10 +71,24 @@ def test_damping_pulls_toward_the_pruned_weights():
     original, pruned, removed, x = _toy([1, 4, 7])
     start = pruned[2].weight.detach().clone()
     exact, damped = copy.deepcopy(pruned), copy.deepcopy(pruned)
-    reconstruct(exact, original, {(exact[0], True): removed[(pruned[0], True)], (exact[2], False): removed[(pruned[2], False)]},
-                [(x, None)], _forward, "least_squares", damping=0.0)
-    reconstruct(damped, original, {(damped[0], True): removed[(pruned[0], True)], (damped[2], False): removed[(pruned[2], False)]},
-                [(x, None)], _forward, "least_squares", damping=10.0)
+    reconstruct(
+        exact,
+        original,
+        {(exact[0], True): removed[(pruned[0], True)], (exact[2], False): removed[(pruned[2], False)]},
+        [(x, None)],
+        _forward,
+        "least_squares",
+        damping=0.0,
+    )
+    reconstruct(
+        damped,
+        original,
+        {(damped[0], True): removed[(pruned[0], True)], (damped[2], False): removed[(pruned[2], False)]},
+        [(x, None)],
+        _forward,
+        "least_squares",
+        damping=10.0,
+    )
     assert (damped[2].weight - start).norm() < (exact[2].weight - start).norm()
 
 
@@ -83,7 +96,9 @@ def test_ratio_zero_with_reconstruction_leaves_logits_unchanged():
     model = build("vit")
     pruner = IsomorphicPruner(model)
     x = _images(pruner, 16)
-    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, reconstruction="least_squares"), calibration_dataset=x)
+    pruned = pruner.prune(
+        IsomorphicPruningConfig(pruning_ratio=0.0, reconstruction="least_squares"), calibration_dataset=x
+    )
     assert torch.equal(logits(pruned, x), logits(model, x))
     assert pruner.report.reconstruction["refit_layers"] == 0
 
@@ -95,10 +110,17 @@ def test_every_row_refits_keeps_macs_and_lowers_the_layer_error(name):
     pruner = IsomorphicPruner(model)
     size = SMALL_INPUT.get(name)
     x = _images(pruner, 32, size=size)
-    refit = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude", calibration_batch_size=16,
-                                                 num_calibration_batches=2, reconstruction="least_squares",
-                                                 image_size=size),
-                         calibration_dataset=x)
+    refit = pruner.prune(
+        IsomorphicPruningConfig(
+            pruning_ratio=0.5,
+            importance="magnitude",
+            calibration_batch_size=16,
+            num_calibration_batches=2,
+            reconstruction="least_squares",
+            image_size=size,
+        ),
+        calibration_dataset=x,
+    )
     summary = pruner.report.reconstruction
     assert summary["mode"] == "least_squares" and summary["refit_layers"] > 0
     assert summary["error_after"] < summary["error_before"]
@@ -116,8 +138,10 @@ def test_transformer_logits_move_closer_to_the_original():
         for mode in ("none", "least_squares"):
             pruner = IsomorphicPruner(model)
             x = _images(pruner, 64)
-            pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude", reconstruction=mode),
-                                  calibration_dataset=x)
+            pruned = pruner.prune(
+                IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude", reconstruction=mode),
+                calibration_dataset=x,
+            )
             with torch.no_grad():
                 reference, output = logits(model, x), logits(pruned, x)
             errors[mode] = float((output - reference).square().mean() / reference.square().mean())
@@ -129,7 +153,9 @@ def test_save_load_after_reconstruction_is_bit_identical(tmp_path, name):
     model = build(name)
     pruner = IsomorphicPruner(model)
     x = _images(pruner, 16)
-    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, reconstruction="least_squares"), calibration_dataset=x)
+    pruned = pruner.prune(
+        IsomorphicPruningConfig(pruning_ratio=0.5, reconstruction="least_squares"), calibration_dataset=x
+    )
     pruner.save_pretrained(tmp_path / "out")
     loaded = load_pruned_model(tmp_path / "out")
     assert torch.equal(logits(loaded, x), logits(pruned, x))
@@ -144,9 +170,16 @@ def test_too_few_images_warns_with_the_number_needed_and_stays_finite(caplog):
     pruner = IsomorphicPruner(model)
     x = _images(pruner, 4, size=32)
     with caplog.at_level(logging.WARNING, logger="optimum_isoprune"):
-        pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, reconstruction="least_squares", image_size=32,
-                                                      calibration_batch_size=4, num_calibration_batches=1),
-                              calibration_dataset=x)
+        pruned = pruner.prune(
+            IsomorphicPruningConfig(
+                pruning_ratio=0.5,
+                reconstruction="least_squares",
+                image_size=32,
+                calibration_batch_size=4,
+                num_calibration_batches=1,
+            ),
+            calibration_dataset=x,
+        )
     message = " ".join(r.getMessage() for r in caplog.records if "unknowns" in r.getMessage())
     assert "Pass at least" in message and "calibration images" in message
     needed = int(message.split("Pass at least ")[1].split()[0])
@@ -181,8 +214,10 @@ def test_without_calibration_data_reconstruction_is_skipped_with_a_warning(caplo
 def test_depthwise_convolutions_are_reported_not_skipped_silently():
     model = build("convnext")
     pruner = IsomorphicPruner(model)
-    pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, reconstruction="least_squares"),
-                 calibration_dataset=_images(pruner, 16))
+    pruner.prune(
+        IsomorphicPruningConfig(pruning_ratio=0.5, reconstruction="least_squares"),
+        calibration_dataset=_images(pruner, 16),
+    )
     skipped = pruner.report.reconstruction["skipped_layers"]
     assert skipped and all("depthwise" in reason for reason in skipped.values())
     assert "not refit" in ReconstructionSummary(**pruner.report.reconstruction).describe()

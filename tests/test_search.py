@@ -19,8 +19,9 @@ def _images(pruner: IsomorphicPruner, count: int, seed: int = 1) -> torch.Tensor
     return torch.randn(count, pruner.adapter.num_channels(), size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name,keep_residual", [("vit", True), ("deit_teacher", True), ("resnet", False),
-                                                ("timm_vit", True)])
+@pytest.mark.parametrize(
+    "name,keep_residual", [("vit", True), ("deit_teacher", True), ("resnet", False), ("timm_vit", True)]
+)
 def test_masks_compute_what_surgery_computes(monkeypatch, name, keep_residual):
     """Masked channels on the unpruned model give the pruned model's logits (a residual under LayerNorm is
     the documented approximation, so those rows keep their residual whole)."""
@@ -46,15 +47,23 @@ def test_masks_compute_what_surgery_computes(monkeypatch, name, keep_residual):
         assert not torch.allclose(logits(model, x), masked["logits"], atol=1e-3)  # something was removed
 
 
-@pytest.fixture(scope="module", params=[("vit", 2), ("convnext", 2), ("vit", None)], ids=lambda p: f"{p[0]}-finalists{p[1]}")
+@pytest.fixture(
+    scope="module", params=[("vit", 2), ("convnext", 2), ("vit", None)], ids=lambda p: f"{p[0]}-finalists{p[1]}"
+)
 def searched(request):
     name, finalists = request.param
     model = build(name)
     pruner = IsomorphicPruner(model)
     x = _images(pruner, 48)
-    config = IsomorphicPruningConfig(target_macs=0.5 * count_macs(model), budget_policy="search", search_candidates=8,
-                                     search_finalists=finalists, calibration_batch_size=16, num_calibration_batches=2,
-                                     search_batches=1)
+    config = IsomorphicPruningConfig(
+        target_macs=0.5 * count_macs(model),
+        budget_policy="search",
+        search_candidates=8,
+        search_finalists=finalists,
+        calibration_batch_size=16,
+        num_calibration_batches=2,
+        search_batches=1,
+    )
     pruned = pruner.prune(config, calibration_dataset=x)
     return model, pruner, pruned, config, x
 
@@ -80,10 +89,18 @@ def test_rescored_starts_score_as_when_every_candidate_is_reconstructed():
     starts = []
     for finalists in (0, None):
         pruner = IsomorphicPruner(model)
-        pruner.prune(IsomorphicPruningConfig(target_macs=0.5 * count_macs(model), budget_policy="search",
-                                             search_candidates=8, search_finalists=finalists, search_batches=1,
-                                             calibration_batch_size=16, num_calibration_batches=2),
-                     calibration_dataset=x)
+        pruner.prune(
+            IsomorphicPruningConfig(
+                target_macs=0.5 * count_macs(model),
+                budget_policy="search",
+                search_candidates=8,
+                search_finalists=finalists,
+                search_batches=1,
+                calibration_batch_size=16,
+                num_calibration_batches=2,
+            ),
+            calibration_dataset=x,
+        )
         starts.append(pruner.report.search["start_scores"])
     assert starts[0].keys() == starts[1].keys()
     for label in starts[0]:
@@ -101,10 +118,18 @@ def test_search_hits_the_target_on_every_row(name):
     model = build(name)
     pruner = IsomorphicPruner(model)
     target = 0.5 * count_macs(model)
-    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=target, budget_policy="search", search_candidates=4,
-                                                  reconstruction="none", importance="magnitude",
-                                                  calibration_batch_size=4, num_calibration_batches=1),
-                          calibration_dataset=_images(pruner, 8))
+    pruned = pruner.prune(
+        IsomorphicPruningConfig(
+            target_macs=target,
+            budget_policy="search",
+            search_candidates=4,
+            reconstruction="none",
+            importance="magnitude",
+            calibration_batch_size=4,
+            num_calibration_batches=1,
+        ),
+        calibration_dataset=_images(pruner, 8),
+    )
     assert abs(count_macs(pruned) - target) / target <= 0.01
     assert pruner.report.search["chosen_score"] <= min(pruner.report.search["start_scores"].values())
 
@@ -115,20 +140,27 @@ def test_with_a_single_class_search_equals_shared():
     results = {}
     for policy in ("shared", "search"):
         pruner = IsomorphicPruner(model)
-        config = IsomorphicPruningConfig(target_macs=0.7 * count_macs(model), budget_policy=policy, prune_heads=False,
-                                         prune_head_dims=False, ignored_modules=["patch_embeddings"],
-                                         calibration_batch_size=16, num_calibration_batches=1)
+        config = IsomorphicPruningConfig(
+            target_macs=0.7 * count_macs(model),
+            budget_policy=policy,
+            prune_heads=False,
+            prune_head_dims=False,
+            ignored_modules=["patch_embeddings"],
+            calibration_batch_size=16,
+            num_calibration_batches=1,
+        )
         results[policy] = pruner.prune(config, calibration_dataset=x)
         assert len(pruner.report.classes) == 1
-    assert all(torch.equal(a, b) for a, b in zip(results["shared"].state_dict().values(),
-                                                  results["search"].state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(results["shared"].state_dict().values(), results["search"].state_dict().values())
+    )
 
 
 def test_search_needs_calibration_data():
     pruner = IsomorphicPruner(build("vit"))
     with pytest.raises(CalibrationDataError, match="budget_policy='search'"):
-        pruner.prune(IsomorphicPruningConfig(target_macs=1e5,
-                                             budget_policy="search", importance="magnitude"))
+        pruner.prune(IsomorphicPruningConfig(target_macs=1e5, budget_policy="search", importance="magnitude"))
 
 
 def test_consumers_list_the_zeroed_inputs_of_channel_mixing_layers(monkeypatch):

@@ -91,8 +91,9 @@ def test_bias_table_keeps_the_columns_of_the_kept_heads(name):
 @pytest.mark.parametrize("min_heads", [1, 2])
 def test_min_heads_is_kept_in_every_layer(name, min_heads):
     pruner = IsomorphicPruner(build(name))
-    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, head_pruning_ratio=0.95, min_heads=min_heads,
-                                                  importance="magnitude"))
+    pruned = pruner.prune(
+        IsomorphicPruningConfig(pruning_ratio=0.5, head_pruning_ratio=0.95, min_heads=min_heads, importance="magnitude")
+    )
     heads = [a.num_heads for a in get_adapter(pruned).attentions(pruned)]
     assert min(heads) == min_heads
     logits(pruned, _inputs()).sum()  # still runs
@@ -130,8 +131,10 @@ def test_full_swin_tiny_shape_halves_macs():
     before = count_macs(model)
     pruned = pruner.prune(IsomorphicPruningConfig(target_macs=before * 0.5, importance="magnitude"))
     report = pruner.report
-    print(f"\nswin_tiny 224px: MACs {report.macs_before / 1e9:.3f} G -> {report.macs_after / 1e9:.3f} G, "
-          f"params {report.params_before / 1e6:.2f} M -> {report.params_after / 1e6:.2f} M")
+    print(
+        f"\nswin_tiny 224px: MACs {report.macs_before / 1e9:.3f} G -> {report.macs_after / 1e9:.3f} G, "
+        f"params {report.params_before / 1e6:.2f} M -> {report.params_after / 1e6:.2f} M"
+    )
     print(report.summary())
     assert abs(report.macs_after - before * 0.5) / (before * 0.5) <= 0.01
     assert pruned(torch.randn(1, 3, 224, 224)).shape == (1, 1000)

@@ -77,8 +77,9 @@ def test_save_load_gives_bit_identical_logits(pruned_half, tmp_path):
 def test_grouped_convs_keep_their_groups_with_equal_widths(round_to):
     model = build("timm_regnety")
     pruner = IsomorphicPruner(model)
-    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=count_macs(model) * 0.5, importance="magnitude",
-                                                  round_to=round_to))
+    pruned = pruner.prune(
+        IsomorphicPruningConfig(target_macs=count_macs(model) * 0.5, importance="magnitude", round_to=round_to)
+    )
     before = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels}
     after = dict(pruned.named_modules())
     assert before
@@ -127,16 +128,45 @@ def test_layer_scale_is_pruned_with_the_residual_width():
 
 
 _REFUSED = {
-    "beit": (lambda: timm.create_model("beit_base_patch16_224", pretrained=False, **TIMM_VIT_KWARGS), "vit_*",
-             "reshapes the heads back to the residual width"),
-    "eva02": (lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TIMM_VIT_KWARGS), "vit_*",
-              "rotary embeddings"),
-    "swinv2": (lambda: timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=32, patch_size=2,
-                                         embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=10),
-               "swin_*", "logit scale"),
-    "dinov2": (lambda: Dinov2ForImageClassification(Dinov2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)),
-               "ViTForImageClassification", "pruned checkpoint class"),
+    "beit": (
+        lambda: timm.create_model("beit_base_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
+        "vit_*",
+        "reshapes the heads back to the residual width",
+    ),
+    "eva02": (
+        lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TIMM_VIT_KWARGS),
+        "vit_*",
+        "rotary embeddings",
+    ),
+    "swinv2": (
+        lambda: timm.create_model(
+            "swinv2_tiny_window8_256",
+            pretrained=False,
+            img_size=32,
+            patch_size=2,
+            embed_dim=16,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            window_size=4,
+            num_classes=10,
+        ),
+        "swin_*",
+        "logit scale",
+    ),
+    "dinov2": (
+        lambda: Dinov2ForImageClassification(
+            Dinov2Config(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                image_size=32,
+                patch_size=8,
+            )
+        ),
+        "ViTForImageClassification",
+        "pruned checkpoint class",
+    ),
     "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
 }
 

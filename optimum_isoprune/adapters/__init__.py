@@ -12,7 +12,13 @@ from .swin import SwinTimmAdapter, SwinTransformersAdapter
 from .timm_models import TimmAdapter
 from .transformers_models import TimmWrapperAdapter, TransformersAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [TransformersAdapter, TimmWrapperAdapter, TimmAdapter, SwinTransformersAdapter, SwinTimmAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [
+    TransformersAdapter,
+    TimmWrapperAdapter,
+    TimmAdapter,
+    SwinTransformersAdapter,
+    SwinTimmAdapter,
+]
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

@@ -10,6 +10,7 @@ from torch import nn
 
 from .io import ModelIO
 
+
 @dataclass
 class AttentionLayout:
     """How one library lays out multi-head attention: projection names and the metadata attributes."""
@@ -74,11 +75,10 @@ class Attention:
             setattr(self.module, self.layout.inner_dim_attr, num_heads * head_dim)
         self.num_heads, self.head_dim = num_heads, head_dim
 
-
     def _fold_scale(self, num_heads: int, head_dim: int) -> None:
         """Keep softmax(q k^T * old_scale) when the scale becomes head_dim ** -0.5: queries grow by the ratio."""
         attribute = self.layout.implicit_scale_attr
-        old, new = float(getattr(self.module, attribute)), head_dim ** -0.5
+        old, new = float(getattr(self.module, attribute)), head_dim**-0.5
         query = self.projections[0]
         rows = slice(0, num_heads * head_dim)  # q comes first in a fused qkv and is the whole of a q projection
         with torch.no_grad():
@@ -94,12 +94,15 @@ def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> l
     for name, module in model.named_modules():
         for layout in layouts:
             names = (*layout.projections, layout.output, layout.num_heads_attr, layout.head_dim_attr or layout.output)
-            if all(hasattr(module, a) for a in names) and all(
-                isinstance(getattr(module, p), nn.Linear) for p in layout.projections
-            ) and all(_has_parameter(module, p) for p in layout.head_params):
+            if (
+                all(hasattr(module, a) for a in names)
+                and all(isinstance(getattr(module, p), nn.Linear) for p in layout.projections)
+                and all(_has_parameter(module, p) for p in layout.head_params)
+            ):
                 attention = Attention(name, module, layout, int(getattr(module, layout.num_heads_attr)), 0)
                 attention.head_dim = (
-                    int(getattr(module, layout.head_dim_attr)) if layout.head_dim_attr
+                    int(getattr(module, layout.head_dim_attr))
+                    if layout.head_dim_attr
                     else attention.projections[0].out_features // attention.fused // attention.num_heads
                 )
                 found.append(attention)

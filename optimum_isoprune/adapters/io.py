@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from transformers.utils import IMAGE_PROCESSOR_NAME as PREPROCESSOR_NAME
 
 
@@ -28,7 +27,9 @@ def output_logits(outputs: Any) -> torch.Tensor:
         return logits
     if isinstance(outputs, (tuple, list)) and len(outputs) == 2 and all(isinstance(o, torch.Tensor) for o in outputs):
         return (outputs[0] + outputs[1]) / 2
-    raise TypeError(f"Cannot find logits in a model output of type {type(outputs).__name__}; expected `.logits` or a tensor.")
+    raise TypeError(
+        f"Cannot find logits in a model output of type {type(outputs).__name__}; expected `.logits` or a tensor."
+    )
 
 
 class ModelIO:
@@ -87,7 +88,10 @@ class ModelIO:
             if found is not None:
                 return found
         model = self.model
-        for cfg in (getattr(model, "pretrained_cfg", None), getattr(getattr(model, "config", None), "pretrained_cfg", None)):
+        for cfg in (
+            getattr(model, "pretrained_cfg", None),
+            getattr(getattr(model, "config", None), "pretrained_cfg", None),
+        ):
             if isinstance(cfg, dict) and cfg.get("mean") is not None and cfg.get("std") is not None:
                 return processor_normalization(cfg)
         processor = self.saved_processor()
@@ -96,7 +100,9 @@ class ModelIO:
     def saved_processor(self) -> dict[str, Any] | None:
         """The `preprocessor_config.json` saved beside a transformers model (local folder or Hub cache), never downloaded."""
         model = self.model
-        name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+        name = str(
+            getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        )
         if not name:
             return None
         path: str | None = os.path.join(name, PREPROCESSOR_NAME)

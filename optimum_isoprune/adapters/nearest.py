@@ -10,25 +10,33 @@ from torch import nn
 _TIMM_VIT = "timm vit_* / deit3_* (VisionTransformer)"
 _HF_VIT = "transformers ViTForImageClassification"
 _RESHAPE = "its attention reshapes the heads back to the residual width, so heads and residual channels cannot shrink "
-_FUSED_BIAS = ("the qkv projection runs as F.linear on qkv.weight with separate q/v biases, which torch-pruning "
-               "cannot trace")
+_FUSED_BIAS = (
+    "the qkv projection runs as F.linear on qkv.weight with separate q/v biases, which torch-pruning cannot trace"
+)
 _NEEDS_CLASS = "a pruned checkpoint class in optimum_isoprune/modeling that records its per-layer widths"
 
 # timm class (module.name) or transformers model_type -> (nearest supported family, what is missing).
 KNOWN_GAPS: dict[str, tuple[str, str]] = {
     "timm.models.beit.Beit": (_TIMM_VIT, f"{_RESHAPE}independently; {_FUSED_BIAS}"),
-    "timm.models.eva.Eva": (_TIMM_VIT, f"{_RESHAPE}independently; rotary embeddings tie head dims to frequency pairs; "
-                                       f"SwiGLU pairs the gate and value halves of the MLP; {_FUSED_BIAS}"),
+    "timm.models.eva.Eva": (
+        _TIMM_VIT,
+        f"{_RESHAPE}independently; rotary embeddings tie head dims to frequency pairs; "
+        f"SwiGLU pairs the gate and value halves of the MLP; {_FUSED_BIAS}",
+    ),
     "timm.models.swin_transformer_v2.SwinTransformerV2": (
-        "timm swin_* (SwinTransformer)", f"a per-head logit scale and the continuous position-bias MLP's per-head "
-        f"outputs must be sliced with the heads; {_RESHAPE}independently; {_FUSED_BIAS}"),
+        "timm swin_* (SwinTransformer)",
+        f"a per-head logit scale and the continuous position-bias MLP's per-head "
+        f"outputs must be sliced with the heads; {_RESHAPE}independently; {_FUSED_BIAS}",
+    ),
     "dinov2": (_HF_VIT, f"{_NEEDS_CLASS}, and layer scale; timm's DINOv2 (vit_*_dinov2) is supported meanwhile"),
     "beit": (_HF_VIT, f"{_NEEDS_CLASS}, and per-head relative position bias tables"),
     "data2vec-vision": (_HF_VIT, f"{_NEEDS_CLASS}, and per-head relative position bias tables"),
     "clip": (_HF_VIT, f"{_NEEDS_CLASS}; timm's CLIP ViTs (vit_*_clip_*) are supported meanwhile"),
     "siglip": (_HF_VIT, f"{_NEEDS_CLASS}, and its attention-pooling head"),
-    "swinv2": ("transformers SwinForImageClassification", f"{_NEEDS_CLASS}, a per-head logit scale and the "
-                                                           "continuous position-bias MLP"),
+    "swinv2": (
+        "transformers SwinForImageClassification",
+        f"{_NEEDS_CLASS}, a per-head logit scale and the continuous position-bias MLP",
+    ),
     "efficientnet": ("transformers MobileNetV2ForImageClassification or timm efficientnet_*", _NEEDS_CLASS),
     "regnet": ("transformers ResNetForImageClassification or timm regnety_*", _NEEDS_CLASS),
     "levit": (_HF_VIT, f"{_NEEDS_CLASS}, and attention with convolution-style biases between stages"),
@@ -54,11 +62,16 @@ def nearest_family(model: nn.Module) -> tuple[str, str]:
     if any(isinstance(m, nn.MultiheadAttention) for m in modules) or any(
         hasattr(m, "num_heads") or hasattr(m, "num_attention_heads") for m in modules
     ):
-        return (_TIMM_VIT, "an adapter that knows its attention layout (projection names, head count attribute) "
-                           "and a way to save its pruned widths")
+        return (
+            _TIMM_VIT,
+            "an adapter that knows its attention layout (projection names, head count attribute) "
+            "and a way to save its pruned widths",
+        )
     if any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in modules):
-        return ("timm efficientnet_* / mobilenetv3_* / regnety_*", "an adapter naming its classifier and a way to "
-                                                                  "save its pruned widths")
+        return (
+            "timm efficientnet_* / mobilenetv3_* / regnety_*",
+            "an adapter naming its classifier and a way to save its pruned widths",
+        )
     if any(isinstance(m, nn.Conv2d) for m in modules):
         return ("timm resnet* / convnext_*", "an adapter naming its classifier and a way to save its pruned widths")
     return (_TIMM_VIT, "image-classifier structure: no attention or convolution was found")

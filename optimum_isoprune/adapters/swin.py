@@ -81,7 +81,9 @@ class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
     def get_in_channels(self, layer: nn.Module) -> int:
         return layer.reduction.in_features // 4
 
-    def layer_indices(self, layer: nn.Module, idxs: np.ndarray, is_out: bool) -> list[tuple[nn.Module, bool, np.ndarray]]:
+    def layer_indices(
+        self, layer: nn.Module, idxs: np.ndarray, is_out: bool
+    ) -> list[tuple[nn.Module, bool, np.ndarray]]:
         """The indices each of the block's layers loses when the block loses `idxs` (copy-major order)."""
         if is_out:
             return [(layer.reduction, True, idxs)]
@@ -92,9 +94,12 @@ class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
 def _patch_merging_options(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
     """Register `PatchMergingPruner` for every PatchMerging-shaped block (a `norm` and a 4C -> D `reduction`)."""
     blocks = {
-        type(m) for m in model.modules()
-        if isinstance(getattr(m, "reduction", None), nn.Linear) and isinstance(getattr(m, "norm", None), nn.LayerNorm)
-        and m.norm.normalized_shape[0] == m.reduction.in_features and m.reduction.in_features % 4 == 0
+        type(m)
+        for m in model.modules()
+        if isinstance(getattr(m, "reduction", None), nn.Linear)
+        and isinstance(getattr(m, "norm", None), nn.LayerNorm)
+        and m.norm.normalized_shape[0] == m.reduction.in_features
+        and m.reduction.in_features % 4 == 0
     }
     return {**options, "customized_pruners": {block: PatchMergingPruner() for block in blocks}}
 

@@ -161,7 +161,11 @@ class PrunedResNetConfig(PrunedConfigMixin, ResNetConfig):
 
     model_type = "pruned_resnet"
     base_config_class: ClassVar[type[PreTrainedConfig]] = ResNetConfig
-    summary_fields: ClassVar[dict[str, int]] = {"pruned_embedding_size": 0, "stage_hidden_sizes": 1, "stage_block_widths": 3}
+    summary_fields: ClassVar[dict[str, int]] = {
+        "pruned_embedding_size": 0,
+        "stage_hidden_sizes": 1,
+        "stage_block_widths": 3,
+    }
 
     pruned_embedding_size: int | None = None
     stage_hidden_sizes: list[int] | None = None
@@ -173,7 +177,11 @@ class PrunedMobileNetV2Config(PrunedConfigMixin, MobileNetV2Config):
 
     model_type = "pruned_mobilenet_v2"
     base_config_class: ClassVar[type[PreTrainedConfig]] = MobileNetV2Config
-    summary_fields: ClassVar[dict[str, int]] = {"block_expanded_channels": 1, "block_out_channels": 1, "pruned_last_channels": 0}
+    summary_fields: ClassVar[dict[str, int]] = {
+        "block_expanded_channels": 1,
+        "block_out_channels": 1,
+        "pruned_last_channels": 0,
+    }
 
     block_expanded_channels: list[int] | None = None
     block_out_channels: list[int] | None = None

@@ -73,7 +73,10 @@ def compute_shape_manifest(
                 f"Module {name!r} is a {type(module).__name__} but the stock model has a {type(ref).__name__}; "
                 "only widths can change when saving a pruned model."
             )
-        for kind, own, stock in (("parameter", module._parameters, ref._parameters), ("buffer", module._buffers, ref._buffers)):
+        for kind, own, stock in (
+            ("parameter", module._parameters, ref._parameters),
+            ("buffer", module._buffers, ref._buffers),
+        ):
             if set(own) != set(stock) or any((own[k] is None) != (stock[k] is None) for k in own):
                 raise ValueError(
                     f"Module {name!r} has {kind}s {sorted(k for k, v in own.items() if v is not None)}, the stock "
@@ -121,8 +124,9 @@ def to_pruned_model(
     )
 
 
-def _to_pruned_transformers_model(model: PreTrainedModel, base_model_name_or_path: str | None,
-                                  share_weights: bool = False) -> PreTrainedModel:
+def _to_pruned_transformers_model(
+    model: PreTrainedModel, base_model_name_or_path: str | None, share_weights: bool = False
+) -> PreTrainedModel:
     family = family_of(type(model).__name__)
     if family is None:
         raise TypeError(
@@ -187,7 +191,9 @@ def timm_reference_args(model: nn.Module, model_args: dict[str, Any] | None = No
     cfg = getattr(model, "pretrained_cfg", None) or {}
     architecture = cfg.get("architecture")
     if not architecture:
-        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['architecture']; build it with timm.create_model.")
+        raise ValueError(
+            f"{type(model).__name__} has no pretrained_cfg['architecture']; build it with timm.create_model."
+        )
     manifest = getattr(model, TIMM_MANIFEST_ATTRIBUTE, None) or {}
     args = dict(manifest.get("model_args") or getattr(model, "_model_args", None) or {})
     args.update(model_args or {})
@@ -196,7 +202,9 @@ def timm_reference_args(model: nn.Module, model_args: dict[str, Any] | None = No
     return architecture, args
 
 
-def build_timm_model(architecture: str, model_args: dict[str, Any], device: str | torch.device | None = None) -> nn.Module:
+def build_timm_model(
+    architecture: str, model_args: dict[str, Any], device: str | torch.device | None = None
+) -> nn.Module:
     """The stock timm model, with random weights and never downloading anything."""
     import timm
 
@@ -207,7 +215,9 @@ def build_timm_model(architecture: str, model_args: dict[str, Any], device: str 
         return timm.create_model(architecture, pretrained=False, **args)
 
 
-def _attach_timm_manifest(model: nn.Module, base_model_name_or_path: str | None, model_args: dict[str, Any] | None) -> nn.Module:
+def _attach_timm_manifest(
+    model: nn.Module, base_model_name_or_path: str | None, model_args: dict[str, Any] | None
+) -> nn.Module:
     architecture, args = timm_reference_args(model, model_args)
     try:
         reference = build_timm_model(architecture, args, device="meta")
@@ -217,7 +227,9 @@ def _attach_timm_manifest(model: nn.Module, base_model_name_or_path: str | None,
             "timm.create_model keyword arguments the model was built with."
         ) from err
     shapes, attributes = compute_shape_manifest(
-        model, reference, f"Rebuilt with timm.create_model({architecture!r}, **{args}); if the model was built with "
+        model,
+        reference,
+        f"Rebuilt with timm.create_model({architecture!r}, **{args}); if the model was built with "
         "other keyword arguments, pass them as model_args=.",
     )
     previous = getattr(model, TIMM_MANIFEST_ATTRIBUTE, None) or {}

@@ -94,7 +94,9 @@ def timm_widths(model: nn.Module) -> dict[str, Any]:
 
 def stock_class_of(pruned_class: type[PrunedModelMixin]) -> type[PreTrainedModel]:
     """The stock transformers class a pruned class resizes (e.g. `ViTForImageClassification`)."""
-    return next(c for c in pruned_class.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, PrunedModelMixin))
+    return next(
+        c for c in pruned_class.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, PrunedModelMixin)
+    )
 
 
 @dataclass(frozen=True)

@@ -61,13 +61,23 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 IMAGE_PROCESSOR_NAME = "preprocessor_config.json"
 # Weight files of an older save that must not survive next to new weights.
-_STALE_WEIGHTS = re.compile(r"^(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)(\.index\.json)?$")
+_STALE_WEIGHTS = re.compile(
+    r"^(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)(\.index\.json)?$"
+)
 # Files that optimum-isoprune writes into a checkpoint folder: a new save replaces them as a whole, so none of them
 # survives from an older save (a README.md is replaced only when it is a generated card, see `_is_generated_card`).
-PACKAGE_FILES = frozenset({
-    "config.json", "generation_config.json", "pruning_config.json", "pruning_report.json", "layer_widths.png",
-    "demo_summary.json", "modeling_pruned.py", "configuration_pruned.py",
-})
+PACKAGE_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "pruning_config.json",
+        "pruning_report.json",
+        "layer_widths.png",
+        "demo_summary.json",
+        "modeling_pruned.py",
+        "configuration_pruned.py",
+    }
+)
 # Weight formats that need unpickling: never read, whatever the folder holds.
 _PICKLE_WEIGHTS = re.compile(r"^(pytorch_model|model|tf_model)(-\d+-of-\d+)?\.(bin|pt|pth|ckpt|pkl)(\.index\.json)?$")
 _SAVING = ".saving-"
@@ -105,7 +115,9 @@ def apply_shape_manifest(
         for tensor_name, shape in tensors.items():
             if module._parameters.get(tensor_name) is not None:
                 old = module._parameters[tensor_name]
-                module._parameters[tensor_name] = nn.Parameter(_resized(old.data, shape), requires_grad=old.requires_grad)
+                module._parameters[tensor_name] = nn.Parameter(
+                    _resized(old.data, shape), requires_grad=old.requires_grad
+                )
             elif module._buffers.get(tensor_name) is not None:
                 module._buffers[tensor_name] = _resized(module._buffers[tensor_name], shape)
             else:
@@ -133,10 +145,20 @@ def _check_attribute(module: nn.Module, module_name: str, attribute: str, value:
     """Only plain data attributes (widths, head counts, scales) may be set; never methods, tensors or submodules."""
     where = f"pruned_attributes[{module_name!r}][{attribute!r}]"
     current = vars(module).get(attribute, _UNSET)
-    shadows = hasattr(type(module), attribute) or attribute in module._parameters or attribute in module._buffers \
+    shadows = (
+        hasattr(type(module), attribute)
+        or attribute in module._parameters
+        or attribute in module._buffers
         or attribute in module._modules
-    if not attribute.isidentifier() or attribute.startswith("_") or attribute == "training" or shadows \
-            or current is _UNSET or not _is_plain(current):
+    )
+    if (
+        not attribute.isidentifier()
+        or attribute.startswith("_")
+        or attribute == "training"
+        or shadows
+        or current is _UNSET
+        or not _is_plain(current)
+    ):
         raise PrunedCheckpointError(
             f"{where} would overwrite {type(module).__name__}.{attribute}, which is not a width or head count this "
             "package records; the config was edited or is not a pruned checkpoint. Save the model again."
@@ -182,8 +204,11 @@ def _check_layer_widths(name: str, module: nn.Module) -> None:
 
 _UNSET = object()
 # (head count, head size) attribute names of the attention modules of transformers and timm, and their projections.
-_HEAD_ATTRIBUTES = (("num_attention_heads", "attention_head_size"), ("num_attention_heads", "head_dim"),
-                    ("num_heads", "head_dim"))
+_HEAD_ATTRIBUTES = (
+    ("num_attention_heads", "attention_head_size"),
+    ("num_attention_heads", "head_dim"),
+    ("num_heads", "head_dim"),
+)
 _PROJECTIONS = (("query", 1), ("q_proj", 1), ("q", 1), ("qkv", 3))
 
 
@@ -196,9 +221,14 @@ def check_attention_shapes(model: nn.Module) -> None:
             heads, dim = vars(module).get(heads_name), vars(module).get(dim_name)
             if not isinstance(heads, int) or not isinstance(dim, int):
                 continue
-            widths = [(p, getattr(module, p).weight.shape[0] // k) for p, k in _PROJECTIONS
-                      if isinstance(getattr(module, p, None), nn.Linear)]
-            widths += [(a, vars(module)[a]) for a in ("all_head_size", "attn_dim") if isinstance(vars(module).get(a), int)]
+            widths = [
+                (p, getattr(module, p).weight.shape[0] // k)
+                for p, k in _PROJECTIONS
+                if isinstance(getattr(module, p, None), nn.Linear)
+            ]
+            widths += [
+                (a, vars(module)[a]) for a in ("all_head_size", "attn_dim") if isinstance(vars(module).get(a), int)
+            ]
             wrong = [f"{p} = {w}" for p, w in widths if w != heads * dim]
             if heads < 1 or dim < 1 or wrong:
                 raise PrunedCheckpointError(
@@ -270,16 +300,22 @@ def local_weight_files(directory: str | os.PathLike) -> list[str]:
                 weight_map = json.load(f).get("weight_map")
             except (ValueError, AttributeError) as err:
                 raise PrunedCheckpointError(f"{index} is not a JSON object ({err}); save the model again.") from err
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
         ):
             raise PrunedCheckpointError(
                 f"{index} has no 'weight_map' of tensor names to shard files; the index is damaged. Save the model again."
             )
         shards = sorted(set(weight_map.values()))
         for shard in shards:
-            if os.path.basename(shard) != shard or shard in ("", ".", "..") or os.path.isabs(shard) \
-                    or not shard.endswith(".safetensors"):
+            if (
+                os.path.basename(shard) != shard
+                or shard in ("", ".", "..")
+                or os.path.isabs(shard)
+                or not shard.endswith(".safetensors")
+            ):
                 raise PrunedCheckpointError(
                     f"{index} maps tensors to {shard!r}, which is not a .safetensors file inside {directory}; "
                     "shards must be plain file names in the checkpoint folder. Refusing to read outside it."
@@ -407,7 +443,8 @@ def check_loading_info(info: Mapping[str, Any], where: str) -> None:
             problems.append(f"{len(values)} {key.replace('_', ' ')} (e.g. {', '.join(values[:5])})")
     if problems:
         raise PrunedCheckpointError(
-            f"{where} does not hold exactly the model's tensors: " + "; ".join(problems)
+            f"{where} does not hold exactly the model's tensors: "
+            + "; ".join(problems)
             + ". Refusing to initialise anything at random; save the model again."
         )
 
@@ -453,8 +490,9 @@ def atomic_save(save_directory: str | os.PathLike, write: Callable[[str, str | N
     try:
         write(staging, previous)
         if previous is not None:
-            logger.info("Replacing the checkpoint in %s (files written by optimum-isoprune are replaced; others kept).",
-                        target)
+            logger.info(
+                "Replacing the checkpoint in %s (files written by optimum-isoprune are replaced; others kept).", target
+            )
             for entry in os.listdir(previous):
                 src, dst = os.path.join(previous, entry), os.path.join(staging, entry)
                 if os.path.lexists(dst) or _is_package_file(previous, entry):
@@ -558,11 +596,13 @@ def recover_interrupted_save(directory: str | os.PathLike) -> None:
         return
     stale = []
     for entry in entries:
-        pid = entry[len(prefix):].split("-", 1)[0]
+        pid = entry[len(prefix) :].split("-", 1)[0]
         if not pid.isdigit() or not _pid_alive(int(pid)):
             stale.append(os.path.join(parent, entry))
     # A missing target with a `.previous` beside it is always restored, even if its pid looks alive (pids are reused).
-    backups = [os.path.join(parent, e) for e in entries if e.endswith(_PREVIOUS) and os.path.isdir(os.path.join(parent, e))]
+    backups = [
+        os.path.join(parent, e) for e in entries if e.endswith(_PREVIOUS) and os.path.isdir(os.path.join(parent, e))
+    ]
     if backups and not os.path.lexists(target):
         try:
             os.rename(backups[-1], target)
@@ -572,7 +612,9 @@ def recover_interrupted_save(directory: str | os.PathLike) -> None:
                 f"({err.strerror or err}); rename that folder to {name} yourself."
             ) from err
         stale = [path for path in stale if path != backups[-1]]
-        logger.warning("Restored %s from %s, left by a save that was interrupted.", target, os.path.basename(backups[-1]))
+        logger.warning(
+            "Restored %s from %s, left by a save that was interrupted.", target, os.path.basename(backups[-1])
+        )
     for path in stale:
         logger.info("Removing %s, left by an interrupted save.", path)
         shutil.rmtree(path, ignore_errors=True)
@@ -650,7 +692,9 @@ class PrunedModelMixin:
         check_weights_against_model(files, skeleton, config_file)
         check_attention_shapes(skeleton)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, image_processor: Any = None, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, image_processor: Any = None, **kwargs: Any
+    ) -> None:
         """`PreTrainedModel.save_pretrained`, written atomically, plus an image processor so `pipeline()` works.
 
         The image processor is `image_processor` when given, else the one already in `save_directory`,
@@ -667,7 +711,9 @@ class PrunedModelMixin:
             raise ValueError(f"Refusing to save: {len(bad)} tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}).")
         atomic_save(
             save_directory,
-            lambda staging, previous: self.write_checkpoint(staging, previous, *args, image_processor=image_processor, **kwargs),
+            lambda staging, previous: self.write_checkpoint(
+                staging, previous, *args, image_processor=image_processor, **kwargs
+            ),
         )
 
     def write_checkpoint(
