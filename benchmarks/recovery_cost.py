@@ -38,6 +38,7 @@ def worker(spec: dict) -> dict:
         reconstruction=spec["reconstruction"],
         budget_policy=spec["policy"],
         search_candidates=spec.get("candidates", 24),
+        search_finalists=spec.get("finalists"),
         num_calibration_batches=spec["batches"],
         calibration_batch_size=16,
     )
@@ -56,9 +57,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", default="vit_base_patch16_224")
     p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--configs", default="none:shared,least_squares:shared")
+    p.add_argument(
+        "--configs",
+        default="none:shared,least_squares:shared",
+        help="reconstruction:policy, comma-separated; search@N sets search_finalists=N",
+    )
     p.add_argument("--candidates", type=int, default=24)
     p.add_argument("--batches", type=int, default=8, help="calibration batches of 16 images (importance and refit)")
+    p.add_argument("--out", default="recovery_cost.json", help="file name under benchmarks/results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -68,6 +74,7 @@ def main() -> None:
     for model in args.models.split(","):
         for config in args.configs.split(","):
             reconstruction, policy = config.split(":")
+            policy, _, finalists = policy.partition("@")
             spec = dict(
                 model=model,
                 fraction=args.fraction,
@@ -75,6 +82,7 @@ def main() -> None:
                 policy=policy,
                 candidates=args.candidates,
                 batches=args.batches,
+                finalists=int(finalists) if finalists else None,
             )
             out = subprocess.run(
                 [PY, __file__, "--worker", json.dumps(spec)],
@@ -93,7 +101,7 @@ def main() -> None:
                 f"{row['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
-    save_json("recovery_cost.json", dict(meta=machine(), rows=rows))
+    save_json(args.out, dict(meta=machine(), rows=rows))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -114,8 +115,8 @@ class IsomorphicPruningConfig(JsonFile):
             "help": "How a MACs/params target is split across classes: 'shared' (one ratio for every "
             "class, the paper's behaviour), 'search' (per-class amounts searched on the distillation loss "
             "of held-out calibration batches, starting from shared and global ranking's amounts) or "
-            "'allocate' (experimental: importance normalised by its class median, per MAC saved). "
-            "Ranking stays within classes.",
+            "'allocate' (deprecated: importance normalised by its class median, per MAC saved; the worst "
+            "split after finetuning in BENCHMARKS.md part 6). Ranking stays within classes.",
             "choices": BUDGET_POLICY_CHOICES,
         },
     )
@@ -148,7 +149,7 @@ class IsomorphicPruningConfig(JsonFile):
             "help": "budget_policy='search' with reconstruction: None scores every candidate after "
             "reconstruction; a number N ranks candidates without it (one forward pass each, several times "
             "faster) and rescores only the starts and the N best others after reconstruction (as good at "
-            "50% of the MACs, worse at 25% in BENCHMARKS.md part 7)."
+            "50% of the MACs, worse at 25% in BENCHMARKS.md part 6)."
         },
     )
     search_batches: int = field(
@@ -197,6 +198,14 @@ class IsomorphicPruningConfig(JsonFile):
         for f in fields(self):
             if "choices" in f.metadata:
                 _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        if self.budget_policy == "allocate":
+            warnings.warn(
+                "budget_policy='allocate' is deprecated and will be removed: it gave the worst or second-worst "
+                "top-1 after finetuning on every teacher measured (BENCHMARKS.md part 6). Use 'shared' (the "
+                "default) or 'search'.",
+                FutureWarning,
+                stacklevel=3,
+            )
         if self.latency_device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.latency_device):
             raise ValueError(
                 f"latency_device must be 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {self.latency_device!r}."

@@ -32,3 +32,11 @@ def test_bad_values_are_rejected_with_the_field_name(kwargs, message):
 def test_unknown_fields_are_named(tmp_path):
     with pytest.raises(ValueError, match="ratio_typo"):
         IsomorphicPruningConfig.from_dict({"pruning_ratio": 0.5, "ratio_typo": 1})
+
+
+def test_allocate_policy_warns_that_it_is_deprecated_and_still_loads(tmp_path):
+    with pytest.warns(FutureWarning, match="'allocate' is deprecated"):
+        config = IsomorphicPruningConfig(target_macs=1e9, budget_policy="allocate")
+    config.save_pretrained(tmp_path)
+    with pytest.warns(FutureWarning, match="'allocate' is deprecated"):
+        assert IsomorphicPruningConfig.from_pretrained(tmp_path) == config
