@@ -394,6 +394,7 @@ class IsomorphicPruner:
             graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
                 model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
             )
+            adapter.adjust_graph(graph, model)
         adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))
         classes = build_classes(

@@ -12,6 +12,10 @@ from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     ResNetConfig,
@@ -30,6 +34,17 @@ VIT_KWARGS = dict(
     num_hidden_layers=3,
     num_attention_heads=4,
     intermediate_size=256,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    num_labels=10,
+)
+# DINOv2 has no intermediate_size (mlp_ratio sets the MLP width); layer scale starts away from 1 so it matters.
+DINOV2_KWARGS = dict(
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    mlp_ratio=4,
+    layerscale_value=0.5,
     image_size=IMAGE_SIZE,
     patch_size=8,
     num_labels=10,
@@ -54,6 +69,7 @@ BUILDERS = {
     "vit": lambda: ViTForImageClassification(ViTConfig(**VIT_KWARGS)),
     "deit": lambda: DeiTForImageClassification(DeiTConfig(**VIT_KWARGS)),
     "deit_teacher": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_KWARGS)),
+    "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(**DINOV2_KWARGS)),
     "convnext": lambda: ConvNextForImageClassification(ConvNextConfig(**CONVNEXT_KWARGS)),
     "convnextv2": lambda: ConvNextV2ForImageClassification(ConvNextV2Config(**CONVNEXT_KWARGS)),
     "resnet": lambda: ResNetForImageClassification(
@@ -90,6 +106,15 @@ BUILDERS = {
 }
 
 
+# DINOv2 variants beyond the support matrix's "dinov2" row (tests/test_dinov2.py).
+DINOV2_VARIANT_BUILDERS = {
+    "dinov2_swiglu": lambda: Dinov2ForImageClassification(Dinov2Config(use_swiglu_ffn=True, **DINOV2_KWARGS)),
+    "dinov2_registers": lambda: Dinov2WithRegistersForImageClassification(
+        Dinov2WithRegistersConfig(num_register_tokens=2, **DINOV2_KWARGS)
+    ),
+}
+
+
 def _timm_cnn(name: str, image_size: int = 64) -> torch.nn.Module:
     """A timm CNN at its real width, fed small images (its pretrained_cfg says which size) to stay fast."""
     return timm.create_model(
@@ -112,10 +137,12 @@ TIMM_FAMILY_BUILDERS = {
 
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = {**BUILDERS, **TIMM_FAMILY_BUILDERS}[name]().eval()
+    model = {**BUILDERS, **TIMM_FAMILY_BUILDERS, **DINOV2_VARIANT_BUILDERS}[name]().eval()
     with torch.no_grad():  # transformers initialises Swin's bias tables to zero: make every head's column distinct
         for param_name, param in model.named_parameters():
             if param_name.endswith("relative_position_bias_table"):
+                param.normal_(std=0.5)
+            if param_name.endswith(("register_tokens", "mask_token")):  # DINOv2 initialises them to zero too
                 param.normal_(std=0.5)
     return model
 

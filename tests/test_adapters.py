@@ -79,3 +79,12 @@ def test_adapter_for_falls_back_to_model_io_for_models_the_pruner_does_not_know(
     x = torch.randn(2, 3, adapter.image_size(), adapter.image_size())
     with torch.no_grad():
         torch.testing.assert_close(adapter.predict(x), vit(pixel_values=x).logits)
+
+
+def test_no_supported_model_type_is_listed_as_a_gap():
+    """A family the adapters accept must not be refused with a stale "nearest family" explanation."""
+    from optimum_isoprune.adapters import ADAPTERS
+    from optimum_isoprune.adapters.nearest import KNOWN_GAPS
+
+    accepted = {t for adapter in ADAPTERS for t in getattr(adapter, "model_types", {})}
+    assert "dinov2" in accepted and not accepted & set(KNOWN_GAPS)

@@ -27,11 +27,22 @@ from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.checkpoint import load_pruned_model
 from optimum_isoprune.modeling import PrunedConfigMixin, PrunedModelMixin, PrunedViTConfig, to_pruned_model
 
-HF_FAMILIES = ["vit", "deit", "deit_teacher", "convnext", "convnextv2", "resnet", "mobilenet_v2", "timm_wrapper"]
+HF_FAMILIES = [
+    "vit",
+    "deit",
+    "deit_teacher",
+    "dinov2",
+    "convnext",
+    "convnextv2",
+    "resnet",
+    "mobilenet_v2",
+    "timm_wrapper",
+]
 EXPECTED_CLASS = {
     "vit": "PrunedViTForImageClassification",
     "deit": "PrunedDeiTForImageClassification",
     "deit_teacher": "PrunedDeiTForImageClassificationWithTeacher",
+    "dinov2": "PrunedDinov2ForImageClassification",
     "convnext": "PrunedConvNextForImageClassification",
     "convnextv2": "PrunedConvNextV2ForImageClassification",
     "resnet": "PrunedResNetForImageClassification",

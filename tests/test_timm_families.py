@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from torch import nn
-from transformers import Dinov2Config, Dinov2ForImageClassification
+from transformers import BeitConfig, BeitForImageClassification
 
 from models import TIMM_FAMILY_BUILDERS, TIMM_VIT_KWARGS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -153,9 +153,9 @@ _REFUSED = {
         "swin_*",
         "logit scale",
     ),
-    "dinov2": (
-        lambda: Dinov2ForImageClassification(
-            Dinov2Config(
+    "hf_beit": (
+        lambda: BeitForImageClassification(
+            BeitConfig(
                 hidden_size=32,
                 num_hidden_layers=1,
                 num_attention_heads=2,

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Attention, AttentionLayout, ModelAdapter
+from .dinov2 import Dinov2Adapter
 from .io import ModelIO
 from .nearest import nearest_family
 from .swin import SwinTimmAdapter, SwinTransformersAdapter
@@ -18,6 +19,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     TimmAdapter,
     SwinTransformersAdapter,
     SwinTimmAdapter,
+    Dinov2Adapter,
 ]
 
 

@@ -168,6 +168,10 @@ class ModelAdapter(ModelIO):
         cannot trace); per-head parameters are kept out of the graph and sliced by `Attention.set_shape`."""
         return {"ignored_params": [p for a in self.attentions(model) for p in a.head_parameters()]}
 
+    def adjust_graph(self, graph: Any, model: nn.Module) -> None:
+        """Correct torch-pruning's traced `DependencyGraph` where one of its heuristics is wrong for this
+        architecture (called once, right after tracing)."""
+
     def make_traceable(self, model: nn.Module) -> None:
         """Switch the copy being pruned to code paths whose every matmul autograd can see."""
 

@@ -28,7 +28,6 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
         f"a per-head logit scale and the continuous position-bias MLP's per-head "
         f"outputs must be sliced with the heads; {_RESHAPE}independently; {_FUSED_BIAS}",
     ),
-    "dinov2": (_HF_VIT, f"{_NEEDS_CLASS}, and layer scale; timm's DINOv2 (vit_*_dinov2) is supported meanwhile"),
     "beit": (_HF_VIT, f"{_NEEDS_CLASS}, and per-head relative position bias tables"),
     "data2vec-vision": (_HF_VIT, f"{_NEEDS_CLASS}, and per-head relative position bias tables"),
     "clip": (_HF_VIT, f"{_NEEDS_CLASS}; timm's CLIP ViTs (vit_*_clip_*) are supported meanwhile"),

@@ -24,6 +24,8 @@ from transformers import (
     ConvNextConfig,
     ConvNextV2Config,
     DeiTConfig,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
     MobileNetV2Config,
     PreTrainedConfig,
     ResNetConfig,
@@ -142,6 +144,20 @@ class PrunedDeiTWithTeacherConfig(PrunedDeiTConfig):
     model_type = "pruned_deit_with_teacher"
 
 
+class PrunedDinov2Config(_ViTWidthsMixin, Dinov2Config):
+    """A DINOv2 with per-layer heads, head dims and MLP (or SwiGLU) widths, and a narrower residual."""
+
+    model_type = "pruned_dinov2"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = Dinov2Config
+
+
+class PrunedDinov2WithRegistersConfig(_ViTWidthsMixin, Dinov2WithRegistersConfig):
+    """A DINOv2 with register tokens, with per-layer widths."""
+
+    model_type = "pruned_dinov2_with_registers"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = Dinov2WithRegistersConfig
+
+
 class PrunedConvNextConfig(_ConvNextWidthsMixin, ConvNextConfig):
     """A ConvNeXt with per-stage residual widths and per-block MLP widths."""
 
@@ -218,6 +234,8 @@ __all__ = [
     "PrunedConvNextV2Config",
     "PrunedDeiTConfig",
     "PrunedDeiTWithTeacherConfig",
+    "PrunedDinov2Config",
+    "PrunedDinov2WithRegistersConfig",
     "PrunedMobileNetV2Config",
     "PrunedResNetConfig",
     "PrunedSwinConfig",

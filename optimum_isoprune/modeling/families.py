@@ -23,6 +23,8 @@ from .modeling_pruned import (
     PrunedConvNextV2ForImageClassification,
     PrunedDeiTForImageClassification,
     PrunedDeiTForImageClassificationWithTeacher,
+    PrunedDinov2ForImageClassification,
+    PrunedDinov2WithRegistersForImageClassification,
     PrunedMobileNetV2ForImageClassification,
     PrunedModelMixin,
     PrunedResNetForImageClassification,
@@ -46,6 +48,14 @@ def _vit_widths(model: nn.Module) -> dict[str, Any]:
         "layer_head_dims": [int(a.head_dim) for a in attentions],
         "layer_intermediate_sizes": [channels(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
     }
+
+
+def _dinov2_widths(model: nn.Module) -> dict[str, Any]:
+    """ViT's summary; the MLP width is fc1's, or up_proj's for a SwiGLU MLP."""
+    widths = _vit_widths(model)
+    mlps = [layer.mlp for layer in model.base_model.encoder.layer]
+    widths["layer_intermediate_sizes"] = [channels(getattr(mlp, "fc1", None) or mlp.up_proj) for mlp in mlps]
+    return widths
 
 
 def _convnext_widths(model: nn.Module) -> dict[str, Any]:
@@ -124,6 +134,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedViTForImageClassification, _vit_widths),
     Family(PrunedDeiTForImageClassification, _vit_widths),
     Family(PrunedDeiTForImageClassificationWithTeacher, _vit_widths),
+    Family(PrunedDinov2ForImageClassification, _dinov2_widths),
+    Family(PrunedDinov2WithRegistersForImageClassification, _dinov2_widths),
     Family(PrunedConvNextForImageClassification, _convnext_widths),
     Family(PrunedConvNextV2ForImageClassification, _convnext_widths),
     Family(PrunedResNetForImageClassification, _resnet_widths),

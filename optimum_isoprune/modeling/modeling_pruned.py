@@ -35,6 +35,8 @@ from transformers import (
     ConvNextV2ForImageClassification,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersForImageClassification,
     MobileNetV2ForImageClassification,
     ResNetForImageClassification,
     SwinForImageClassification,
@@ -48,6 +50,8 @@ from .configuration_pruned import (
     PrunedConvNextV2Config,
     PrunedDeiTConfig,
     PrunedDeiTWithTeacherConfig,
+    PrunedDinov2Config,
+    PrunedDinov2WithRegistersConfig,
     PrunedMobileNetV2Config,
     PrunedResNetConfig,
     PrunedSwinConfig,
@@ -639,6 +643,8 @@ class PrunedModelMixin:
     """
 
     config: PrunedConfigMixin
+    # The model type whose stock image processor a default one is built from, when not the base model type's.
+    image_processor_model_type: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -736,7 +742,7 @@ class PrunedModelMixin:
         """The stock image processor class of the base architecture, set to this model's input size."""
         from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
-        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(self.config.base_model_type)
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(self.image_processor_model_type or self.config.base_model_type)
         if isinstance(names, Mapping):
             names = [names.get("torchvision"), names.get("pil")]
         for name in names if isinstance(names, (list, tuple)) else [names]:
@@ -796,8 +802,8 @@ class PrunedResNetForImageClassification(PrunedModelMixin, ResNetForImageClassif
     config_class = PrunedResNetConfig
 
 
-class PrunedMobileNetV2ForImageClassification(PrunedModelMixin, MobileNetV2ForImageClassification):
-    config_class = PrunedMobileNetV2Config
+class _ResizeAndCropProcessorMixin(PrunedModelMixin):
+    """Models whose processor resizes the shortest edge, then center-crops: both to the model's input size."""
 
     def _image_processor_kwargs(self) -> dict[str, Any]:
         kwargs = super()._image_processor_kwargs()
@@ -805,6 +811,23 @@ class PrunedMobileNetV2ForImageClassification(PrunedModelMixin, MobileNetV2ForIm
         if size is not None:
             kwargs.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         return kwargs
+
+
+class PrunedMobileNetV2ForImageClassification(_ResizeAndCropProcessorMixin, MobileNetV2ForImageClassification):
+    config_class = PrunedMobileNetV2Config
+
+
+class PrunedDinov2ForImageClassification(_ResizeAndCropProcessorMixin, Dinov2ForImageClassification):
+    config_class = PrunedDinov2Config
+
+
+class PrunedDinov2WithRegistersForImageClassification(
+    _ResizeAndCropProcessorMixin, Dinov2WithRegistersForImageClassification
+):
+    config_class = PrunedDinov2WithRegistersConfig
+    image_processor_model_type = (
+        "dinov2"  # transformers maps no processor to dinov2_with_registers; its hub repos use this
+    )
 
 
 class PrunedSwinForImageClassification(PrunedModelMixin, SwinForImageClassification):
@@ -823,6 +846,8 @@ __all__ = [
     "PrunedConvNextV2ForImageClassification",
     "PrunedDeiTForImageClassification",
     "PrunedDeiTForImageClassificationWithTeacher",
+    "PrunedDinov2ForImageClassification",
+    "PrunedDinov2WithRegistersForImageClassification",
     "PrunedMobileNetV2ForImageClassification",
     "PrunedResNetForImageClassification",
     "PrunedSwinForImageClassification",
