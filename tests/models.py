@@ -16,8 +16,12 @@ from transformers import (
     Dinov2ForImageClassification,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
+    EfficientNetConfig,
+    EfficientNetForImageClassification,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
+    RegNetConfig,
+    RegNetForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
     SwinConfig,
@@ -49,6 +53,22 @@ DINOV2_KWARGS = dict(
     patch_size=8,
     num_labels=10,
 )
+# Three base stages: no expansion (ratio 1), then ratio 6 with depthwise 3x3 / 5x5, SE, residual repeats and a
+# stride-2 block padded symmetrically (depthwise_padding); hidden_dim is the top conv's width, round_filters(1280).
+EFFICIENTNET_KWARGS = dict(
+    image_size=IMAGE_SIZE,
+    width_coefficient=0.5,
+    depth_coefficient=1.0,
+    kernel_sizes=[3, 3, 5],
+    in_channels=[32, 16, 24],
+    out_channels=[16, 24, 40],
+    strides=[1, 2, 2],
+    num_block_repeats=[1, 2, 2],
+    expand_ratios=[1, 6, 6],
+    depthwise_padding=[3],
+    hidden_dim=640,
+    num_labels=10,
+)
 CONVNEXT_KWARGS = dict(hidden_sizes=[32, 64], depths=[2, 2], num_stages=2, image_size=IMAGE_SIZE, num_labels=10)
 SWIN_KWARGS = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
@@ -78,6 +98,11 @@ BUILDERS = {
     "mobilenet_v2": lambda: MobileNetV2ForImageClassification(
         MobileNetV2Config(image_size=IMAGE_SIZE, depth_multiplier=0.35, num_labels=10)
     ),
+    # grouped 3x3 convs (groups_width 8: 4 and 8 conv groups) + squeeze-and-excitation
+    "regnet": lambda: RegNetForImageClassification(
+        RegNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, num_labels=10)
+    ),
+    "efficientnet": lambda: EfficientNetForImageClassification(EfficientNetConfig(**EFFICIENTNET_KWARGS)),
     "timm_vit": lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
     "timm_deit_distilled": lambda: timm.create_model(
         "deit_tiny_distilled_patch16_224", pretrained=False, **TIMM_VIT_KWARGS

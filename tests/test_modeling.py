@@ -36,6 +36,8 @@ HF_FAMILIES = [
     "convnextv2",
     "resnet",
     "mobilenet_v2",
+    "regnet",
+    "efficientnet",
     "timm_wrapper",
 ]
 EXPECTED_CLASS = {
@@ -47,6 +49,8 @@ EXPECTED_CLASS = {
     "convnextv2": "PrunedConvNextV2ForImageClassification",
     "resnet": "PrunedResNetForImageClassification",
     "mobilenet_v2": "PrunedMobileNetV2ForImageClassification",
+    "regnet": "PrunedRegNetForImageClassification",
+    "efficientnet": "PrunedEfficientNetForImageClassification",
     "timm_wrapper": "PrunedTimmWrapperForImageClassification",
 }
 TRAVELLING_FILES = ("configuration_pruned.py", "modeling_pruned.py")
@@ -111,7 +115,9 @@ def test_to_pruned_model_keeps_logits_and_records_widths(name):
     json.loads(converted.config.to_json_string())  # the whole config is plain JSON
 
 
-@pytest.mark.parametrize("name", ["vit", "deit_teacher", "convnextv2", "resnet", "mobilenet_v2"])
+@pytest.mark.parametrize(
+    "name", ["vit", "deit_teacher", "convnextv2", "resnet", "mobilenet_v2", "regnet", "efficientnet"]
+)
 def test_stock_class_pruned_by_torch_pruning_converts_exactly(name, tmp_path):
     model = prune_with_torch_pruning(build(name), ratio=0.5)
     assert not isinstance(model, PrunedModelMixin)

@@ -36,8 +36,6 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
         "transformers SwinForImageClassification",
         f"{_NEEDS_CLASS}, a per-head logit scale and the continuous position-bias MLP",
     ),
-    "efficientnet": ("transformers MobileNetV2ForImageClassification or timm efficientnet_*", _NEEDS_CLASS),
-    "regnet": ("transformers ResNetForImageClassification or timm regnety_*", _NEEDS_CLASS),
     "levit": (_HF_VIT, f"{_NEEDS_CLASS}, and attention with convolution-style biases between stages"),
 }
 

@@ -24,6 +24,8 @@ SUPPORTED_MODEL_TYPES = {
     "convnextv2": "ConvNextV2ForImageClassification",
     "resnet": "ResNetForImageClassification",
     "mobilenet_v2": "MobileNetV2ForImageClassification",
+    "regnet": "RegNetForImageClassification",
+    "efficientnet": "EfficientNetForImageClassification",
 }
 
 

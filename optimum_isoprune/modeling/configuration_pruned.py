@@ -26,8 +26,10 @@ from transformers import (
     DeiTConfig,
     Dinov2Config,
     Dinov2WithRegistersConfig,
+    EfficientNetConfig,
     MobileNetV2Config,
     PreTrainedConfig,
+    RegNetConfig,
     ResNetConfig,
     SwinConfig,
     TimmWrapperConfig,
@@ -204,6 +206,42 @@ class PrunedMobileNetV2Config(PrunedConfigMixin, MobileNetV2Config):
     pruned_last_channels: int | None = None
 
 
+class PrunedRegNetConfig(PrunedConfigMixin, RegNetConfig):
+    """A RegNet with per-stage output widths and per-block inner widths (conv groups keep their count)."""
+
+    model_type = "pruned_regnet"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = RegNetConfig
+    summary_fields: ClassVar[dict[str, int]] = {
+        "pruned_embedding_size": 0,
+        "stage_hidden_sizes": 1,
+        "stage_block_widths": 3,
+        "stage_block_squeeze_widths": 2,
+    }
+
+    pruned_embedding_size: int | None = None
+    stage_hidden_sizes: list[int] | None = None
+    stage_block_widths: list[list[list[int]]] | None = None
+    stage_block_squeeze_widths: list[list[int]] | None = None
+
+
+class PrunedEfficientNetConfig(PrunedConfigMixin, EfficientNetConfig):
+    """An EfficientNet with per-block expanded, squeeze-and-excitation and output widths, and a narrower top conv."""
+
+    model_type = "pruned_efficientnet"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = EfficientNetConfig
+    summary_fields: ClassVar[dict[str, int]] = {
+        "block_expanded_channels": 1,
+        "block_squeeze_channels": 1,
+        "block_out_channels": 1,
+        "pruned_hidden_dim": 0,
+    }
+
+    block_expanded_channels: list[int] | None = None
+    block_squeeze_channels: list[int] | None = None
+    block_out_channels: list[int] | None = None
+    pruned_hidden_dim: int | None = None
+
+
 class PrunedSwinConfig(PrunedConfigMixin, SwinConfig):
     """A Swin Transformer with per-layer heads and MLP widths (and narrower stages)."""
 
@@ -236,7 +274,9 @@ __all__ = [
     "PrunedDeiTWithTeacherConfig",
     "PrunedDinov2Config",
     "PrunedDinov2WithRegistersConfig",
+    "PrunedEfficientNetConfig",
     "PrunedMobileNetV2Config",
+    "PrunedRegNetConfig",
     "PrunedResNetConfig",
     "PrunedSwinConfig",
     "PrunedTimmWrapperConfig",

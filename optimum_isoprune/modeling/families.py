@@ -25,8 +25,10 @@ from .modeling_pruned import (
     PrunedDeiTForImageClassificationWithTeacher,
     PrunedDinov2ForImageClassification,
     PrunedDinov2WithRegistersForImageClassification,
+    PrunedEfficientNetForImageClassification,
     PrunedMobileNetV2ForImageClassification,
     PrunedModelMixin,
+    PrunedRegNetForImageClassification,
     PrunedResNetForImageClassification,
     PrunedSwinForImageClassification,
     PrunedTimmWrapperForImageClassification,
@@ -87,6 +89,33 @@ def _mobilenet_v2_widths(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _regnet_widths(model: nn.Module) -> dict[str, Any]:
+    base = model.base_model
+    stages = base.encoder.stages
+    return {
+        "pruned_embedding_size": int(base.embedder.embedder.convolution.out_channels),
+        "stage_hidden_sizes": [int(s.layers[-1].layer[-1].convolution.out_channels) for s in stages],
+        # per block: the 1x1 conv's and the grouped 3x3 conv's widths (their conv groups keep their count)
+        "stage_block_widths": [
+            [[int(block.layer[i].convolution.out_channels) for i in (0, 1)] for block in s.layers] for s in stages
+        ],
+        "stage_block_squeeze_widths": [  # squeeze-and-excitation widths (layer_type "y")
+            [int(block.layer[2].attention[0].out_channels) for block in s.layers if len(block.layer) == 4]
+            for s in stages
+        ],
+    }
+
+
+def _efficientnet_widths(model: nn.Module) -> dict[str, Any]:
+    encoder = model.base_model.encoder
+    return {
+        "block_expanded_channels": [int(b.depthwise_conv.depthwise_conv.out_channels) for b in encoder.blocks],
+        "block_squeeze_channels": [int(b.squeeze_excite.reduce.out_channels) for b in encoder.blocks],
+        "block_out_channels": [int(b.projection.project_conv.out_channels) for b in encoder.blocks],
+        "pruned_hidden_dim": int(encoder.top_conv.out_channels),
+    }
+
+
 def _swin_widths(model: nn.Module) -> dict[str, Any]:
     return {
         "layer_num_heads": [int(a.num_attention_heads) for a in _modules_with(model, "q_proj", "num_attention_heads")],
@@ -140,6 +169,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedConvNextV2ForImageClassification, _convnext_widths),
     Family(PrunedResNetForImageClassification, _resnet_widths),
     Family(PrunedMobileNetV2ForImageClassification, _mobilenet_v2_widths),
+    Family(PrunedRegNetForImageClassification, _regnet_widths),
+    Family(PrunedEfficientNetForImageClassification, _efficientnet_widths),
     Family(PrunedSwinForImageClassification, _swin_widths),
     Family(PrunedTimmWrapperForImageClassification, timm_widths),
 )

@@ -37,7 +37,9 @@ from transformers import (
     DeiTForImageClassificationWithTeacher,
     Dinov2ForImageClassification,
     Dinov2WithRegistersForImageClassification,
+    EfficientNetForImageClassification,
     MobileNetV2ForImageClassification,
+    RegNetForImageClassification,
     ResNetForImageClassification,
     SwinForImageClassification,
     TimmWrapperForImageClassification,
@@ -52,7 +54,9 @@ from .configuration_pruned import (
     PrunedDeiTWithTeacherConfig,
     PrunedDinov2Config,
     PrunedDinov2WithRegistersConfig,
+    PrunedEfficientNetConfig,
     PrunedMobileNetV2Config,
+    PrunedRegNetConfig,
     PrunedResNetConfig,
     PrunedSwinConfig,
     PrunedTimmWrapperConfig,
@@ -802,6 +806,17 @@ class PrunedResNetForImageClassification(PrunedModelMixin, ResNetForImageClassif
     config_class = PrunedResNetConfig
 
 
+class PrunedRegNetForImageClassification(PrunedModelMixin, RegNetForImageClassification):
+    config_class = PrunedRegNetConfig
+
+
+class PrunedEfficientNetForImageClassification(_FixedSizeProcessorMixin, EfficientNetForImageClassification):
+    """Its stock processor resizes straight to (height, width), as the EfficientNet checkpoints on the Hub do."""
+
+    config_class = PrunedEfficientNetConfig
+    image_processor_model_type = "align"  # transformers maps no processor to efficientnet; ALIGN's is EfficientNet's
+
+
 class _ResizeAndCropProcessorMixin(PrunedModelMixin):
     """Models whose processor resizes the shortest edge, then center-crops: both to the model's input size."""
 
@@ -848,7 +863,9 @@ __all__ = [
     "PrunedDeiTForImageClassificationWithTeacher",
     "PrunedDinov2ForImageClassification",
     "PrunedDinov2WithRegistersForImageClassification",
+    "PrunedEfficientNetForImageClassification",
     "PrunedMobileNetV2ForImageClassification",
+    "PrunedRegNetForImageClassification",
     "PrunedResNetForImageClassification",
     "PrunedSwinForImageClassification",
     "PrunedTimmWrapperForImageClassification",
