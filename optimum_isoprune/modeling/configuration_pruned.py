@@ -21,6 +21,7 @@ from dataclasses import fields
 from typing import Any, ClassVar
 
 from transformers import (
+    CLIPConfig,
     ConvNextConfig,
     ConvNextV2Config,
     DeiTConfig,
@@ -158,6 +159,14 @@ class PrunedDinov2WithRegistersConfig(_ViTWidthsMixin, Dinov2WithRegistersConfig
     base_config_class: ClassVar[type[PreTrainedConfig]] = Dinov2WithRegistersConfig
 
 
+class PrunedCLIPConfig(_ViTWidthsMixin, CLIPConfig):
+    """A CLIP image classifier whose vision tower has per-layer heads, head dims and MLP widths, and a narrower
+    residual (the text tower's fields are kept as they were: the classifier builds no text tower)."""
+
+    model_type = "pruned_clip"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = CLIPConfig
+
+
 class PrunedConvNextConfig(_ConvNextWidthsMixin, ConvNextConfig):
     """A ConvNeXt with per-stage residual widths and per-block MLP widths."""
 
@@ -229,6 +238,7 @@ class PrunedTimmWrapperConfig(PrunedConfigMixin, TimmWrapperConfig):
 
 
 __all__ = [
+    "PrunedCLIPConfig",
     "PrunedConfigMixin",
     "PrunedConvNextConfig",
     "PrunedConvNextV2Config",

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from ..layers import channels
 from .configuration_pruned import PrunedConfigMixin
 from .modeling_pruned import (
+    PrunedCLIPForImageClassification,
     PrunedConvNextForImageClassification,
     PrunedConvNextV2ForImageClassification,
     PrunedDeiTForImageClassification,
@@ -56,6 +57,17 @@ def _dinov2_widths(model: nn.Module) -> dict[str, Any]:
     mlps = [layer.mlp for layer in model.base_model.encoder.layer]
     widths["layer_intermediate_sizes"] = [channels(getattr(mlp, "fc1", None) or mlp.up_proj) for mlp in mlps]
     return widths
+
+
+def _clip_widths(model: nn.Module) -> dict[str, Any]:
+    """ViT's summary for the vision tower: its class embedding, `num_heads` attentions and MLPs."""
+    attentions = _modules_with(model, "q_proj", "out_proj", "num_heads")
+    return {
+        "pruned_hidden_size": int(_modules_with(model, "class_embedding")[0].class_embedding.shape[-1]),
+        "layer_num_heads": [int(a.num_heads) for a in attentions],
+        "layer_head_dims": [int(a.head_dim) for a in attentions],
+        "layer_intermediate_sizes": [channels(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+    }
 
 
 def _convnext_widths(model: nn.Module) -> dict[str, Any]:
@@ -136,6 +148,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedDeiTForImageClassificationWithTeacher, _vit_widths),
     Family(PrunedDinov2ForImageClassification, _dinov2_widths),
     Family(PrunedDinov2WithRegistersForImageClassification, _dinov2_widths),
+    Family(PrunedCLIPForImageClassification, _clip_widths),
     Family(PrunedConvNextForImageClassification, _convnext_widths),
     Family(PrunedConvNextV2ForImageClassification, _convnext_widths),
     Family(PrunedResNetForImageClassification, _resnet_widths),

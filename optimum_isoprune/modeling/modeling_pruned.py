@@ -31,6 +31,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import (
+    CLIPForImageClassification,
     ConvNextForImageClassification,
     ConvNextV2ForImageClassification,
     DeiTForImageClassification,
@@ -45,6 +46,7 @@ from transformers import (
 )
 
 from .configuration_pruned import (
+    PrunedCLIPConfig,
     PrunedConfigMixin,
     PrunedConvNextConfig,
     PrunedConvNextV2Config,
@@ -753,13 +755,17 @@ class PrunedModelMixin:
 
     def _image_processor_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
-        channels = getattr(self.config, "num_channels", 3)
+        channels = getattr(self._image_config(), "num_channels", 3)
         if channels != 3:
             kwargs.update(image_mean=[0.5] * channels, image_std=[0.5] * channels)
         return kwargs
 
+    def _image_config(self) -> Any:
+        """The config holding the image fields: a composite one's `vision_config` (CLIP, SigLIP), else the config."""
+        return getattr(self.config, "vision_config", None) or self.config
+
     def _config_image_size(self) -> int | None:
-        size = getattr(self.config, "image_size", None)
+        size = getattr(self._image_config(), "image_size", None)
         if isinstance(size, (list, tuple)):
             size = size[0]
         return size if isinstance(size, int) else None
@@ -830,6 +836,10 @@ class PrunedDinov2WithRegistersForImageClassification(
     )
 
 
+class PrunedCLIPForImageClassification(_ResizeAndCropProcessorMixin, CLIPForImageClassification):
+    config_class = PrunedCLIPConfig
+
+
 class PrunedSwinForImageClassification(PrunedModelMixin, SwinForImageClassification):
     config_class = PrunedSwinConfig
 
@@ -842,6 +852,7 @@ class PrunedTimmWrapperForImageClassification(PrunedModelMixin, TimmWrapperForIm
 
 
 __all__ = [
+    "PrunedCLIPForImageClassification",
     "PrunedConvNextForImageClassification",
     "PrunedConvNextV2ForImageClassification",
     "PrunedDeiTForImageClassification",
