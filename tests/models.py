@@ -22,6 +22,8 @@ from transformers import (
     MobileNetV2ForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
     SwinConfig,
     SwinForImageClassification,
     TimmWrapperConfig,
@@ -82,6 +84,11 @@ BUILDERS = {
     "deit_teacher": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_KWARGS)),
     "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(**DINOV2_KWARGS)),
     "clip": lambda: CLIPForImageClassification(CLIPConfig(vision_config=CLIP_VISION_KWARGS, num_labels=10)),
+    # SigLIP's attention-pooling head never feeds the classifier: the pruner drops it (tests/test_siglip.py); this
+    # row has none, so the matrix's counts compare like with like.
+    "siglip": lambda: SiglipForImageClassification(
+        SiglipConfig(vision_config={**CLIP_VISION_KWARGS, "vision_use_head": False}, num_labels=10)
+    ),
     "convnext": lambda: ConvNextForImageClassification(ConvNextConfig(**CONVNEXT_KWARGS)),
     "convnextv2": lambda: ConvNextV2ForImageClassification(ConvNextV2Config(**CONVNEXT_KWARGS)),
     "resnet": lambda: ResNetForImageClassification(

@@ -30,6 +30,7 @@ from transformers import (
     MobileNetV2Config,
     PreTrainedConfig,
     ResNetConfig,
+    SiglipConfig,
     SwinConfig,
     TimmWrapperConfig,
     ViTConfig,
@@ -167,6 +168,13 @@ class PrunedCLIPConfig(_ViTWidthsMixin, CLIPConfig):
     base_config_class: ClassVar[type[PreTrainedConfig]] = CLIPConfig
 
 
+class PrunedSiglipConfig(_ViTWidthsMixin, SiglipConfig):
+    """A SigLIP image classifier whose vision tower has per-layer widths and a narrower residual."""
+
+    model_type = "pruned_siglip"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = SiglipConfig
+
+
 class PrunedConvNextConfig(_ConvNextWidthsMixin, ConvNextConfig):
     """A ConvNeXt with per-stage residual widths and per-block MLP widths."""
 
@@ -248,6 +256,7 @@ __all__ = [
     "PrunedDinov2WithRegistersConfig",
     "PrunedMobileNetV2Config",
     "PrunedResNetConfig",
+    "PrunedSiglipConfig",
     "PrunedSwinConfig",
     "PrunedTimmWrapperConfig",
     "PrunedViTConfig",

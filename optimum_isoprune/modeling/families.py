@@ -29,6 +29,7 @@ from .modeling_pruned import (
     PrunedMobileNetV2ForImageClassification,
     PrunedModelMixin,
     PrunedResNetForImageClassification,
+    PrunedSiglipForImageClassification,
     PrunedSwinForImageClassification,
     PrunedTimmWrapperForImageClassification,
     PrunedViTForImageClassification,
@@ -60,13 +61,13 @@ def _dinov2_widths(model: nn.Module) -> dict[str, Any]:
 
 
 def _clip_widths(model: nn.Module) -> dict[str, Any]:
-    """ViT's summary for the vision tower: its class embedding, `num_heads` attentions and MLPs."""
-    attentions = _modules_with(model, "q_proj", "out_proj", "num_heads")
+    """ViT's summary for the vision tower of CLIP / SigLIP: its patch embedding, attentions and MLPs."""
+    tower = model.vision_model
     return {
-        "pruned_hidden_size": int(_modules_with(model, "class_embedding")[0].class_embedding.shape[-1]),
-        "layer_num_heads": [int(a.num_heads) for a in attentions],
-        "layer_head_dims": [int(a.head_dim) for a in attentions],
-        "layer_intermediate_sizes": [channels(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+        "pruned_hidden_size": int(tower.embeddings.patch_embedding.out_channels),
+        "layer_num_heads": [int(layer.self_attn.num_heads) for layer in tower.encoder.layers],
+        "layer_head_dims": [int(layer.self_attn.head_dim) for layer in tower.encoder.layers],
+        "layer_intermediate_sizes": [channels(layer.mlp.fc1) for layer in tower.encoder.layers],
     }
 
 
@@ -149,6 +150,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedDinov2ForImageClassification, _dinov2_widths),
     Family(PrunedDinov2WithRegistersForImageClassification, _dinov2_widths),
     Family(PrunedCLIPForImageClassification, _clip_widths),
+    Family(PrunedSiglipForImageClassification, _clip_widths),
     Family(PrunedConvNextForImageClassification, _convnext_widths),
     Family(PrunedConvNextV2ForImageClassification, _convnext_widths),
     Family(PrunedResNetForImageClassification, _resnet_widths),

@@ -40,6 +40,7 @@ from transformers import (
     Dinov2WithRegistersForImageClassification,
     MobileNetV2ForImageClassification,
     ResNetForImageClassification,
+    SiglipForImageClassification,
     SwinForImageClassification,
     TimmWrapperForImageClassification,
     ViTForImageClassification,
@@ -56,6 +57,7 @@ from .configuration_pruned import (
     PrunedDinov2WithRegistersConfig,
     PrunedMobileNetV2Config,
     PrunedResNetConfig,
+    PrunedSiglipConfig,
     PrunedSwinConfig,
     PrunedTimmWrapperConfig,
     PrunedViTConfig,
@@ -840,6 +842,10 @@ class PrunedCLIPForImageClassification(_ResizeAndCropProcessorMixin, CLIPForImag
     config_class = PrunedCLIPConfig
 
 
+class PrunedSiglipForImageClassification(_FixedSizeProcessorMixin, SiglipForImageClassification):
+    config_class = PrunedSiglipConfig
+
+
 class PrunedSwinForImageClassification(PrunedModelMixin, SwinForImageClassification):
     config_class = PrunedSwinConfig
 
@@ -861,6 +867,7 @@ __all__ = [
     "PrunedDinov2WithRegistersForImageClassification",
     "PrunedMobileNetV2ForImageClassification",
     "PrunedResNetForImageClassification",
+    "PrunedSiglipForImageClassification",
     "PrunedSwinForImageClassification",
     "PrunedTimmWrapperForImageClassification",
     "PrunedViTForImageClassification",
