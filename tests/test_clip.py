@@ -66,3 +66,16 @@ def test_summary_fields_match_the_modules():
     assert pruned.config.pruned_hidden_size == pruned.vision_model.embeddings.class_embedding.shape[-1]
     # The stock fields still describe the architecture before pruning.
     assert pruned.config.to_base_config().vision_config.hidden_size == build("clip").config.vision_config.hidden_size
+
+
+def test_image_size_and_channels_come_from_the_vision_config():
+    """CLIPConfig / SiglipConfig keep `image_size` and `num_channels` in `vision_config` only."""
+    from optimum_isoprune.adapters import adapter_for
+
+    for name in ("clip", "siglip"):
+        adapter = adapter_for(build(name))
+        assert adapter.input_spec() == (32, 3)
+        assert (adapter.image_size(), adapter.num_channels()) == (32, 3)
+    pruned = _pruned()[1]
+    assert adapter_for(pruned).input_spec() == (32, 3)
+    assert pruned.default_image_processor().crop_size == {"height": 32, "width": 32}
