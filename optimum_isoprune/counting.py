@@ -5,7 +5,8 @@ MACs are those of every Linear and Conv2d plus both attention matmuls (QK^T and 
 projection sees (all tokens for global attention, the window's tokens for windowed attention).
 Counts are analytic (positions measured once by a forward pass, times layer widths), so the budget
 can evaluate thousands of candidate widths without touching the model; `torch.utils.flop_counter`
-with eager attention is the independent check used in the tests.
+with eager attention is the independent check used in the tests. An `nn.MultiheadAttention` (never pruned) counts
+its four projections and both matmuls at its own width.
 """
 
 from __future__ import annotations
@@ -62,8 +63,14 @@ class CostModel:
     @contextmanager
     def _hooks(self, model: nn.Module) -> Iterator[None]:
         self.layers: list[_LayerCost] = []
+        self.fixed_macs = 0  # layers never pruned whose weights no module hook sees (nn.MultiheadAttention)
         handles = [
             m.register_forward_hook(self._record) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+        ]
+        handles += [
+            m.register_forward_hook(self._record_multihead, with_kwargs=True)
+            for m in model.modules()
+            if isinstance(m, nn.MultiheadAttention)
         ]
         try:
             yield
@@ -87,9 +94,19 @@ class CostModel:
             positions, sequence = output.numel() // output.shape[-1], (output.shape[-2] if output.dim() > 2 else 1)
         self.layers.append(_LayerCost(module, positions, sequence))
 
+    def _record_multihead(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: object) -> None:
+        """Its projections run as F.linear on its own weights: q, k, v and out projections plus both matmuls."""
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs["key"]
+        batch = query.shape[0 if module.batch_first else 1] if query.dim() == 3 else 1
+        queries, keys = query.numel() // query.shape[-1], key.numel() // key.shape[-1]
+        embed = module.embed_dim
+        projections = queries * embed * embed * 2 + keys * (module.kdim + module.vdim) * embed
+        self.fixed_macs += projections + 2 * queries * (keys // batch) * embed
+
     def macs(self, removed: Removed | None = None) -> int:
         removed = removed or {}
-        total = 0
+        total = getattr(self, "fixed_macs", 0)
         for layer in self.layers:
             m = layer.module
             r_in, r_out = removed.get((id(m), False), 0), removed.get((id(m), True), 0)

@@ -45,6 +45,9 @@ def accumulate_gradients(
         require_finite(loss.detach(), "The calibration loss", where)
         loss.backward()
         count += 1
+    for parameter in model.parameters():  # off the logits' path (CLIP's post_layernorm): no effect, no importance
+        if parameter.requires_grad and parameter.grad is None and count:
+            parameter.grad = torch.zeros_like(parameter)
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             require_finite(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import timm
 import torch
 from transformers import (
+    CLIPConfig,
+    CLIPForImageClassification,
     ConvNextConfig,
     ConvNextForImageClassification,
     ConvNextV2Config,
@@ -24,6 +26,8 @@ from transformers import (
     RegNetForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
     SwinConfig,
     SwinForImageClassification,
     TimmWrapperConfig,
@@ -69,6 +73,15 @@ EFFICIENTNET_KWARGS = dict(
     hidden_dim=640,
     num_labels=10,
 )
+# A CLIP classifier builds only the vision tower (the text config's defaults are never instantiated).
+CLIP_VISION_KWARGS = dict(
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=256,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+)
 CONVNEXT_KWARGS = dict(hidden_sizes=[32, 64], depths=[2, 2], num_stages=2, image_size=IMAGE_SIZE, num_labels=10)
 SWIN_KWARGS = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
@@ -90,6 +103,12 @@ BUILDERS = {
     "deit": lambda: DeiTForImageClassification(DeiTConfig(**VIT_KWARGS)),
     "deit_teacher": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_KWARGS)),
     "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(**DINOV2_KWARGS)),
+    "clip": lambda: CLIPForImageClassification(CLIPConfig(vision_config=CLIP_VISION_KWARGS, num_labels=10)),
+    # SigLIP's attention-pooling head never feeds the classifier: the pruner drops it (tests/test_siglip.py); this
+    # row has none, so the matrix's counts compare like with like.
+    "siglip": lambda: SiglipForImageClassification(
+        SiglipConfig(vision_config={**CLIP_VISION_KWARGS, "vision_use_head": False}, num_labels=10)
+    ),
     "convnext": lambda: ConvNextForImageClassification(ConvNextConfig(**CONVNEXT_KWARGS)),
     "convnextv2": lambda: ConvNextV2ForImageClassification(ConvNextV2Config(**CONVNEXT_KWARGS)),
     "resnet": lambda: ResNetForImageClassification(

@@ -87,4 +87,4 @@ def test_no_supported_model_type_is_listed_as_a_gap():
     from optimum_isoprune.adapters.nearest import KNOWN_GAPS
 
     accepted = {t for adapter in ADAPTERS for t in getattr(adapter, "model_types", {})}
-    assert "dinov2" in accepted and not accepted & set(KNOWN_GAPS)
+    assert {"dinov2", "clip", "siglip"} <= accepted and not accepted & set(KNOWN_GAPS)

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Attention, AttentionLayout, ModelAdapter
+from .clip import ClipAdapter
 from .dinov2 import Dinov2Adapter
 from .io import ModelIO
 from .nearest import nearest_family
@@ -20,6 +21,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     SwinTransformersAdapter,
     SwinTimmAdapter,
     Dinov2Adapter,
+    ClipAdapter,
 ]
 
 

@@ -59,7 +59,7 @@ class ModelIO:
     def input_spec(self) -> tuple[int | tuple[int, ...] | None, int | None]:
         """(image_size, num_channels) the model expects, None where unknown (a CNN takes any size)."""
         model = self.model
-        config = getattr(model, "config", None)
+        config = vision_config(getattr(model, "config", None))
         size = getattr(config, "image_size", None)
         channels = getattr(config, "num_channels", None)
         patch_embed = getattr(model, "patch_embed", None)
@@ -138,6 +138,11 @@ class ModelIO:
             return int(config.num_labels)
         num_classes = getattr(self.model, "num_classes", None)
         return int(num_classes) if isinstance(num_classes, int) else None
+
+
+def vision_config(config: Any) -> Any:
+    """The config that holds the image fields: a composite one's `vision_config` (CLIP, SigLIP), else `config`."""
+    return getattr(config, "vision_config", None) or config
 
 
 def processor_normalization(source: Any) -> tuple[list[float], list[float]] | None:

@@ -30,8 +30,6 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
     ),
     "beit": (_HF_VIT, f"{_NEEDS_CLASS}, and per-head relative position bias tables"),
     "data2vec-vision": (_HF_VIT, f"{_NEEDS_CLASS}, and per-head relative position bias tables"),
-    "clip": (_HF_VIT, f"{_NEEDS_CLASS}; timm's CLIP ViTs (vit_*_clip_*) are supported meanwhile"),
-    "siglip": (_HF_VIT, f"{_NEEDS_CLASS}, and its attention-pooling head"),
     "swinv2": (
         "transformers SwinForImageClassification",
         f"{_NEEDS_CLASS}, a per-head logit scale and the continuous position-bias MLP",

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import AttentionLayout, ModelAdapter
+from .io import vision_config
 from .timm_models import TIMM_ATTENTION, TimmAdapter
 
 TRANSFORMERS_ATTENTION = AttentionLayout(
@@ -56,11 +57,11 @@ class TransformersAdapter(ModelAdapter):
         return "transformers: " + ", ".join(cls.model_types.values())
 
     def image_size(self) -> int:
-        size = getattr(self.model.config, "image_size", None) or 224
+        size = getattr(vision_config(self.model.config), "image_size", None) or 224
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     def num_channels(self) -> int:
-        return int(getattr(self.model.config, "num_channels", 3))
+        return int(getattr(vision_config(self.model.config), "num_channels", 3))
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         logits = getattr(model(pixel_values=pixel_values), "logits", None)

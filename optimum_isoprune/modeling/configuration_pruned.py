@@ -21,6 +21,7 @@ from dataclasses import fields
 from typing import Any, ClassVar
 
 from transformers import (
+    CLIPConfig,
     ConvNextConfig,
     ConvNextV2Config,
     DeiTConfig,
@@ -31,6 +32,7 @@ from transformers import (
     PreTrainedConfig,
     RegNetConfig,
     ResNetConfig,
+    SiglipConfig,
     SwinConfig,
     TimmWrapperConfig,
     ViTConfig,
@@ -160,6 +162,21 @@ class PrunedDinov2WithRegistersConfig(_ViTWidthsMixin, Dinov2WithRegistersConfig
     base_config_class: ClassVar[type[PreTrainedConfig]] = Dinov2WithRegistersConfig
 
 
+class PrunedCLIPConfig(_ViTWidthsMixin, CLIPConfig):
+    """A CLIP image classifier whose vision tower has per-layer heads, head dims and MLP widths, and a narrower
+    residual (the text tower's fields are kept as they were: the classifier builds no text tower)."""
+
+    model_type = "pruned_clip"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = CLIPConfig
+
+
+class PrunedSiglipConfig(_ViTWidthsMixin, SiglipConfig):
+    """A SigLIP image classifier whose vision tower has per-layer widths and a narrower residual."""
+
+    model_type = "pruned_siglip"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = SiglipConfig
+
+
 class PrunedConvNextConfig(_ConvNextWidthsMixin, ConvNextConfig):
     """A ConvNeXt with per-stage residual widths and per-block MLP widths."""
 
@@ -267,6 +284,7 @@ class PrunedTimmWrapperConfig(PrunedConfigMixin, TimmWrapperConfig):
 
 
 __all__ = [
+    "PrunedCLIPConfig",
     "PrunedConfigMixin",
     "PrunedConvNextConfig",
     "PrunedConvNextV2Config",
@@ -278,6 +296,7 @@ __all__ = [
     "PrunedMobileNetV2Config",
     "PrunedRegNetConfig",
     "PrunedResNetConfig",
+    "PrunedSiglipConfig",
     "PrunedSwinConfig",
     "PrunedTimmWrapperConfig",
     "PrunedViTConfig",

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from ..layers import channels
 from .configuration_pruned import PrunedConfigMixin
 from .modeling_pruned import (
+    PrunedCLIPForImageClassification,
     PrunedConvNextForImageClassification,
     PrunedConvNextV2ForImageClassification,
     PrunedDeiTForImageClassification,
@@ -30,6 +31,7 @@ from .modeling_pruned import (
     PrunedModelMixin,
     PrunedRegNetForImageClassification,
     PrunedResNetForImageClassification,
+    PrunedSiglipForImageClassification,
     PrunedSwinForImageClassification,
     PrunedTimmWrapperForImageClassification,
     PrunedViTForImageClassification,
@@ -58,6 +60,17 @@ def _dinov2_widths(model: nn.Module) -> dict[str, Any]:
     mlps = [layer.mlp for layer in model.base_model.encoder.layer]
     widths["layer_intermediate_sizes"] = [channels(getattr(mlp, "fc1", None) or mlp.up_proj) for mlp in mlps]
     return widths
+
+
+def _clip_widths(model: nn.Module) -> dict[str, Any]:
+    """ViT's summary for the vision tower of CLIP / SigLIP: its patch embedding, attentions and MLPs."""
+    tower = model.vision_model
+    return {
+        "pruned_hidden_size": int(tower.embeddings.patch_embedding.out_channels),
+        "layer_num_heads": [int(layer.self_attn.num_heads) for layer in tower.encoder.layers],
+        "layer_head_dims": [int(layer.self_attn.head_dim) for layer in tower.encoder.layers],
+        "layer_intermediate_sizes": [channels(layer.mlp.fc1) for layer in tower.encoder.layers],
+    }
 
 
 def _convnext_widths(model: nn.Module) -> dict[str, Any]:
@@ -165,6 +178,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedDeiTForImageClassificationWithTeacher, _vit_widths),
     Family(PrunedDinov2ForImageClassification, _dinov2_widths),
     Family(PrunedDinov2WithRegistersForImageClassification, _dinov2_widths),
+    Family(PrunedCLIPForImageClassification, _clip_widths),
+    Family(PrunedSiglipForImageClassification, _clip_widths),
     Family(PrunedConvNextForImageClassification, _convnext_widths),
     Family(PrunedConvNextV2ForImageClassification, _convnext_widths),
     Family(PrunedResNetForImageClassification, _resnet_widths),

@@ -31,6 +31,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import (
+    CLIPForImageClassification,
     ConvNextForImageClassification,
     ConvNextV2ForImageClassification,
     DeiTForImageClassification,
@@ -41,12 +42,14 @@ from transformers import (
     MobileNetV2ForImageClassification,
     RegNetForImageClassification,
     ResNetForImageClassification,
+    SiglipForImageClassification,
     SwinForImageClassification,
     TimmWrapperForImageClassification,
     ViTForImageClassification,
 )
 
 from .configuration_pruned import (
+    PrunedCLIPConfig,
     PrunedConfigMixin,
     PrunedConvNextConfig,
     PrunedConvNextV2Config,
@@ -58,6 +61,7 @@ from .configuration_pruned import (
     PrunedMobileNetV2Config,
     PrunedRegNetConfig,
     PrunedResNetConfig,
+    PrunedSiglipConfig,
     PrunedSwinConfig,
     PrunedTimmWrapperConfig,
     PrunedViTConfig,
@@ -757,13 +761,17 @@ class PrunedModelMixin:
 
     def _image_processor_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
-        channels = getattr(self.config, "num_channels", 3)
+        channels = getattr(self._image_config(), "num_channels", 3)
         if channels != 3:
             kwargs.update(image_mean=[0.5] * channels, image_std=[0.5] * channels)
         return kwargs
 
+    def _image_config(self) -> Any:
+        """The config holding the image fields: a composite one's `vision_config` (CLIP, SigLIP), else the config."""
+        return getattr(self.config, "vision_config", None) or self.config
+
     def _config_image_size(self) -> int | None:
-        size = getattr(self.config, "image_size", None)
+        size = getattr(self._image_config(), "image_size", None)
         if isinstance(size, (list, tuple)):
             size = size[0]
         return size if isinstance(size, int) else None
@@ -845,6 +853,14 @@ class PrunedDinov2WithRegistersForImageClassification(
     )
 
 
+class PrunedCLIPForImageClassification(_ResizeAndCropProcessorMixin, CLIPForImageClassification):
+    config_class = PrunedCLIPConfig
+
+
+class PrunedSiglipForImageClassification(_FixedSizeProcessorMixin, SiglipForImageClassification):
+    config_class = PrunedSiglipConfig
+
+
 class PrunedSwinForImageClassification(PrunedModelMixin, SwinForImageClassification):
     config_class = PrunedSwinConfig
 
@@ -857,6 +873,7 @@ class PrunedTimmWrapperForImageClassification(PrunedModelMixin, TimmWrapperForIm
 
 
 __all__ = [
+    "PrunedCLIPForImageClassification",
     "PrunedConvNextForImageClassification",
     "PrunedConvNextV2ForImageClassification",
     "PrunedDeiTForImageClassification",
@@ -867,6 +884,7 @@ __all__ = [
     "PrunedMobileNetV2ForImageClassification",
     "PrunedRegNetForImageClassification",
     "PrunedResNetForImageClassification",
+    "PrunedSiglipForImageClassification",
     "PrunedSwinForImageClassification",
     "PrunedTimmWrapperForImageClassification",
     "PrunedViTForImageClassification",
