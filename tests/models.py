@@ -5,6 +5,8 @@ from __future__ import annotations
 import timm
 import torch
 from transformers import (
+    BeitConfig,
+    BeitForImageClassification,
     CLIPConfig,
     CLIPForImageClassification,
     ConvNextConfig,
@@ -57,6 +59,12 @@ DINOV2_KWARGS = dict(
     patch_size=8,
     num_labels=10,
 )
+# BEiT: layer scale away from 1; bias tables per layer (mean-pooling head) or one shared by every layer (with
+# absolute position embeddings and the cls token's LayerNorm head instead).
+BEIT_KWARGS = dict(VIT_KWARGS, layer_scale_init_value=0.5)
+BEIT_SHARED_KWARGS = dict(
+    BEIT_KWARGS, use_shared_relative_position_bias=True, use_absolute_position_embeddings=True, use_mean_pooling=False
+)
 # Three base stages: no expansion (ratio 1), then ratio 6 with depthwise 3x3 / 5x5, SE, residual repeats and a
 # stride-2 block padded symmetrically (depthwise_padding); hidden_dim is the top conv's width, round_filters(1280).
 EFFICIENTNET_KWARGS = dict(
@@ -103,6 +111,8 @@ BUILDERS = {
     "deit": lambda: DeiTForImageClassification(DeiTConfig(**VIT_KWARGS)),
     "deit_teacher": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_KWARGS)),
     "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(**DINOV2_KWARGS)),
+    "beit": lambda: BeitForImageClassification(BeitConfig(use_relative_position_bias=True, **BEIT_KWARGS)),
+    "beit_shared": lambda: BeitForImageClassification(BeitConfig(**BEIT_SHARED_KWARGS)),
     "clip": lambda: CLIPForImageClassification(CLIPConfig(vision_config=CLIP_VISION_KWARGS, num_labels=10)),
     # SigLIP's attention-pooling head never feeds the classifier: the pruner drops it (tests/test_siglip.py); this
     # row has none, so the matrix's counts compare like with like.
@@ -186,7 +196,8 @@ def build(name: str) -> torch.nn.Module:
         for param_name, param in model.named_parameters():
             if param_name.endswith("relative_position_bias_table"):
                 param.normal_(std=0.5)
-            if param_name.endswith(("register_tokens", "mask_token")):  # DINOv2 initialises them to zero too
+            # DINOv2 initialises them to zero too, BEiT its position embeddings
+            if param_name.endswith(("register_tokens", "mask_token", "embeddings.position_embeddings")):
                 param.normal_(std=0.5)
     return model
 

@@ -19,7 +19,12 @@ import torch_pruning as tp
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForImageClassification, BeitConfig, BeitForImageClassification, pipeline
+from transformers import (
+    AutoModelForImageClassification,
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
+    pipeline,
+)
 
 import optimum_isoprune.modeling as modeling
 from models import IMAGE_SIZE, build, logits
@@ -32,6 +37,8 @@ HF_FAMILIES = [
     "deit",
     "deit_teacher",
     "dinov2",
+    "beit",
+    "beit_shared",
     "clip",
     "siglip",
     "convnext",
@@ -47,6 +54,8 @@ EXPECTED_CLASS = {
     "deit": "PrunedDeiTForImageClassification",
     "deit_teacher": "PrunedDeiTForImageClassificationWithTeacher",
     "dinov2": "PrunedDinov2ForImageClassification",
+    "beit": "PrunedBeitForImageClassification",
+    "beit_shared": "PrunedBeitForImageClassification",
     "clip": "PrunedCLIPForImageClassification",
     "siglip": "PrunedSiglipForImageClassification",
     "convnext": "PrunedConvNextForImageClassification",
@@ -261,8 +270,8 @@ def test_bfloat16_model_stays_exact():
 def test_unsupported_models_are_rejected():
     with pytest.raises(TypeError, match="Sequential"):
         to_pruned_model(nn.Sequential(nn.Linear(2, 2)))
-    beit = BeitForImageClassification(
-        BeitConfig(
+    data2vec = Data2VecVisionForImageClassification(
+        Data2VecVisionConfig(
             hidden_size=32,
             num_hidden_layers=1,
             num_attention_heads=2,
@@ -271,8 +280,8 @@ def test_unsupported_models_are_rejected():
             patch_size=8,
         )
     )
-    with pytest.raises(TypeError, match="BeitForImageClassification"):
-        to_pruned_model(beit)
+    with pytest.raises(TypeError, match="Data2VecVisionForImageClassification"):
+        to_pruned_model(data2vec)
 
 
 def test_removed_blocks_without_config_update_are_rejected():

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from torch import nn
-from transformers import BeitConfig, BeitForImageClassification
+from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification
 
 from models import TIMM_FAMILY_BUILDERS, TIMM_VIT_KWARGS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -153,9 +153,9 @@ _REFUSED = {
         "swin_*",
         "logit scale",
     ),
-    "hf_beit": (
-        lambda: BeitForImageClassification(
-            BeitConfig(
+    "hf_data2vec_vision": (
+        lambda: Data2VecVisionForImageClassification(
+            Data2VecVisionConfig(
                 hidden_size=32,
                 num_hidden_layers=1,
                 num_attention_heads=2,
@@ -164,8 +164,8 @@ _REFUSED = {
                 patch_size=8,
             )
         ),
-        "ViTForImageClassification",
-        "pruned checkpoint class",
+        "BeitForImageClassification",
+        "older data2vec-vision attention",
     ),
     "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
 }

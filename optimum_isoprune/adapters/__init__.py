@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Attention, AttentionLayout, ModelAdapter
+from .beit import BeitAdapter
 from .clip import ClipAdapter
 from .dinov2 import Dinov2Adapter
 from .io import ModelIO
@@ -22,6 +23,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     SwinTimmAdapter,
     Dinov2Adapter,
     ClipAdapter,
+    BeitAdapter,
 ]
 
 

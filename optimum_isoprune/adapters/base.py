@@ -21,6 +21,9 @@ class AttentionLayout:
     head_dim_attr: str | None  # None when the library infers the head dim from the projection width
     inner_dim_attr: str | None = None  # attribute caching num_heads * head_dim, when the library keeps one
     head_params: tuple[str, ...] = ()  # per-head parameters (dotted paths, heads on the last dim), e.g. a bias table
+    # How many module levels above the attention module the `head_params` paths start (0: the attention itself;
+    # 1: its parent, e.g. BEiT keeps the bias table on the layer, beside the attention).
+    head_params_level: int = 0
     # Attribute of a scale the eager path applies while the fused kernel uses 1/sqrt(head_dim) (timm): after
     # head-dim pruning, the original scale is folded into the query weights so both paths agree.
     implicit_scale_attr: str | None = None
@@ -35,6 +38,7 @@ class Attention:
     layout: AttentionLayout
     num_heads: int
     head_dim: int
+    owner: nn.Module | None = None  # the module `layout.head_params` are relative to (None: `module`)
 
     @property
     def projections(self) -> list[nn.Linear]:
@@ -51,7 +55,8 @@ class Attention:
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters indexed by head on their last dim; torch-pruning cannot map them, we slice them."""
-        return [self.module.get_parameter(path) for path in self.layout.head_params]
+        owner = self.owner or self.module
+        return [owner.get_parameter(path) for path in self.layout.head_params]
 
     def set_shape(self, num_heads: int, head_dim: int, kept_heads: Sequence[int] | None = None) -> None:
         """Write new head count and head dim into the module (its scaling is kept on purpose), and keep
@@ -62,7 +67,7 @@ class Attention:
             index = torch.as_tensor(list(kept_heads), dtype=torch.long)
             for path in self.layout.head_params:
                 owner_path, _, attribute = path.rpartition(".")
-                owner = self.module.get_submodule(owner_path)
+                owner = (self.owner or self.module).get_submodule(owner_path)
                 old = getattr(owner, attribute)
                 kept = old.detach().index_select(-1, index.to(old.device)).clone()
                 setattr(owner, attribute, nn.Parameter(kept, requires_grad=old.requires_grad))
@@ -93,13 +98,16 @@ def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> l
     found = []
     for name, module in model.named_modules():
         for layout in layouts:
+            levels = layout.head_params_level
+            owner = model.get_submodule(".".join(name.split(".")[:-levels])) if levels and name else module
             names = (*layout.projections, layout.output, layout.num_heads_attr, layout.head_dim_attr or layout.output)
             if (
                 all(hasattr(module, a) for a in names)
                 and all(isinstance(getattr(module, p), nn.Linear) for p in layout.projections)
-                and all(_has_parameter(module, p) for p in layout.head_params)
+                and all(_has_parameter(owner, p) for p in layout.head_params)
             ):
-                attention = Attention(name, module, layout, int(getattr(module, layout.num_heads_attr)), 0)
+                heads = int(getattr(module, layout.num_heads_attr))
+                attention = Attention(name, module, layout, heads, 0, owner=owner if levels else None)
                 attention.head_dim = (
                     int(getattr(module, layout.head_dim_attr))
                     if layout.head_dim_attr

@@ -21,6 +21,7 @@ from dataclasses import fields
 from typing import Any, ClassVar
 
 from transformers import (
+    BeitConfig,
     CLIPConfig,
     ConvNextConfig,
     ConvNextV2Config,
@@ -162,6 +163,13 @@ class PrunedDinov2WithRegistersConfig(_ViTWidthsMixin, Dinov2WithRegistersConfig
     base_config_class: ClassVar[type[PreTrainedConfig]] = Dinov2WithRegistersConfig
 
 
+class PrunedBeitConfig(_ViTWidthsMixin, BeitConfig):
+    """A BEiT with per-layer heads (and bias-table columns), head dims and MLP widths, and a narrower residual."""
+
+    model_type = "pruned_beit"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = BeitConfig
+
+
 class PrunedCLIPConfig(_ViTWidthsMixin, CLIPConfig):
     """A CLIP image classifier whose vision tower has per-layer heads, head dims and MLP widths, and a narrower
     residual (the text tower's fields are kept as they were: the classifier builds no text tower)."""
@@ -284,6 +292,7 @@ class PrunedTimmWrapperConfig(PrunedConfigMixin, TimmWrapperConfig):
 
 
 __all__ = [
+    "PrunedBeitConfig",
     "PrunedCLIPConfig",
     "PrunedConfigMixin",
     "PrunedConvNextConfig",

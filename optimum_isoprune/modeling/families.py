@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from ..layers import channels
 from .configuration_pruned import PrunedConfigMixin
 from .modeling_pruned import (
+    PrunedBeitForImageClassification,
     PrunedCLIPForImageClassification,
     PrunedConvNextForImageClassification,
     PrunedConvNextV2ForImageClassification,
@@ -178,6 +179,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedDeiTForImageClassificationWithTeacher, _vit_widths),
     Family(PrunedDinov2ForImageClassification, _dinov2_widths),
     Family(PrunedDinov2WithRegistersForImageClassification, _dinov2_widths),
+    Family(PrunedBeitForImageClassification, _vit_widths),
     Family(PrunedCLIPForImageClassification, _clip_widths),
     Family(PrunedSiglipForImageClassification, _clip_widths),
     Family(PrunedConvNextForImageClassification, _convnext_widths),

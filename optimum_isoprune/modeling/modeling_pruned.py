@@ -31,6 +31,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import (
+    BeitForImageClassification,
     CLIPForImageClassification,
     ConvNextForImageClassification,
     ConvNextV2ForImageClassification,
@@ -49,6 +50,7 @@ from transformers import (
 )
 
 from .configuration_pruned import (
+    PrunedBeitConfig,
     PrunedCLIPConfig,
     PrunedConfigMixin,
     PrunedConvNextConfig,
@@ -785,7 +787,7 @@ class _FixedSizeProcessorMixin(PrunedModelMixin):
         size = self._config_image_size()
         if size is not None:
             kwargs["size"] = {"height": size, "width": size}
-            if self.config.base_model_type == "deit":
+            if self.config.base_model_type in ("deit", "beit"):  # their processors center-crop after resizing
                 kwargs["crop_size"] = {"height": size, "width": size}
         return kwargs
 
@@ -853,6 +855,10 @@ class PrunedDinov2WithRegistersForImageClassification(
     )
 
 
+class PrunedBeitForImageClassification(_FixedSizeProcessorMixin, BeitForImageClassification):
+    config_class = PrunedBeitConfig
+
+
 class PrunedCLIPForImageClassification(_ResizeAndCropProcessorMixin, CLIPForImageClassification):
     config_class = PrunedCLIPConfig
 
@@ -873,6 +879,7 @@ class PrunedTimmWrapperForImageClassification(PrunedModelMixin, TimmWrapperForIm
 
 
 __all__ = [
+    "PrunedBeitForImageClassification",
     "PrunedCLIPForImageClassification",
     "PrunedConvNextForImageClassification",
     "PrunedConvNextV2ForImageClassification",
