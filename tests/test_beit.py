@@ -1,0 +1,84 @@
+"""BEiT (transformers): what it adds to a ViT. The support matrix holds both bias-table settings to its guarantees
+(tests/models.py BUILDERS "beit": a table per layer, "beit_shared": one table shared by every layer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification, BeitConfig, BeitForImageClassification
+
+from models import BEIT_KWARGS, build, logits
+from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
+from optimum_isoprune.counting import count_macs
+from test_pruner import _inputs
+
+
+def _half(model):
+    pruner = IsomorphicPruner(model)
+    config = IsomorphicPruningConfig(target_macs=count_macs(model) * 0.5, importance="magnitude")
+    return pruner, pruner.prune(config)
+
+
+@pytest.mark.parametrize("name", ["beit", "beit_shared"])
+def test_each_layer_keeps_its_own_heads_with_their_bias_columns(name):
+    model = build(name)
+    pruner, pruned = _half(model)
+    heads = [layer.attention.num_attention_heads for layer in pruned.beit.layers]
+    assert min(heads) < model.config.num_attention_heads
+    x = _inputs(pruner)
+    for layer in pruned.beit.layers:
+        table = layer.relative_position_bias.relative_position_bias_table
+        assert table.shape[-1] == layer.attention.num_attention_heads
+        assert layer.lambda_1.shape == layer.lambda_2.shape == pruned.beit.embeddings.cls_token.shape[-1:]
+    assert pruned.beit.shared_position_bias is None and not pruned.config.use_shared_relative_position_bias
+    assert logits(pruned, x).shape == logits(model, x).shape
+
+
+def test_shared_table_is_copied_into_each_layer_of_the_copy_only():
+    model = build("beit_shared")
+    pruner = IsomorphicPruner(model)
+    x = _inputs(pruner)
+    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
+    assert torch.equal(logits(pruned, x), logits(model, x))
+    shared = model.beit.shared_position_bias.relative_position_bias_table
+    for layer in pruned.beit.layers:
+        assert torch.equal(layer.relative_position_bias.relative_position_bias_table, shared)
+    # the user's model is untouched: still one shared table, no per-layer ones
+    assert model.config.use_shared_relative_position_bias and not model.config.use_relative_position_bias
+    assert all(layer.relative_position_bias is None for layer in model.beit.layers)
+
+
+def test_shared_and_per_layer_tables_add_up():
+    torch.manual_seed(0)
+    model = BeitForImageClassification(
+        BeitConfig(use_shared_relative_position_bias=True, use_relative_position_bias=True, **BEIT_KWARGS)
+    ).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                param.normal_(std=0.5)
+    pruner = IsomorphicPruner(model)
+    x = _inputs(pruner)
+    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
+    torch.testing.assert_close(logits(pruned, x), logits(model, x))
+
+
+def test_without_bias_tables_and_with_taylor_importance(tmp_path):
+    """No relative position bias at all (ViT-like attention); Taylor importance sees the tables' gradients again."""
+    torch.manual_seed(0)
+    model = BeitForImageClassification(BeitConfig(**BEIT_KWARGS)).eval()
+    pruner = IsomorphicPruner(model)
+    x = _inputs(pruner, batch=8)
+    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5), calibration_dataset=x)
+    pruned.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded, x), logits(pruned.eval(), x))
+
+
+def test_bias_tables_train_after_pruning():
+    _, pruned = _half(build("beit"))
+    pruned.train()
+    logits(pruned, torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(
+        layer.relative_position_bias.relative_position_bias_table.grad is not None for layer in pruned.beit.layers
+    )
