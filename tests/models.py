@@ -13,6 +13,8 @@ from transformers import (
     ConvNextForImageClassification,
     ConvNextV2Config,
     ConvNextV2ForImageClassification,
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
@@ -113,6 +115,10 @@ BUILDERS = {
     "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(**DINOV2_KWARGS)),
     "beit": lambda: BeitForImageClassification(BeitConfig(use_relative_position_bias=True, **BEIT_KWARGS)),
     "beit_shared": lambda: BeitForImageClassification(BeitConfig(**BEIT_SHARED_KWARGS)),
+    # eager: torch's flop counter sees no FLOPs in CPU SDPA (tests/test_beit.py prunes the SDPA class too)
+    "data2vec_vision": lambda: Data2VecVisionForImageClassification(
+        Data2VecVisionConfig(use_relative_position_bias=True, attn_implementation="eager", **BEIT_KWARGS)
+    ),
     "clip": lambda: CLIPForImageClassification(CLIPConfig(vision_config=CLIP_VISION_KWARGS, num_labels=10)),
     # SigLIP's attention-pooling head never feeds the classifier: the pruner drops it (tests/test_siglip.py); this
     # row has none, so the matrix's counts compare like with like.

@@ -1,11 +1,18 @@
-"""BEiT (transformers): what it adds to a ViT. The support matrix holds both bias-table settings to its guarantees
-(tests/models.py BUILDERS "beit": a table per layer, "beit_shared": one table shared by every layer)."""
+"""BEiT and data2vec-vision (transformers): what they add to a ViT. The support matrix holds both bias-table settings
+to its guarantees (tests/models.py BUILDERS "beit" and "data2vec_vision": a table per layer, "beit_shared": one table
+shared by every layer)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageClassification, BeitConfig, BeitForImageClassification
+from transformers import (
+    AutoModelForImageClassification,
+    BeitConfig,
+    BeitForImageClassification,
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
+)
 
 from models import BEIT_KWARGS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -82,3 +89,29 @@ def test_bias_tables_train_after_pruning():
     assert all(
         layer.relative_position_bias.relative_position_bias_table.grad is not None for layer in pruned.beit.layers
     )
+
+
+def test_data2vec_vision_sdpa_with_a_shared_table(tmp_path):
+    """data2vec-vision as transformers builds it by default (SDPA self-attention class) with a shared bias table:
+    traced through its eager forward, pruned per layer, and saved and reloaded exactly."""
+    torch.manual_seed(0)
+    config = Data2VecVisionConfig(use_shared_relative_position_bias=True, **BEIT_KWARGS)
+    model = Data2VecVisionForImageClassification(config).eval()
+    with torch.no_grad():
+        model.data2vec_vision.encoder.relative_position_bias.relative_position_bias_table.normal_(std=0.5)
+    assert type(model.data2vec_vision.encoder.layer[0].attention.attention).__name__.endswith("SdpaSelfAttention")
+    pruner = IsomorphicPruner(model)
+    x = _inputs(pruner)
+    same = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
+    torch.testing.assert_close(logits(same, x), logits(model, x))
+    pruner, pruned = _half(model)
+    attentions = [layer.attention.attention for layer in pruned.data2vec_vision.encoder.layer]
+    assert type(attentions[0]).__name__.endswith("SdpaSelfAttention") and "forward" not in vars(attentions[0])
+    for attention in attentions:
+        table = attention.relative_position_bias.relative_position_bias_table
+        assert table.shape[-1] == attention.num_attention_heads
+        assert attention.all_head_size == attention.num_attention_heads * attention.attention_head_size
+    assert abs(count_macs(pruned) - pruner.report.macs_before * 0.5) <= 0.01 * pruner.report.macs_before * 0.5
+    pruned.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, x), logits(pruned, x))

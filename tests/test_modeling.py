@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
-    Data2VecVisionConfig,
-    Data2VecVisionForImageClassification,
+    Swinv2Config,
+    Swinv2ForImageClassification,
     pipeline,
 )
 
@@ -39,6 +39,7 @@ HF_FAMILIES = [
     "dinov2",
     "beit",
     "beit_shared",
+    "data2vec_vision",
     "clip",
     "siglip",
     "convnext",
@@ -56,6 +57,7 @@ EXPECTED_CLASS = {
     "dinov2": "PrunedDinov2ForImageClassification",
     "beit": "PrunedBeitForImageClassification",
     "beit_shared": "PrunedBeitForImageClassification",
+    "data2vec_vision": "PrunedData2VecVisionForImageClassification",
     "clip": "PrunedCLIPForImageClassification",
     "siglip": "PrunedSiglipForImageClassification",
     "convnext": "PrunedConvNextForImageClassification",
@@ -270,18 +272,11 @@ def test_bfloat16_model_stays_exact():
 def test_unsupported_models_are_rejected():
     with pytest.raises(TypeError, match="Sequential"):
         to_pruned_model(nn.Sequential(nn.Linear(2, 2)))
-    data2vec = Data2VecVisionForImageClassification(
-        Data2VecVisionConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        )
+    swinv2 = Swinv2ForImageClassification(
+        Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[1], num_heads=[2], window_size=4)
     )
-    with pytest.raises(TypeError, match="Data2VecVisionForImageClassification"):
-        to_pruned_model(data2vec)
+    with pytest.raises(TypeError, match="Swinv2ForImageClassification"):
+        to_pruned_model(swinv2)
 
 
 def test_removed_blocks_without_config_update_are_rejected():

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from torch import nn
-from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification
+from transformers import Swinv2Config, Swinv2ForImageClassification
 
 from models import TIMM_FAMILY_BUILDERS, TIMM_VIT_KWARGS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -153,19 +153,12 @@ _REFUSED = {
         "swin_*",
         "logit scale",
     ),
-    "hf_data2vec_vision": (
-        lambda: Data2VecVisionForImageClassification(
-            Data2VecVisionConfig(
-                hidden_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=64,
-                image_size=32,
-                patch_size=8,
-            )
+    "hf_swinv2": (
+        lambda: Swinv2ForImageClassification(
+            Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[1], num_heads=[2], window_size=4)
         ),
-        "BeitForImageClassification",
-        "older data2vec-vision attention",
+        "SwinForImageClassification",
+        "logit scale",
     ),
     "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
 }

@@ -15,6 +15,7 @@ from .io import ModelIO
 class AttentionLayout:
     """How one library lays out multi-head attention: projection names and the metadata attributes."""
 
+    # Names below may be dotted paths into submodules (data2vec-vision: "attention.query", "output.dense").
     projections: tuple[str, ...]  # ("q_proj", "k_proj", "v_proj") or a fused ("qkv",)
     output: str  # the output projection, whose input channels are the heads' concatenation
     num_heads_attr: str
@@ -27,6 +28,9 @@ class AttentionLayout:
     # Attribute of a scale the eager path applies while the fused kernel uses 1/sqrt(head_dim) (timm): after
     # head-dim pruning, the original scale is folded into the query weights so both paths agree.
     implicit_scale_attr: str | None = None
+    # The scale is recomputed from the head-dim attribute on every call (data2vec-vision): pruned head dims fold the
+    # original scale into the query weights the same way.
+    scale_from_head_dim: bool = False
 
 
 @dataclass
@@ -42,11 +46,11 @@ class Attention:
 
     @property
     def projections(self) -> list[nn.Linear]:
-        return [getattr(self.module, p) for p in self.layout.projections]
+        return [_get(self.module, p) for p in self.layout.projections]
 
     @property
     def output(self) -> nn.Linear:
-        return getattr(self.module, self.layout.output)
+        return _get(self.module, self.layout.output)
 
     @property
     def fused(self) -> int:
@@ -71,26 +75,28 @@ class Attention:
                 old = getattr(owner, attribute)
                 kept = old.detach().index_select(-1, index.to(old.device)).clone()
                 setattr(owner, attribute, nn.Parameter(kept, requires_grad=old.requires_grad))
-        if self.layout.implicit_scale_attr and head_dim != self.head_dim:
+        if (self.layout.implicit_scale_attr or self.layout.scale_from_head_dim) and head_dim != self.head_dim:
             self._fold_scale(num_heads, head_dim)
-        setattr(self.module, self.layout.num_heads_attr, num_heads)
+        _set(self.module, self.layout.num_heads_attr, num_heads)
         if self.layout.head_dim_attr:
-            setattr(self.module, self.layout.head_dim_attr, head_dim)
+            _set(self.module, self.layout.head_dim_attr, head_dim)
         if self.layout.inner_dim_attr:
-            setattr(self.module, self.layout.inner_dim_attr, num_heads * head_dim)
+            _set(self.module, self.layout.inner_dim_attr, num_heads * head_dim)
         self.num_heads, self.head_dim = num_heads, head_dim
 
     def _fold_scale(self, num_heads: int, head_dim: int) -> None:
         """Keep softmax(q k^T * old_scale) when the scale becomes head_dim ** -0.5: queries grow by the ratio."""
         attribute = self.layout.implicit_scale_attr
-        old, new = float(getattr(self.module, attribute)), head_dim**-0.5
+        old = float(getattr(self.module, attribute)) if attribute else self.head_dim**-0.5
+        new = head_dim**-0.5
         query = self.projections[0]
         rows = slice(0, num_heads * head_dim)  # q comes first in a fused qkv and is the whole of a q projection
         with torch.no_grad():
             query.weight[rows] *= old / new
             if query.bias is not None:
                 query.bias[rows] *= old / new
-        setattr(self.module, attribute, new)
+        if attribute:
+            setattr(self.module, attribute, new)
 
 
 def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> list[Attention]:
@@ -102,20 +108,48 @@ def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> l
             owner = model.get_submodule(".".join(name.split(".")[:-levels])) if levels and name else module
             names = (*layout.projections, layout.output, layout.num_heads_attr, layout.head_dim_attr or layout.output)
             if (
-                all(hasattr(module, a) for a in names)
-                and all(isinstance(getattr(module, p), nn.Linear) for p in layout.projections)
+                all(_get(module, a, None) is not None or _has(module, a) for a in names)
+                and all(isinstance(_get(module, p), nn.Linear) for p in layout.projections)
                 and all(_has_parameter(owner, p) for p in layout.head_params)
             ):
-                heads = int(getattr(module, layout.num_heads_attr))
+                heads = int(_get(module, layout.num_heads_attr))
                 attention = Attention(name, module, layout, heads, 0, owner=owner if levels else None)
                 attention.head_dim = (
-                    int(getattr(module, layout.head_dim_attr))
+                    int(_get(module, layout.head_dim_attr))
                     if layout.head_dim_attr
                     else attention.projections[0].out_features // attention.fused // attention.num_heads
                 )
                 found.append(attention)
                 break
     return found
+
+
+_MISSING = object()
+
+
+def _get(module: nn.Module, path: str, default: Any = _MISSING) -> Any:
+    """`getattr` along a dotted path."""
+    value: Any = module
+    for part in path.split("."):
+        value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise AttributeError(f"{type(module).__name__} has no {path!r}")
+            return default
+    return value
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        _get(module, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _set(module: nn.Module, path: str, value: Any) -> None:
+    owner, _, attribute = path.rpartition(".")
+    setattr(_get(module, owner) if owner else module, attribute, value)
 
 
 def _has_parameter(module: nn.Module, path: str) -> bool:

@@ -28,13 +28,6 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
         f"a per-head logit scale and the continuous position-bias MLP's per-head "
         f"outputs must be sliced with the heads; {_RESHAPE}independently; {_FUSED_BIAS}",
     ),
-    "data2vec-vision": (
-        "transformers BeitForImageClassification",
-        "an attention layout for transformers' older data2vec-vision attention (query / key / value in a "
-        "self-attention module whose output projection is a sibling's `output.dense`, and an SDPA class chosen at "
-        "construction; its attention scale is recomputed from the head size, so pruned head dims must keep the "
-        "original scale), then the BEiT adapter's bias-table handling applies",
-    ),
     "swinv2": (
         "transformers SwinForImageClassification",
         f"{_NEEDS_CLASS}, a per-head logit scale and the continuous position-bias MLP",

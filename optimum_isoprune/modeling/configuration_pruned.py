@@ -25,6 +25,7 @@ from transformers import (
     CLIPConfig,
     ConvNextConfig,
     ConvNextV2Config,
+    Data2VecVisionConfig,
     DeiTConfig,
     Dinov2Config,
     Dinov2WithRegistersConfig,
@@ -170,6 +171,13 @@ class PrunedBeitConfig(_ViTWidthsMixin, BeitConfig):
     base_config_class: ClassVar[type[PreTrainedConfig]] = BeitConfig
 
 
+class PrunedData2VecVisionConfig(_ViTWidthsMixin, Data2VecVisionConfig):
+    """A data2vec-vision with per-layer widths, like a pruned BEiT."""
+
+    model_type = "pruned_data2vec_vision"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = Data2VecVisionConfig
+
+
 class PrunedCLIPConfig(_ViTWidthsMixin, CLIPConfig):
     """A CLIP image classifier whose vision tower has per-layer heads, head dims and MLP widths, and a narrower
     residual (the text tower's fields are kept as they were: the classifier builds no text tower)."""
@@ -297,6 +305,7 @@ __all__ = [
     "PrunedConfigMixin",
     "PrunedConvNextConfig",
     "PrunedConvNextV2Config",
+    "PrunedData2VecVisionConfig",
     "PrunedDeiTConfig",
     "PrunedDeiTWithTeacherConfig",
     "PrunedDinov2Config",

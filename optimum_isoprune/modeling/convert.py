@@ -140,6 +140,9 @@ def _to_pruned_transformers_model(
             f"{type(model).__name__} has a {type(config).__name__}; {pruned_class.__name__} expects a "
             f"{pruned_class.config_class.base_config_class.__name__}."
         )
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation is not None:  # some classes pick attention modules by it (data2vec-vision: eager or SDPA)
+        base_config._attn_implementation = implementation
     with torch.device("meta"):
         reference = family.stock_class(base_config)
     shapes, attributes = compute_shape_manifest(model, reference)
@@ -156,7 +159,6 @@ def _to_pruned_transformers_model(
         architectures=[pruned_class.__name__],
     )
     pruned_config = pruned_class.config_class.from_dict(data)
-    implementation = getattr(config, "_attn_implementation", None)
     if implementation is not None:
         pruned_config._attn_implementation = implementation
 

@@ -23,6 +23,7 @@ from .modeling_pruned import (
     PrunedCLIPForImageClassification,
     PrunedConvNextForImageClassification,
     PrunedConvNextV2ForImageClassification,
+    PrunedData2VecVisionForImageClassification,
     PrunedDeiTForImageClassification,
     PrunedDeiTForImageClassificationWithTeacher,
     PrunedDinov2ForImageClassification,
@@ -61,6 +62,17 @@ def _dinov2_widths(model: nn.Module) -> dict[str, Any]:
     mlps = [layer.mlp for layer in model.base_model.encoder.layer]
     widths["layer_intermediate_sizes"] = [channels(getattr(mlp, "fc1", None) or mlp.up_proj) for mlp in mlps]
     return widths
+
+
+def _data2vec_vision_widths(model: nn.Module) -> dict[str, Any]:
+    """ViT's summary from data2vec-vision's older module names."""
+    layers = model.base_model.encoder.layer
+    return {
+        "pruned_hidden_size": int(model.base_model.embeddings.cls_token.shape[-1]),
+        "layer_num_heads": [int(layer.attention.attention.num_attention_heads) for layer in layers],
+        "layer_head_dims": [int(layer.attention.attention.attention_head_size) for layer in layers],
+        "layer_intermediate_sizes": [channels(layer.intermediate.dense) for layer in layers],
+    }
 
 
 def _clip_widths(model: nn.Module) -> dict[str, Any]:
@@ -180,6 +192,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedDinov2ForImageClassification, _dinov2_widths),
     Family(PrunedDinov2WithRegistersForImageClassification, _dinov2_widths),
     Family(PrunedBeitForImageClassification, _vit_widths),
+    Family(PrunedData2VecVisionForImageClassification, _data2vec_vision_widths),
     Family(PrunedCLIPForImageClassification, _clip_widths),
     Family(PrunedSiglipForImageClassification, _clip_widths),
     Family(PrunedConvNextForImageClassification, _convnext_widths),

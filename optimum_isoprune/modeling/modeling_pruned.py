@@ -35,6 +35,7 @@ from transformers import (
     CLIPForImageClassification,
     ConvNextForImageClassification,
     ConvNextV2ForImageClassification,
+    Data2VecVisionForImageClassification,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     Dinov2ForImageClassification,
@@ -55,6 +56,7 @@ from .configuration_pruned import (
     PrunedConfigMixin,
     PrunedConvNextConfig,
     PrunedConvNextV2Config,
+    PrunedData2VecVisionConfig,
     PrunedDeiTConfig,
     PrunedDeiTWithTeacherConfig,
     PrunedDinov2Config,
@@ -787,7 +789,11 @@ class _FixedSizeProcessorMixin(PrunedModelMixin):
         size = self._config_image_size()
         if size is not None:
             kwargs["size"] = {"height": size, "width": size}
-            if self.config.base_model_type in ("deit", "beit"):  # their processors center-crop after resizing
+            if self.config.base_model_type in (
+                "deit",
+                "beit",
+                "data2vec-vision",
+            ):  # their processors center-crop after resizing
                 kwargs["crop_size"] = {"height": size, "width": size}
         return kwargs
 
@@ -859,6 +865,10 @@ class PrunedBeitForImageClassification(_FixedSizeProcessorMixin, BeitForImageCla
     config_class = PrunedBeitConfig
 
 
+class PrunedData2VecVisionForImageClassification(_FixedSizeProcessorMixin, Data2VecVisionForImageClassification):
+    config_class = PrunedData2VecVisionConfig
+
+
 class PrunedCLIPForImageClassification(_ResizeAndCropProcessorMixin, CLIPForImageClassification):
     config_class = PrunedCLIPConfig
 
@@ -883,6 +893,7 @@ __all__ = [
     "PrunedCLIPForImageClassification",
     "PrunedConvNextForImageClassification",
     "PrunedConvNextV2ForImageClassification",
+    "PrunedData2VecVisionForImageClassification",
     "PrunedDeiTForImageClassification",
     "PrunedDeiTForImageClassificationWithTeacher",
     "PrunedDinov2ForImageClassification",
