@@ -4,6 +4,8 @@ shared by every layer)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import (
@@ -115,3 +117,40 @@ def test_data2vec_vision_sdpa_with_a_shared_table(tmp_path):
     pruned.save_pretrained(tmp_path)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(loaded, x), logits(pruned, x))
+
+
+_BEIT_TO_DATA2VEC = (
+    (r"^beit\.layers\.", "data2vec_vision.encoder.layer."),
+    (r"^beit\.", "data2vec_vision."),
+    (r"attention\.(q|k|v)_proj", lambda m: "attention.attention." + {"q": "query", "k": "key", "v": "value"}[m[1]]),
+    (r"attention\.o_proj", "attention.output.dense"),
+    (r"\.mlp\.fc1", ".intermediate.dense"),
+    (r"\.mlp\.fc2", ".output.dense"),
+    (r"\.relative_position_bias\.", ".attention.attention.relative_position_bias."),
+)
+
+
+def test_data2vec_vision_prunes_head_dims_exactly_like_beit():
+    """The same weights in both module layouts prune to the same network: data2vec-vision's scale, recomputed from
+    the pruned head size, is folded back into its queries."""
+    beit = build("beit")
+    with torch.no_grad():  # sharp attention, so that the scale matters
+        for layer in beit.beit.layers:
+            layer.attention.q_proj.weight.mul_(20)
+            layer.attention.k_proj.weight.mul_(20)
+    data2vec = build("data2vec_vision")
+    state = {}
+    for key, value in beit.state_dict().items():
+        for pattern, replacement in _BEIT_TO_DATA2VEC:
+            key = re.sub(pattern, replacement, key)
+        state[key] = value
+    data2vec.load_state_dict(state, strict=True)
+    config = IsomorphicPruningConfig(
+        pruning_ratio=0.25, head_pruning_ratio=0.25, head_dim_pruning_ratio=0.25, round_to=1, importance="magnitude"
+    )
+    pruned_beit = IsomorphicPruner(beit).prune(config)
+    pruned_data2vec = IsomorphicPruner(data2vec).prune(config)
+    dims = [layer.attention.attention.attention_head_size for layer in pruned_data2vec.data2vec_vision.encoder.layer]
+    assert dims == [layer.attention.head_dim for layer in pruned_beit.beit.layers] and max(dims) < 16  # of 16
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(logits(pruned_data2vec, x), logits(pruned_beit, x))
