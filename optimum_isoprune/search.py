@@ -35,6 +35,7 @@ from .budget import MAX_RATIO, Budget, ClassRanking, Plan, solve
 from .errors import NonFiniteError
 from .isomorphic import IsomorphicClass, PrunableGroup
 from .layers import channels, mixes_channels
+from .objectives import divergence, reference
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ def _scale_input(mask: torch.Tensor):
 
 class CalibrationLoss:
     """KL(original || masked candidate) on held-out batches; the original's log-probabilities are computed once.
+    A backbone (`objective="features"`) is scored on the relative squared error of its features instead
+    (`objectives.divergence`).
 
     With `refit` (a callable that reconstructs the masked model in place, given the zeroed consumer
     inputs), each candidate is scored after the same reconstruction the final model gets; the
@@ -151,10 +154,12 @@ class CalibrationLoss:
         batches: Sequence[torch.Tensor],
         logits: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         refit: Callable[[dict[tuple[nn.Module, bool], np.ndarray]], Any] | None = None,
+        objective: str = "logits",
     ):
         self.model, self.masks, self.batches, self.logits, self.refit = model, masks, batches, logits, refit
+        self.objective = objective  # "features": `logits` returns a backbone's features (see objectives.py)
         with torch.no_grad():
-            self.reference = [torch.log_softmax(logits(model, x).float(), -1) for x in batches]
+            self.reference = [reference(logits(model, x), objective) for x in batches]
 
     def __call__(self, plan: Plan, refit: bool = True) -> float:
         """The candidate's loss; `refit=False` skips the reconstruction (the masked model as it is)."""
@@ -169,9 +174,8 @@ class CalibrationLoss:
                 if refit:
                     self.refit(self.masks.consumers)
                 with torch.no_grad():
-                    for x, reference in zip(self.batches, self.reference):
-                        student = torch.log_softmax(self.logits(self.model, x).float(), -1)
-                        total += float(nn.functional.kl_div(student, reference, log_target=True, reduction="sum"))
+                    for x, target in zip(self.batches, self.reference):
+                        total += divergence(self.logits(self.model, x), target, self.objective)
                         count += len(x)
         finally:
             with torch.no_grad():
