@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, pipeline
 
 from models import BACKBONE_BUILDERS, build
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -106,9 +108,24 @@ def test_save_load_auto_gives_identical_features(name, tmp_path):
     expected = features(pruned, x)
     pruned.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    for loaded in (load_pruned_model(tmp_path), AutoModel.from_pretrained(tmp_path)):
+    for loaded in (
+        load_pruned_model(tmp_path),
+        AutoModel.from_pretrained(tmp_path),  # the package's classes, registered on import: no remote code
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True),  # the code saved beside the weights
+    ):
         assert type(loaded).__name__ == EXPECTED_CLASS[name]
         assert torch.equal(features(loaded, x), expected)
+
+
+def test_pruner_saves_a_backbone_with_a_feature_extraction_card(tmp_path):
+    _, pruner, _, _ = _half("dinov2_backbone")
+    pruner.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "pipeline_tag: image-feature-extraction" in card
+    assert "AutoModel.from_pretrained" in card and "AutoModelForImageClassification" not in card
+    image = Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype("uint8"))
+    extracted = pipeline("image-feature-extraction", model=str(tmp_path))(image)
+    assert np.isfinite(np.asarray(extracted)).all()
 
 
 @pytest.mark.parametrize("name", NAMES)
