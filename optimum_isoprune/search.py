@@ -45,7 +45,8 @@ MIN_WEIGHT = 1e-3
 
 @dataclass
 class SearchSummary:
-    """Scores (KL to the original model on held-out calibration images; lower is better) of the starts and the result."""
+    """Scores (KL to the original model on held-out calibration images, or for a backbone the relative squared
+    error of its features; lower is better) of the starts and the result."""
 
     start_scores: dict[str, float] = field(default_factory=dict)
     chosen_score: float | None = None
@@ -54,6 +55,7 @@ class SearchSummary:
     rescored: int = 0
     calibration_images: int = 0
     seconds: float = 0.0
+    objective: str = "logits"  # what the scores compare (objectives.py): "logits" (KL) or "features"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,9 +63,10 @@ class SearchSummary:
     def describe(self) -> str:
         starts = ", ".join(f"{k} {v:.4f}" for k, v in self.start_scores.items())
         rescored = f", {self.rescored} rescored after reconstruction" if self.rescored else ""
+        measure = "KL to the original" if self.objective == "logits" else "feature error relative to the original"
         return (
             f"searched over {self.candidates} candidate splits from the {self.chosen_start} start{rescored} "
-            f"(KL to the original on {self.calibration_images} held-out images: {starts}; chosen {self.chosen_score:.4f})"
+            f"({measure} on {self.calibration_images} held-out images: {starts}; chosen {self.chosen_score:.4f})"
         )
 
 
@@ -234,7 +237,7 @@ def search_split(
     rescored after reconstruction; the choice is made on those scores.
     """
     tick = time.perf_counter()
-    summary = SearchSummary()
+    summary = SearchSummary(objective=score.objective)
     pinned = frozenset(fixed)
     cheap = score.refit is not None and finalists is not None and finalists < candidates
     progress = tqdm(total=candidates + (len(starts) + finalists if cheap else 0), desc="Budget search", leave=False)

@@ -152,6 +152,8 @@ def test_search_policy_scores_backbones_on_features():
     assert abs(count_macs(pruned) - target) / target <= 0.01
     scores = pruner.report.search["start_scores"]
     assert scores and all(0.0 <= s < 1.0 for s in scores.values())  # relative feature error, not a KL
+    assert pruner.report.search["objective"] == "features"
+    assert "feature error relative to the original" in pruner.report.summary()
 
 
 def test_objectives():
