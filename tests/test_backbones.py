@@ -1,5 +1,6 @@
 """Backbones without a classification head (transformers ViTModel, Dinov2Model, CLIPVisionModel), pruned on their
-features (optimum_isoprune/adapters/backbones.py, optimum_isoprune/objectives.py)."""
+features (optimum_isoprune/adapters/backbones.py, optimum_isoprune/objectives.py), and timm models created with
+num_classes=0."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import functools
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from torch import nn
 from transformers import AutoModel, pipeline
 
-from models import BACKBONE_BUILDERS, build
+from models import BACKBONE_BUILDERS, TIMM_VIT_KWARGS, build
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.adapters import get_adapter
-from optimum_isoprune.checkpoint import load_pruned_model
+from optimum_isoprune.checkpoint import load_pruned_model, save_pruned_model
 from optimum_isoprune.counting import count_macs, count_params
 from optimum_isoprune.objectives import divergence, feature_matching_loss, importance_loss, reference
 from test_pruner import _inputs, independent_macs
@@ -169,3 +171,42 @@ def test_objectives():
     assert divergence(logits, reference(logits, "logits"), "logits") == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="objective"):
         reference(logits, "pixels")
+
+
+# timm models created with num_classes=0 have no head either: they are pruned on the pooled features they return.
+
+
+def _timm_headless() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TIMM_VIT_KWARGS, "num_classes": 0}).eval()
+
+
+def test_timm_vit_without_head_is_pruned_on_its_features(tmp_path):
+    model = _timm_headless()
+    pruner = IsomorphicPruner(model)
+    assert pruner.adapter.objective == "features"
+    x = _inputs(pruner)
+    zero = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
+    with torch.no_grad():
+        assert torch.equal(zero(x), model(x))
+    target = count_macs(model) * 0.5
+    results = {}
+    for reconstruction in ("least_squares", "none"):
+        config = IsomorphicPruningConfig(
+            target_macs=target, reconstruction=reconstruction, calibration_batch_size=32, num_calibration_batches=1
+        )
+        results[reconstruction] = pruner.prune(config, calibration_dataset=_inputs(pruner, batch=32))
+    pruned = results["least_squares"]
+    assert abs(count_macs(pruned) - target) / target <= 0.01
+    theirs = independent_macs(copy.deepcopy(pruned), x)
+    assert abs(count_macs(pruned) - theirs) / theirs <= 0.02
+    held_out = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference_features = model(held_out)
+        on = float(feature_matching_loss(pruned(held_out), reference_features))
+        off = float(feature_matching_loss(results["none"](held_out), reference_features))
+    assert 0.0 < on < off < float("inf")  # the feature width is kept, so the features compare
+    save_pruned_model(pruned, tmp_path)
+    loaded = load_pruned_model(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned.eval()(x))
