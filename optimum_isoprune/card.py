@@ -74,6 +74,7 @@ CARD_NAME = "README.md"
 WIDTHS_IMAGE_NAME = "layer_widths.png"
 TEMPLATE_NAME = "model_card.md"
 PIPELINE_TAG = "image-classification"
+BACKBONE_PIPELINE_TAG = "image-feature-extraction"  # a backbone without a head, pruned on its features
 LIBRARY_NAME = "transformers"
 EXTRA_TAGS = ("pruning", "isomorphic-pruning", "optimum")
 # The Hub accepts "adapter", "merge", "quantized" and "finetune". A pruned (and usually distilled)
@@ -420,6 +421,7 @@ def create_model_card(
     (base model, datasets, teacher) appear as their folder name only.
     """
     base_model_info = dict(base_model_info or {})
+    backbone = _is_backbone_architecture(report.architecture)
     base_name = report.base_model or ""
     random_weights = base_name.endswith(RANDOM_WEIGHTS_NOTE)
     if random_weights:
@@ -441,7 +443,7 @@ def create_model_card(
         license_name=base_model_info.get("license_name"),
         license_link=base_model_info.get("license_link"),
         library_name=LIBRARY_NAME,
-        pipeline_tag=base_model_info.get("pipeline_tag") or PIPELINE_TAG,
+        pipeline_tag=base_model_info.get("pipeline_tag") or (BACKBONE_PIPELINE_TAG if backbone else PIPELINE_TAG),
         tags=_tags(base_model_info.get("tags")),
         datasets=datasets or None,
         metrics=["accuracy"] if eval_context else None,
@@ -490,6 +492,7 @@ def create_model_card(
         "base_model_url": f"https://huggingface.co/{base_id}" if base_id else None,
         "random_weights": random_weights,
         "timm": timm_checkpoint,
+        "backbone": backbone,
         "architecture": report.architecture,
         "image_size": report.image_size,
         "stats": _stats_rows(report, base_model_info.get("checkpoint_bytes"), checkpoint_bytes),
@@ -554,6 +557,14 @@ def save_model_card(
     card = create_model_card(report, widths_image=widths_image, **card_kwargs)
     card.save(folder / CARD_NAME)
     return card
+
+
+def _is_backbone_architecture(architecture: str) -> bool:
+    """Whether the pruned model is a backbone without a head (`ViTModel`, ...: adapters/backbones.py)."""
+    from .adapters.backbones import BACKBONE_ADAPTERS
+
+    names = {n for a in BACKBONE_ADAPTERS for n in a.model_types.values()}
+    return architecture in names or architecture.removeprefix("Pruned") in names
 
 
 def _is_timm_folder(folder: Path) -> bool:

@@ -173,6 +173,6 @@ def count_macs(model: nn.Module, image_size: int | None = None, num_channels: in
     was_training = model.training
     model.eval()
     try:
-        return CostModel(model, example, adapter.attentions(model), adapter.logits).macs()
+        return CostModel(model, example, adapter.attentions(model), adapter.forward).macs()
     finally:
         model.train(was_training)

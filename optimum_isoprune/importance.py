@@ -10,9 +10,10 @@ import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationDataError, NonFiniteError
-from .guards import check_labels, require_finite
+from .errors import NonFiniteError
+from .guards import require_finite
 from .isomorphic import PrunableGroup
+from .objectives import importance_loss
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +23,12 @@ def accumulate_gradients(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
     logits_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     total: int | None = None,
+    objective: str = "logits",
 ) -> int:
-    """Sum the cross-entropy gradients of `model` over calibration batches; returns the batch count.
+    """Sum the gradients of `objectives.importance_loss` over calibration batches; returns the batch count.
 
-    Batches without labels use the model's own predictions as targets.
+    Logits (`objective="logits"`): cross-entropy, on the model's own predictions for batches without labels.
+    Features (a backbone, `objective="features"`: `logits_fn` returns its features): their energy, labels unused.
     """
     model.zero_grad(set_to_none=True)
     count = 0
@@ -34,14 +37,11 @@ def accumulate_gradients(
         logits = logits_fn(model, pixel_values)
         require_finite(
             logits.detach(),
-            "The model's logits",
+            "The model's logits" if objective == "logits" else "The model's features",
             where,
             "The weights or the inputs overflow; check the model (model.float()) and the data's scale.",
         )
-        if labels is not None:
-            check_labels(labels, logits.shape[-1], where, CalibrationDataError)
-        targets = labels if labels is not None else logits.detach().argmax(-1)
-        loss = nn.functional.cross_entropy(logits, targets)
+        loss = importance_loss(logits, labels, objective, where)
         require_finite(loss.detach(), "The calibration loss", where)
         loss.backward()
         count += 1

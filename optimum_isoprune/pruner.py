@@ -149,7 +149,9 @@ class IsomorphicPruner:
         with _timed(timings, "importance"):
             if criterion == "taylor":
                 mine = shard(batches)  # under torchrun / accelerate each process takes its share; sums are all-reduced
-                count = all_reduce_gradients(model, accumulate_gradients(model, mine, adapter.logits, total=len(mine)))
+                count = all_reduce_gradients(
+                    model, accumulate_gradients(model, mine, adapter.outputs, len(mine), adapter.objective)
+                )
                 logger.info("Taylor importance from %d calibration batches.", count)
             scores = channel_scores(groups, criterion, config.seed)
             model.zero_grad(set_to_none=True)
@@ -163,7 +165,7 @@ class IsomorphicPruner:
                 latency = build_latency_model(
                     model,
                     example,
-                    adapter.logits,
+                    adapter.forward,
                     classes,
                     cost,
                     config,
@@ -183,14 +185,19 @@ class IsomorphicPruner:
                         self.model,
                         consumers,
                         batches,
-                        adapter.logits,
+                        adapter.forward,
                         reconstruction,
                         config.reconstruction_damping,
                         warn=False,
                     )
 
                 score = CalibrationLoss(
-                    model, ChannelMasks(groups), held_out, adapter.logits, refit if reconstruction != "none" else None
+                    model,
+                    ChannelMasks(groups),
+                    held_out,
+                    adapter.outputs,
+                    refit if reconstruction != "none" else None,
+                    adapter.objective,
                 )
             try:
                 plan, search = self._solve(budget, rankings, config, score, latency)
@@ -210,7 +217,7 @@ class IsomorphicPruner:
 
         with _timed(timings, "reconstruction"):
             recovery = reconstruct(
-                model, self.model, removed, batches, adapter.logits, reconstruction, config.reconstruction_damping
+                model, self.model, removed, batches, adapter.forward, reconstruction, config.reconstruction_damping
             )
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
@@ -392,7 +399,7 @@ class IsomorphicPruner:
             # dimension, the channel one in every supported family; the support-matrix tests check it.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
-                model, example, forward_fn=adapter.logits, verbose=False, **adapter.graph_options(model)
+                model, example, forward_fn=adapter.forward, verbose=False, **adapter.graph_options(model)
             )
             adapter.adjust_graph(graph, model)
         adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again

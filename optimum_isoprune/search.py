@@ -35,6 +35,7 @@ from .budget import MAX_RATIO, Budget, ClassRanking, Plan, solve
 from .errors import NonFiniteError
 from .isomorphic import IsomorphicClass, PrunableGroup
 from .layers import channels, mixes_channels
+from .objectives import divergence, reference
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ MIN_WEIGHT = 1e-3
 
 @dataclass
 class SearchSummary:
-    """Scores (KL to the original model on held-out calibration images; lower is better) of the starts and the result."""
+    """Scores (KL to the original model on held-out calibration images, or for a backbone the relative squared
+    error of its features; lower is better) of the starts and the result."""
 
     start_scores: dict[str, float] = field(default_factory=dict)
     chosen_score: float | None = None
@@ -53,6 +55,7 @@ class SearchSummary:
     rescored: int = 0
     calibration_images: int = 0
     seconds: float = 0.0
+    objective: str = "logits"  # what the scores compare (objectives.py): "logits" (KL) or "features"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,9 +63,10 @@ class SearchSummary:
     def describe(self) -> str:
         starts = ", ".join(f"{k} {v:.4f}" for k, v in self.start_scores.items())
         rescored = f", {self.rescored} rescored after reconstruction" if self.rescored else ""
+        measure = "KL to the original" if self.objective == "logits" else "feature error relative to the original"
         return (
             f"searched over {self.candidates} candidate splits from the {self.chosen_start} start{rescored} "
-            f"(KL to the original on {self.calibration_images} held-out images: {starts}; chosen {self.chosen_score:.4f})"
+            f"({measure} on {self.calibration_images} held-out images: {starts}; chosen {self.chosen_score:.4f})"
         )
 
 
@@ -138,6 +142,8 @@ def _scale_input(mask: torch.Tensor):
 
 class CalibrationLoss:
     """KL(original || masked candidate) on held-out batches; the original's log-probabilities are computed once.
+    A backbone (`objective="features"`) is scored on the relative squared error of its features instead
+    (`objectives.divergence`).
 
     With `refit` (a callable that reconstructs the masked model in place, given the zeroed consumer
     inputs), each candidate is scored after the same reconstruction the final model gets; the
@@ -151,10 +157,12 @@ class CalibrationLoss:
         batches: Sequence[torch.Tensor],
         logits: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         refit: Callable[[dict[tuple[nn.Module, bool], np.ndarray]], Any] | None = None,
+        objective: str = "logits",
     ):
         self.model, self.masks, self.batches, self.logits, self.refit = model, masks, batches, logits, refit
+        self.objective = objective  # "features": `logits` returns a backbone's features (see objectives.py)
         with torch.no_grad():
-            self.reference = [torch.log_softmax(logits(model, x).float(), -1) for x in batches]
+            self.reference = [reference(logits(model, x), objective) for x in batches]
 
     def __call__(self, plan: Plan, refit: bool = True) -> float:
         """The candidate's loss; `refit=False` skips the reconstruction (the masked model as it is)."""
@@ -169,9 +177,8 @@ class CalibrationLoss:
                 if refit:
                     self.refit(self.masks.consumers)
                 with torch.no_grad():
-                    for x, reference in zip(self.batches, self.reference):
-                        student = torch.log_softmax(self.logits(self.model, x).float(), -1)
-                        total += float(nn.functional.kl_div(student, reference, log_target=True, reduction="sum"))
+                    for x, target in zip(self.batches, self.reference):
+                        total += divergence(self.logits(self.model, x), target, self.objective)
                         count += len(x)
         finally:
             with torch.no_grad():
@@ -230,7 +237,7 @@ def search_split(
     rescored after reconstruction; the choice is made on those scores.
     """
     tick = time.perf_counter()
-    summary = SearchSummary()
+    summary = SearchSummary(objective=score.objective)
     pinned = frozenset(fixed)
     cheap = score.refit is not None and finalists is not None and finalists < candidates
     progress = tqdm(total=candidates + (len(starts) + finalists if cheap else 0), desc="Budget search", leave=False)

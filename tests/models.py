@@ -9,6 +9,8 @@ from transformers import (
     BeitForImageClassification,
     CLIPConfig,
     CLIPForImageClassification,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     ConvNextConfig,
     ConvNextForImageClassification,
     ConvNextV2Config,
@@ -20,6 +22,7 @@ from transformers import (
     DeiTForImageClassificationWithTeacher,
     Dinov2Config,
     Dinov2ForImageClassification,
+    Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
     EfficientNetConfig,
@@ -38,6 +41,7 @@ from transformers import (
     TimmWrapperForImageClassification,
     ViTConfig,
     ViTForImageClassification,
+    ViTModel,
 )
 
 IMAGE_SIZE = 32
@@ -175,6 +179,16 @@ DINOV2_VARIANT_BUILDERS = {
 }
 
 
+# Backbones without a head, pruned on their features (tests/test_backbones.py). ViTModel keeps its pooler.
+BACKBONE_BUILDERS = {
+    "vit_backbone": lambda: ViTModel(ViTConfig(**{k: v for k, v in VIT_KWARGS.items() if k != "num_labels"})),
+    "dinov2_backbone": lambda: Dinov2Model(
+        Dinov2Config(**{k: v for k, v in DINOV2_KWARGS.items() if k != "num_labels"})
+    ),
+    "clip_backbone": lambda: CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION_KWARGS)),
+}
+
+
 def _timm_cnn(name: str, image_size: int = 64) -> torch.nn.Module:
     """A timm CNN at its real width, fed small images (its pretrained_cfg says which size) to stay fast."""
     return timm.create_model(
@@ -197,7 +211,7 @@ TIMM_FAMILY_BUILDERS = {
 
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = {**BUILDERS, **TIMM_FAMILY_BUILDERS, **DINOV2_VARIANT_BUILDERS}[name]().eval()
+    model = {**BUILDERS, **TIMM_FAMILY_BUILDERS, **DINOV2_VARIANT_BUILDERS, **BACKBONE_BUILDERS}[name]().eval()
     with torch.no_grad():  # transformers initialises Swin's bias tables to zero: make every head's column distinct
         for param_name, param in model.named_parameters():
             if param_name.endswith("relative_position_bias_table"):

@@ -717,11 +717,15 @@ def test_prune_with_a_string_is_a_type_error():
 
 
 def test_headless_model_is_named():
-    from transformers import ViTConfig, ViTModel
+    """ViTModel, Dinov2Model and CLIPVisionModel are pruned on their features (tests/test_backbones.py); another
+    backbone of a supported classifier family is refused, naming its classifier."""
+    from transformers import DeiTConfig, DeiTModel
 
     kwargs = {k: v for k, v in VIT_KWARGS.items() if k != "num_labels"}
-    with pytest.raises(UnsupportedModelError, match="ViTModel returns no logits: it has no classification head"):
-        IsomorphicPruner(ViTModel(ViTConfig(**kwargs))).prune(pruning_ratio=0.5, importance="magnitude")
+    with pytest.raises(
+        UnsupportedModelError, match="DeiTModel has no classification head.*Prune the classifier.*DeiTForImage"
+    ):
+        IsomorphicPruner(DeiTModel(DeiTConfig(**kwargs))).prune(pruning_ratio=0.5, importance="magnitude")
 
 
 # ================================================================================================ also

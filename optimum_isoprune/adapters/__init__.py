@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .backbones import BACKBONE_ADAPTERS
 from .base import Attention, AttentionLayout, ModelAdapter
 from .beit import BeitAdapter
 from .clip import ClipAdapter
@@ -13,7 +14,7 @@ from .io import ModelIO
 from .nearest import nearest_family
 from .swin import SwinTimmAdapter, SwinTransformersAdapter
 from .timm_models import TimmAdapter
-from .transformers_models import TimmWrapperAdapter, TransformersAdapter
+from .transformers_models import TimmWrapperAdapter, TransformersAdapter, is_backbone, model_type
 
 ADAPTERS: list[type[ModelAdapter]] = [
     TransformersAdapter,
@@ -24,6 +25,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     Dinov2Adapter,
     ClipAdapter,
     BeitAdapter,
+    *BACKBONE_ADAPTERS,
 ]
 
 
@@ -35,11 +37,26 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         if adapter_cls.supports(model):
             return adapter_cls(model)
     supported = "; ".join(a.describe_supported() for a in ADAPTERS)
+    classifier = _classifier_of_backbone(model)
+    if classifier is not None:
+        backbones = ", ".join(name for a in BACKBONE_ADAPTERS for name in a.model_types.values())
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no classification head, and is not one of the backbones pruned on their "
+            f"features ({backbones}). Prune the classifier ({classifier}), whose head is kept whole."
+        )
     family, missing = nearest_family(model)
     raise UnsupportedModelError(
         f"{type(model).__name__} is not supported by the isomorphic pruner. Nearest supported family: {family}; "
         f"missing: {missing}. Supported: {supported}."
     )
+
+
+def _classifier_of_backbone(model: nn.Module) -> str | None:
+    """The supported classifier of a bare transformers backbone's model type (ResNetModel: ResNetForImageClassification)."""
+    if not is_backbone(model):
+        return None
+    names = [getattr(a, "model_types", {}).get(model_type(model)) for a in ADAPTERS if a not in BACKBONE_ADAPTERS]
+    return next((n for n in names if n), None)
 
 
 def adapter_for(model: nn.Module) -> ModelIO:

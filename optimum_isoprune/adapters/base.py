@@ -170,6 +170,8 @@ class ModelAdapter(ModelIO):
 
     attention_layouts: tuple[AttentionLayout, ...] = ()
     classifier_names: tuple[str, ...] = ()
+    # What calibration compares to the unpruned model (`objectives.py`): "logits", or a backbone's "features".
+    objective: str = "logits"
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -191,6 +193,19 @@ class ModelAdapter(ModelIO):
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values)
+
+    def features(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """A backbone's features (the tensor its feature-matching objective compares); classifiers have none."""
+        raise NotImplementedError(f"{type(model).__name__} is pruned on its logits, not on features.")
+
+    def outputs(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tensor calibration compares to the unpruned model: `logits`, or `features` for a backbone."""
+        return self.features(model, pixel_values) if self.objective == "features" else self.logits(model, pixel_values)
+
+    def forward(self, model: nn.Module, pixel_values: torch.Tensor) -> Any:
+        """Everything a user reads from the model (traced for the dependency graph, counted for MACs): `outputs`,
+        and for a backbone also its pooled output, whose layers must be traced to be resized with the rest."""
+        return self.outputs(model, pixel_values)
 
     def classifiers(self, model: nn.Module) -> list[nn.Module]:
         """Output heads: their output channels are the classes and must stay whole."""

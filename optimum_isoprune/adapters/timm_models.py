@@ -7,6 +7,7 @@ across conv groups in `isomorphic.py`, so every conv group keeps the same width.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import AttentionLayout, ModelAdapter
@@ -66,10 +67,25 @@ class TimmAdapter(ModelAdapter):
                 return module.in_channels
         return int(self._input_size()[0])
 
+    @property
+    def objective(self) -> str:  # type: ignore[override]
+        """A timm model created with `num_classes=0` has no head: it is pruned on its features (objectives.py)."""
+        return "features" if getattr(self.model, "num_classes", None) == 0 else "logits"
+
+    def features(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What a headless timm model returns: its pooled (and, where the model has one, normalised) features."""
+        return model(pixel_values)
+
     def classifiers(self, model: nn.Module) -> list[nn.Module]:
         heads = model.get_classifier()  # a tuple (head, head_dist) for distilled models
         heads = list(heads) if isinstance(heads, tuple) else [heads]
-        return [m for head in heads for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        found = [m for head in heads for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        patch_embed = getattr(getattr(model, "patch_embed", None), "proj", None)
+        if getattr(model, "num_classes", None) == 0 and isinstance(patch_embed, nn.Conv2d):
+            # A headless ViT keeps its feature width (the residual width) for the head attached later, as the
+            # transformers backbones do (adapters/backbones.py); a headless CNN's last width is pruned with the rest.
+            found.append(patch_embed)
+        return found
 
     def make_traceable(self, model: nn.Module) -> None:
         for attention in self.attentions(model):

@@ -36,6 +36,17 @@ def _is_pretrained_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def is_backbone(model: nn.Module) -> bool:
+    """Whether a transformers model is a bare backbone (`ViTModel`, what `AutoModel` builds), not a model with a
+    head; a pruned class counts as the stock class it resizes."""
+    if not _is_pretrained_model(model):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    names = {n for v in MODEL_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return any(c.__name__ in names for c in type(model).__mro__)
+
+
 def model_type(model: nn.Module) -> str:
     """The architecture's model_type; a pruned checkpoint reports the type it was pruned from."""
     return getattr(model.config, "base_model_type", None) or model.config.model_type
@@ -49,8 +60,9 @@ class TransformersAdapter(ModelAdapter):
     model_types: dict[str, str] = SUPPORTED_MODEL_TYPES
 
     @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return _is_pretrained_model(model) and model_type(model) in cls.model_types
+    def supports(cls, model: nn.Module, backbone: bool = False) -> bool:
+        """Models of `model_types` with a head (`backbone=True`: bare backbones, `adapters/backbones.py`)."""
+        return _is_pretrained_model(model) and model_type(model) in cls.model_types and is_backbone(model) == backbone
 
     @classmethod
     def describe_supported(cls) -> str:

@@ -2,11 +2,11 @@
 
 `to_pruned_model(model)` turns a physically pruned model into a saveable one. Every pruned family is one row
 of `families.FAMILIES`; its config and model classes are exported here and registered with `AutoConfig` /
-`AutoModelForImageClassification` on import, and their code travels with every saved checkpoint so
+`AutoModelForImageClassification` (backbones without a head: `AutoModel`) on import, and their code travels with every saved checkpoint so
 `trust_remote_code=True` loads it without this package.
 """
 
-from transformers import AutoConfig, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_pruned import PrunedConfigMixin
 from .convert import compute_shape_manifest, to_pruned_model
@@ -15,7 +15,8 @@ from .modeling_pruned import PrunedCheckpointError, PrunedModelMixin, apply_shap
 
 for _family in FAMILIES:
     AutoConfig.register(_family.config_class.model_type, _family.config_class, exist_ok=True)
-    AutoModelForImageClassification.register(_family.config_class, _family.pruned_class, exist_ok=True)
+    _auto = AutoModel if _family.pruned_class.auto_class == "AutoModel" else AutoModelForImageClassification
+    _auto.register(_family.config_class, _family.pruned_class, exist_ok=True)
     # PrunedViTConfig, PrunedViTForImageClassification, ...: importable from here
     globals()[_family.config_class.__name__] = _family.config_class
     globals()[_family.pruned_class.__name__] = _family.pruned_class

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from transformers import (
     BeitConfig,
     CLIPConfig,
+    CLIPVisionConfig,
     ConvNextConfig,
     ConvNextV2Config,
     Data2VecVisionConfig,
@@ -191,6 +192,31 @@ class PrunedSiglipConfig(_ViTWidthsMixin, SiglipConfig):
 
     model_type = "pruned_siglip"
     base_config_class: ClassVar[type[PreTrainedConfig]] = SiglipConfig
+
+
+# Backbones without a head (pruned on their features): their own model types, so Auto classes and
+# `load_pruned_model` build the backbone class, never a classifier.
+
+
+class PrunedViTModelConfig(_ViTWidthsMixin, ViTConfig):
+    """A ViT backbone (`ViTModel`) with per-layer widths and a narrower residual."""
+
+    model_type = "pruned_vit_model"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = ViTConfig
+
+
+class PrunedDinov2ModelConfig(_ViTWidthsMixin, Dinov2Config):
+    """A DINOv2 backbone (`Dinov2Model`) with per-layer widths and a narrower residual."""
+
+    model_type = "pruned_dinov2_model"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = Dinov2Config
+
+
+class PrunedCLIPVisionConfig(_ViTWidthsMixin, CLIPVisionConfig):
+    """A CLIP vision tower (`CLIPVisionModel`) with per-layer widths and a narrower residual."""
+
+    model_type = "pruned_clip_vision_model"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = CLIPVisionConfig
 
 
 class PrunedConvNextConfig(_ConvNextWidthsMixin, ConvNextConfig):

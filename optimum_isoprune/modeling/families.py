@@ -21,12 +21,14 @@ from .configuration_pruned import PrunedConfigMixin
 from .modeling_pruned import (
     PrunedBeitForImageClassification,
     PrunedCLIPForImageClassification,
+    PrunedCLIPVisionModel,
     PrunedConvNextForImageClassification,
     PrunedConvNextV2ForImageClassification,
     PrunedData2VecVisionForImageClassification,
     PrunedDeiTForImageClassification,
     PrunedDeiTForImageClassificationWithTeacher,
     PrunedDinov2ForImageClassification,
+    PrunedDinov2Model,
     PrunedDinov2WithRegistersForImageClassification,
     PrunedEfficientNetForImageClassification,
     PrunedMobileNetV2ForImageClassification,
@@ -37,6 +39,7 @@ from .modeling_pruned import (
     PrunedSwinForImageClassification,
     PrunedTimmWrapperForImageClassification,
     PrunedViTForImageClassification,
+    PrunedViTModel,
 )
 
 # Readable per-family summaries (never used to build a model)
@@ -59,7 +62,7 @@ def _vit_widths(model: nn.Module) -> dict[str, Any]:
 def _dinov2_widths(model: nn.Module) -> dict[str, Any]:
     """ViT's summary; the MLP width is fc1's, or up_proj's for a SwiGLU MLP."""
     widths = _vit_widths(model)
-    mlps = [layer.mlp for layer in model.base_model.encoder.layer]
+    mlps = [layer.mlp for layer in model.base_model.encoder.layer]  # a backbone is its own base model
     widths["layer_intermediate_sizes"] = [channels(getattr(mlp, "fc1", None) or mlp.up_proj) for mlp in mlps]
     return widths
 
@@ -77,7 +80,7 @@ def _data2vec_vision_widths(model: nn.Module) -> dict[str, Any]:
 
 def _clip_widths(model: nn.Module) -> dict[str, Any]:
     """ViT's summary for the vision tower of CLIP / SigLIP: its patch embedding, attentions and MLPs."""
-    tower = model.vision_model
+    tower = getattr(model, "vision_model", model)  # CLIPVisionModel is the tower itself
     return {
         "pruned_hidden_size": int(tower.embeddings.patch_embedding.out_channels),
         "layer_num_heads": [int(layer.self_attn.num_heads) for layer in tower.encoder.layers],
@@ -203,6 +206,10 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedEfficientNetForImageClassification, _efficientnet_widths),
     Family(PrunedSwinForImageClassification, _swin_widths),
     Family(PrunedTimmWrapperForImageClassification, timm_widths),
+    # backbones without a head, pruned on their features
+    Family(PrunedViTModel, _vit_widths),
+    Family(PrunedDinov2Model, _dinov2_widths),
+    Family(PrunedCLIPVisionModel, _clip_widths),
 )
 
 PRUNED_MODEL_CLASSES: tuple[type[PrunedModelMixin], ...] = tuple(f.pruned_class for f in FAMILIES)

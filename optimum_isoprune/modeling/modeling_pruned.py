@@ -33,12 +33,14 @@ from torch import nn
 from transformers import (
     BeitForImageClassification,
     CLIPForImageClassification,
+    CLIPVisionModel,
     ConvNextForImageClassification,
     ConvNextV2ForImageClassification,
     Data2VecVisionForImageClassification,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     Dinov2ForImageClassification,
+    Dinov2Model,
     Dinov2WithRegistersForImageClassification,
     EfficientNetForImageClassification,
     MobileNetV2ForImageClassification,
@@ -48,11 +50,13 @@ from transformers import (
     SwinForImageClassification,
     TimmWrapperForImageClassification,
     ViTForImageClassification,
+    ViTModel,
 )
 
 from .configuration_pruned import (
     PrunedBeitConfig,
     PrunedCLIPConfig,
+    PrunedCLIPVisionConfig,
     PrunedConfigMixin,
     PrunedConvNextConfig,
     PrunedConvNextV2Config,
@@ -60,6 +64,7 @@ from .configuration_pruned import (
     PrunedDeiTConfig,
     PrunedDeiTWithTeacherConfig,
     PrunedDinov2Config,
+    PrunedDinov2ModelConfig,
     PrunedDinov2WithRegistersConfig,
     PrunedEfficientNetConfig,
     PrunedMobileNetV2Config,
@@ -69,6 +74,7 @@ from .configuration_pruned import (
     PrunedSwinConfig,
     PrunedTimmWrapperConfig,
     PrunedViTConfig,
+    PrunedViTModelConfig,
 )
 
 logger = logging.getLogger(__name__)
@@ -657,11 +663,13 @@ class PrunedModelMixin:
     config: PrunedConfigMixin
     # The model type whose stock image processor a default one is built from, when not the base model type's.
     image_processor_model_type: str | None = None
+    # The Auto class that loads it: classifiers; backbones without a head set "AutoModel".
+    auto_class: str = "AutoModelForImageClassification"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "config_class" in vars(cls):  # a concrete pruned class: saving it copies this file beside the weights
-            cls.register_for_auto_class("AutoModelForImageClassification")
+            cls.register_for_auto_class(cls.auto_class)
 
     def __init__(self, config: PrunedConfigMixin, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
@@ -877,6 +885,25 @@ class PrunedSiglipForImageClassification(_FixedSizeProcessorMixin, SiglipForImag
     config_class = PrunedSiglipConfig
 
 
+# Backbones without a head, pruned on their features (optimum_isoprune/adapters/backbones.py)
+
+
+class PrunedViTModel(_FixedSizeProcessorMixin, ViTModel):
+    config_class = PrunedViTModelConfig
+    auto_class = "AutoModel"
+
+
+class PrunedDinov2Model(_ResizeAndCropProcessorMixin, Dinov2Model):
+    config_class = PrunedDinov2ModelConfig
+    auto_class = "AutoModel"
+
+
+class PrunedCLIPVisionModel(_ResizeAndCropProcessorMixin, CLIPVisionModel):
+    config_class = PrunedCLIPVisionConfig
+    auto_class = "AutoModel"
+    image_processor_model_type = "clip"  # transformers maps no processor to clip_vision_model
+
+
 class PrunedSwinForImageClassification(PrunedModelMixin, SwinForImageClassification):
     config_class = PrunedSwinConfig
 
@@ -891,6 +918,9 @@ class PrunedTimmWrapperForImageClassification(PrunedModelMixin, TimmWrapperForIm
 __all__ = [
     "PrunedBeitForImageClassification",
     "PrunedCLIPForImageClassification",
+    "PrunedCLIPVisionModel",
+    "PrunedDinov2Model",
+    "PrunedViTModel",
     "PrunedConvNextForImageClassification",
     "PrunedConvNextV2ForImageClassification",
     "PrunedData2VecVisionForImageClassification",
