@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -129,6 +130,7 @@ class IsomorphicPruner:
         self._check_model()
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        _reset_peak_memory(self._device())
         torch.manual_seed(config.seed)
         adapter = self.adapter
         image_size = config.image_size or adapter.image_size()
@@ -269,6 +271,7 @@ class IsomorphicPruner:
             ],
             layers=layers,
             timings=timings,
+            peak_memory_mb=_peak_memory_mb(self._device()),
             config=config.to_dict(),
             reconstruction=recovery.to_dict(),
             search=search.to_dict() if search else {},
@@ -496,6 +499,25 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
     tick = time.perf_counter()
     yield
     timings[step] = time.perf_counter() - tick
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    """The report's peak memory: the CUDA allocator's peak since `prune` started on a GPU; on a CPU the process's
+    peak resident memory (it includes what the process held before pruning, e.g. the model itself); None where the
+    platform has no `resource` module (Windows)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def _removed_fraction(rankings: list[ClassRanking], plan: Plan, unit: str) -> float:

@@ -61,7 +61,7 @@ class PruningReport(JsonFile):
     classes: list[ClassAmount] = field(default_factory=list)
     layers: list[LayerWidth] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None  # CUDA allocator peak during pruning; on CPU the process's peak RSS
     reconstruction: dict[str, Any] = field(default_factory=dict)  # a ReconstructionSummary, when one ran
     search: dict[str, Any] = field(default_factory=dict)  # a SearchSummary, for budget_policy="search"
     latency: dict[str, Any] = field(default_factory=dict)  # a LatencySummary, for target_latency
@@ -124,6 +124,8 @@ class PruningReport(JsonFile):
             lines.append(f"  target error: {self.target_error:.2%}")
         if self.timings:
             lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        if self.peak_memory_mb is not None:
+            lines.append(f"  peak memory: {self.peak_memory_mb:.0f} MB")
         return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     BeitConfig,
     BeitForImageClassification,
@@ -43,6 +44,9 @@ from transformers import (
     ViTForImageClassification,
     ViTModel,
 )
+
+from optimum_isoprune import IsomorphicPruner
+from optimum_isoprune.adapters import get_adapter
 
 IMAGE_SIZE = 32
 VIT_KWARGS = dict(
@@ -170,11 +174,17 @@ BUILDERS = {
 }
 
 
-# DINOv2 variants beyond the support matrix's "dinov2" row (tests/test_dinov2.py).
-DINOV2_VARIANT_BUILDERS = {
+# Topology variants of families in BUILDERS, in the matrix but not in the per-feature suites that iterate BUILDERS
+# (tests/test_dinov2.py, tests/test_transformers_cnns.py show what they add).
+VARIANT_BUILDERS = {
     "dinov2_swiglu": lambda: Dinov2ForImageClassification(Dinov2Config(use_swiglu_ffn=True, **DINOV2_KWARGS)),
     "dinov2_registers": lambda: Dinov2WithRegistersForImageClassification(
         Dinov2WithRegistersConfig(num_register_tokens=2, **DINOV2_KWARGS)
+    ),
+    "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
+        RegNetConfig(
+            embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10
+        )
     ),
 }
 
@@ -209,9 +219,20 @@ TIMM_FAMILY_BUILDERS = {
 }
 
 
+# Classifiers the pruner changes before counting (SigLIP's attention-pooling head never feeds the classifier and is
+# dropped): tests/test_siglip.py holds them to the matrix's guarantees against the model actually pruned.
+OFF_MATRIX_BUILDERS = {
+    "siglip_head": lambda: SiglipForImageClassification(SiglipConfig(vision_config=CLIP_VISION_KWARGS, num_labels=10)),
+}
+
+# The support matrix (tests/test_pruner.py): every classifier builder. Backbones are held to the same guarantees on
+# their features in tests/test_backbones.py.
+MATRIX = {**BUILDERS, **VARIANT_BUILDERS, **TIMM_FAMILY_BUILDERS}
+
+
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = {**BUILDERS, **TIMM_FAMILY_BUILDERS, **DINOV2_VARIANT_BUILDERS, **BACKBONE_BUILDERS}[name]().eval()
+    model = {**MATRIX, **OFF_MATRIX_BUILDERS, **BACKBONE_BUILDERS}[name]().eval()
     with torch.no_grad():  # transformers initialises Swin's bias tables to zero: make every head's column distinct
         for param_name, param in model.named_parameters():
             if param_name.endswith("relative_position_bias_table"):
@@ -225,3 +246,21 @@ def build(name: str) -> torch.nn.Module:
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x) if not hasattr(model, "config") or not hasattr(model.config, "model_type") else model(pixel_values=x)
     return out.logits if hasattr(out, "logits") else out
+
+
+def inputs(pruner: IsomorphicPruner, batch: int = 2) -> torch.Tensor:
+    """Random images of the size and channels the pruner's model takes (the same every call)."""
+    size = pruner.adapter.image_size()
+    return torch.randn(batch, pruner.adapter.num_channels(), size, size, generator=torch.Generator().manual_seed(1))
+
+
+def independent_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """torch's FlopCounterMode (FLOPs / 2) with every attention matmul visible (eager paths)."""
+    if hasattr(model, "set_attn_implementation") and get_adapter(model).attentions(model):
+        model.set_attn_implementation("eager")
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        logits(model, x[:1])
+    return counter.get_total_flops() / 2

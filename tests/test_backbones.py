@@ -15,13 +15,12 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModel, pipeline
 
-from models import BACKBONE_BUILDERS, TIMM_VIT_KWARGS, build
+from models import BACKBONE_BUILDERS, TIMM_VIT_KWARGS, build, independent_macs, inputs
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.adapters import get_adapter
 from optimum_isoprune.checkpoint import load_pruned_model, save_pruned_model
 from optimum_isoprune.counting import count_macs, count_params
 from optimum_isoprune.objectives import divergence, feature_matching_loss, importance_loss, reference
-from test_pruner import _inputs, independent_macs
 
 NAMES = sorted(BACKBONE_BUILDERS)
 EXPECTED_CLASS = {
@@ -46,7 +45,7 @@ def _half(
     config = IsomorphicPruningConfig(
         target_macs=target, reconstruction=reconstruction, calibration_batch_size=images, num_calibration_batches=1
     )
-    pruned = pruner.prune(config, calibration_dataset=_inputs(pruner, batch=images))
+    pruned = pruner.prune(config, calibration_dataset=inputs(pruner, batch=images))
     return model, pruner, pruned, target
 
 
@@ -68,7 +67,7 @@ def test_backbones_are_pruned_on_their_features(name):
 def test_ratio_zero_gives_identical_features(name):
     model = build(name)
     pruner = IsomorphicPruner(model)
-    x = _inputs(pruner)
+    x = inputs(pruner)
     pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
     assert type(pruned).__name__ == EXPECTED_CLASS[name]
     assert torch.equal(features(pruned, x), features(model, x))
@@ -79,7 +78,7 @@ def test_half_macs_within_one_percent_counted_like_torch_and_trains(name):
     model, pruner, pruned, target = half(name)
     assert type(pruned).__name__ == EXPECTED_CLASS[name]
     assert abs(count_macs(pruned) - target) / target <= 0.01
-    x = _inputs(pruner)
+    x = inputs(pruner)
     for ours, model_ in ((pruner.report.macs_before, build(name)), (pruner.report.macs_after, pruned)):
         theirs = independent_macs(copy.deepcopy(model_), x)
         assert abs(ours - theirs) / theirs <= 0.02
@@ -95,7 +94,7 @@ def test_half_macs_within_one_percent_counted_like_torch_and_trains(name):
 
 def test_vit_pooler_keeps_its_outputs_and_is_resized_with_the_model():
     model, pruner, pruned, _ = half("vit_backbone")
-    x = _inputs(pruner)
+    x = inputs(pruner)
     assert pruned.pooler.dense.weight.shape == model.pooler.dense.weight.shape  # the residual width is kept
     with torch.no_grad():
         pooled = pruned(pixel_values=x).pooler_output
@@ -105,7 +104,7 @@ def test_vit_pooler_keeps_its_outputs_and_is_resized_with_the_model():
 @pytest.mark.parametrize("name", NAMES)
 def test_save_load_auto_gives_identical_features(name, tmp_path):
     _, pruner, pruned, _ = half(name)
-    x = _inputs(pruner)
+    x = inputs(pruner)
     pruned.eval()
     expected = features(pruned, x)
     pruned.save_pretrained(tmp_path)
@@ -150,7 +149,7 @@ def test_search_policy_scores_backbones_on_features():
     config = IsomorphicPruningConfig(
         target_macs=target, budget_policy="search", search_candidates=4, reconstruction="none", search_batches=1
     )
-    pruned = pruner.prune(config, calibration_dataset=_inputs(pruner, batch=16))
+    pruned = pruner.prune(config, calibration_dataset=inputs(pruner, batch=16))
     assert abs(count_macs(pruned) - target) / target <= 0.01
     scores = pruner.report.search["start_scores"]
     assert scores and all(0.0 <= s < 1.0 for s in scores.values())  # relative feature error, not a KL
@@ -185,7 +184,7 @@ def test_timm_vit_without_head_is_pruned_on_its_features(tmp_path):
     model = _timm_headless()
     pruner = IsomorphicPruner(model)
     assert pruner.adapter.objective == "features"
-    x = _inputs(pruner)
+    x = inputs(pruner)
     zero = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
     with torch.no_grad():
         assert torch.equal(zero(x), model(x))
@@ -195,7 +194,7 @@ def test_timm_vit_without_head_is_pruned_on_its_features(tmp_path):
         config = IsomorphicPruningConfig(
             target_macs=target, reconstruction=reconstruction, calibration_batch_size=32, num_calibration_batches=1
         )
-        results[reconstruction] = pruner.prune(config, calibration_dataset=_inputs(pruner, batch=32))
+        results[reconstruction] = pruner.prune(config, calibration_dataset=inputs(pruner, batch=32))
     pruned = results["least_squares"]
     assert abs(count_macs(pruned) - target) / target <= 0.01
     theirs = independent_macs(copy.deepcopy(pruned), x)

@@ -16,10 +16,9 @@ from transformers import (
     Data2VecVisionForImageClassification,
 )
 
-from models import BEIT_KWARGS, build, logits
+from models import BEIT_KWARGS, build, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.counting import count_macs
-from test_pruner import _inputs
 
 
 def _half(model):
@@ -34,7 +33,7 @@ def test_each_layer_keeps_its_own_heads_with_their_bias_columns(name):
     pruner, pruned = _half(model)
     heads = [layer.attention.num_attention_heads for layer in pruned.beit.layers]
     assert min(heads) < model.config.num_attention_heads
-    x = _inputs(pruner)
+    x = inputs(pruner)
     for layer in pruned.beit.layers:
         table = layer.relative_position_bias.relative_position_bias_table
         assert table.shape[-1] == layer.attention.num_attention_heads
@@ -46,7 +45,7 @@ def test_each_layer_keeps_its_own_heads_with_their_bias_columns(name):
 def test_shared_table_is_copied_into_each_layer_of_the_copy_only():
     model = build("beit_shared")
     pruner = IsomorphicPruner(model)
-    x = _inputs(pruner)
+    x = inputs(pruner)
     pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
     assert torch.equal(logits(pruned, x), logits(model, x))
     shared = model.beit.shared_position_bias.relative_position_bias_table
@@ -67,7 +66,7 @@ def test_shared_and_per_layer_tables_add_up():
             if name.endswith("relative_position_bias_table"):
                 param.normal_(std=0.5)
     pruner = IsomorphicPruner(model)
-    x = _inputs(pruner)
+    x = inputs(pruner)
     pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
     torch.testing.assert_close(logits(pruned, x), logits(model, x))
 
@@ -77,7 +76,7 @@ def test_without_bias_tables_and_with_taylor_importance(tmp_path):
     torch.manual_seed(0)
     model = BeitForImageClassification(BeitConfig(**BEIT_KWARGS)).eval()
     pruner = IsomorphicPruner(model)
-    x = _inputs(pruner, batch=8)
+    x = inputs(pruner, batch=8)
     pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5), calibration_dataset=x)
     pruned.save_pretrained(tmp_path)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
@@ -103,7 +102,7 @@ def test_data2vec_vision_sdpa_with_a_shared_table(tmp_path):
         model.data2vec_vision.encoder.relative_position_bias.relative_position_bias_table.normal_(std=0.5)
     assert type(model.data2vec_vision.encoder.layer[0].attention.attention).__name__.endswith("SdpaSelfAttention")
     pruner = IsomorphicPruner(model)
-    x = _inputs(pruner)
+    x = inputs(pruner)
     same = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
     torch.testing.assert_close(logits(same, x), logits(model, x))
     pruner, pruned = _half(model)

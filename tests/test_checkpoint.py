@@ -19,12 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageClassification, PreTrainedModel
 
-from models import IMAGE_SIZE, build, logits
+from models import IMAGE_SIZE, MATRIX, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, PruningReport
 from optimum_isoprune.checkpoint import load_pruned_model, save_pruned_model
 from optimum_isoprune.modeling import PrunedCheckpointError, to_pruned_model
 
-TIMM_FAMILIES = ["timm_vit", "timm_deit_distilled", "timm_convnext", "timm_resnet"]
+# Every bare timm model of the support matrix (the TimmWrapper rows are transformers checkpoints: test_modeling.py).
+TIMM_FAMILIES = sorted(n for n in MATRIX if n.startswith("timm_") and not n.startswith("timm_wrapper"))
 
 
 def pixels(seed: int = 0) -> torch.Tensor:

@@ -7,9 +7,8 @@ import functools
 
 import torch
 
-from models import build, logits
+from models import build, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
-from test_pruner import _inputs
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +33,7 @@ def test_residual_channels_are_removed_from_every_tensor_that_carries_them():
         assert torch.equal(getattr(pruned_tower, norm).weight, getattr(tower, norm).weight[kept])
         assert torch.equal(getattr(pruned_tower, norm).bias, getattr(tower, norm).bias[kept])
     assert torch.equal(pruned.classifier.weight, model.classifier.weight[:, kept])
-    assert pruned_tower(pixel_values=_inputs(IsomorphicPruner(model))).pooler_output.shape[-1] == len(kept)
+    assert pruned_tower(pixel_values=inputs(IsomorphicPruner(model))).pooler_output.shape[-1] == len(kept)
 
 
 def test_the_pruned_copy_comes_back_without_the_tracing_hook_and_with_its_attention():
@@ -48,7 +47,7 @@ def test_pruned_head_dims_keep_the_original_scale_on_every_attention_path():
     model, pruned = _pruned()
     attentions = [layer.self_attn for layer in pruned.vision_model.encoder.layers]
     assert any(a.head_dim < model.vision_model.encoder.layers[0].self_attn.head_dim for a in attentions)
-    x = _inputs(IsomorphicPruner(model))
+    x = inputs(IsomorphicPruner(model))
     fused = logits(pruned, x)
     pruned.vision_model.set_attn_implementation("eager")
     try:

@@ -1,50 +1,32 @@
-"""The support matrix: every architecture, tiny random weights."""
+"""The support matrix: every classifier family, tiny random weights (tests/models.py MATRIX)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from models import BUILDERS, build, logits
+from models import MATRIX, build, independent_macs, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.adapters import get_adapter
 from optimum_isoprune.counting import count_macs, count_params
 
 
-def _inputs(pruner: IsomorphicPruner, batch: int = 2) -> torch.Tensor:
-    size = pruner.adapter.image_size()
-    return torch.randn(batch, pruner.adapter.num_channels(), size, size, generator=torch.Generator().manual_seed(1))
-
-
-def independent_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """torch's FlopCounterMode (FLOPs / 2) with every attention matmul visible (eager paths)."""
-    if hasattr(model, "set_attn_implementation") and get_adapter(model).attentions(model):
-        model.set_attn_implementation("eager")
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        logits(model, x[:1])
-    return counter.get_total_flops() / 2
-
-
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=sorted(MATRIX))
 def pruned_half(request):
     model = build(request.param)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     pruner = IsomorphicPruner(model)
-    x = _inputs(pruner, batch=8)
+    x = inputs(pruner, batch=8)
     target = count_macs(model) * 0.5
     pruned = pruner.prune(IsomorphicPruningConfig(target_macs=target), calibration_dataset=x)
     return request.param, model, reference, pruner, pruned, target
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("name", sorted(MATRIX))
 def test_ratio_zero_gives_identical_logits(name):
     model = build(name)
     pruner = IsomorphicPruner(model)
-    x = _inputs(pruner)
+    x = inputs(pruner)
     pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
     assert pruned is not model
     assert torch.equal(logits(pruned, x), logits(model, x))
@@ -60,7 +42,7 @@ def test_half_macs_hits_target_within_one_percent(pruned_half):
 
 def test_independent_counter_agrees(pruned_half):
     name, model, reference, pruner, pruned, target = pruned_half
-    x = _inputs(pruner)
+    x = inputs(pruner)
     ours_before, ours_after = pruner.report.macs_before, pruner.report.macs_after
     theirs_before = independent_macs(build(name), x)
     theirs_after = independent_macs(pruned, x)
@@ -70,7 +52,7 @@ def test_independent_counter_agrees(pruned_half):
 
 def test_pruned_model_runs_forward_and_backward(pruned_half):
     name, model, reference, pruner, pruned, target = pruned_half
-    x = _inputs(pruner)
+    x = inputs(pruner)
     pruned.train()
     out = logits(pruned, x)
     assert out.shape == logits(model, x).shape

@@ -51,6 +51,16 @@ def test_save_pretrained_writes_a_complete_loadable_folder(pruned_vit, tmp_path)
     assert card.data.to_dict()["model_stats"]["macs"] == pruner.report.macs_after
 
 
+def test_report_and_card_give_the_peak_memory(pruned_vit, tmp_path):
+    """On a CPU the process's peak resident memory: at least the model (pruned copy and original) it held."""
+    pruner, pruned = pruned_vit
+    weights_mb = sum(p.numel() * p.element_size() for p in pruner.model.parameters()) / 2**20
+    assert pruner.report.peak_memory_mb > weights_mb
+    assert f"peak memory: {pruner.report.peak_memory_mb:.0f} MB" in pruner.report.summary()
+    pruner.save_pretrained(tmp_path)
+    assert f"peak memory {pruner.report.peak_memory_mb:.0f} MB" in (tmp_path / "README.md").read_text()
+
+
 def test_push_to_hub_sends_one_commit_with_everything(pruned_vit, tmp_path):
     pruner, _ = pruned_vit
     api = RecordingApi()

@@ -8,7 +8,7 @@ import re
 from functools import cache
 from pathlib import Path
 
-from models import BACKBONE_BUILDERS, BUILDERS, DINOV2_VARIANT_BUILDERS, TIMM_FAMILY_BUILDERS, build
+from models import BACKBONE_BUILDERS, MATRIX, OFF_MATRIX_BUILDERS, build
 from optimum_isoprune.adapters import ADAPTERS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -33,7 +33,7 @@ def _supported(attribute: str) -> dict[str, str]:
 @cache
 def _built_classes() -> frozenset[str]:
     """`module.Class` of every model the test suite builds (the support matrix and the per-family tests)."""
-    names = {*BUILDERS, *TIMM_FAMILY_BUILDERS, *DINOV2_VARIANT_BUILDERS, *BACKBONE_BUILDERS}
+    names = {*MATRIX, *OFF_MATRIX_BUILDERS, *BACKBONE_BUILDERS}
     models = [build(name) for name in sorted(names)]
     inner = [getattr(m, "timm_model", None) for m in models]  # TimmWrapperForImageClassification: its timm model too
     return frozenset(f"{type(m).__module__}.{type(m).__name__}" for m in models + [i for i in inner if i is not None])

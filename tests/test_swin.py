@@ -6,17 +6,16 @@ import pytest
 import timm
 import torch
 
-from models import IMAGE_SIZE, build, logits
+from models import IMAGE_SIZE, build, independent_macs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.adapters import get_adapter
 from optimum_isoprune.adapters.swin import PatchMergingPruner, SwinTimmAdapter, SwinTransformersAdapter
 from optimum_isoprune.counting import count_macs
-from test_pruner import independent_macs
 
 SWIN = ["hf_swin", "timm_swin"]
 
 
-def _inputs(batch: int = 2) -> torch.Tensor:
+def inputs(batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
 
 
@@ -39,14 +38,14 @@ def test_windowed_attention_is_counted_per_window(name):
     """Our analytic count equals torch's FlopCounterMode: attention costs tokens x window tokens, not tokens^2."""
     model = build(name)
     ours = count_macs(model)
-    assert ours == independent_macs(build(name), _inputs())
+    assert ours == independent_macs(build(name), inputs())
 
 
 @pytest.fixture(scope="module", params=SWIN)
 def pruned_half(request):
     model = build(request.param)
     pruner = IsomorphicPruner(model)
-    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=count_macs(model) * 0.5), calibration_dataset=_inputs(8))
+    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=count_macs(model) * 0.5), calibration_dataset=inputs(8))
     return pruner, pruned
 
 
@@ -96,7 +95,7 @@ def test_min_heads_is_kept_in_every_layer(name, min_heads):
     )
     heads = [a.num_heads for a in get_adapter(pruned).attentions(pruned)]
     assert min(heads) == min_heads
-    logits(pruned, _inputs()).sum()  # still runs
+    logits(pruned, inputs()).sum()  # still runs
 
 
 def test_patch_merging_pruner_maps_each_channel_to_its_four_copies():
@@ -118,7 +117,7 @@ def test_pruned_swin_saves_and_loads_bit_identical(name, tmp_path):
     pruner = IsomorphicPruner(build(name))
     pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude"))
     pruner.save_pretrained(tmp_path)
-    x = _inputs()
+    x = inputs()
     assert torch.equal(logits(load_pruned_model(tmp_path), x), logits(pruned, x))
 
 

@@ -1,25 +1,19 @@
-"""transformers RegNet and EfficientNet: what the support matrix rows ("regnet", "efficientnet" in tests/models.py)
-do not show: the recorded widths, grouped convs keeping their group count, and RegNet's X layers (no SE)."""
+"""transformers RegNet and EfficientNet: what the support matrix rows ("regnet", "regnet_x", "efficientnet" in
+tests/models.py) do not show: the recorded widths, grouped convs keeping their group count, and RegNet's X layers (no SE)."""
 
 from __future__ import annotations
 
-import copy
-
-import torch
 from torch import nn
-from transformers import RegNetConfig, RegNetForImageClassification
 
-from models import build, logits
+from models import build, inputs
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
-from optimum_isoprune.checkpoint import load_pruned_model
 from optimum_isoprune.counting import count_macs
-from test_pruner import _inputs, independent_macs
 
 
 def _half(model: nn.Module) -> tuple[IsomorphicPruner, nn.Module, float]:
     pruner = IsomorphicPruner(model)
     target = count_macs(model) * 0.5
-    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=target), calibration_dataset=_inputs(pruner, batch=8))
+    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=target), calibration_dataset=inputs(pruner, batch=8))
     return pruner, pruned, target
 
 
@@ -61,28 +55,9 @@ def test_efficientnet_summary_fields_match_the_modules():
         assert conv.groups == conv.in_channels == conv.out_channels
 
 
-def test_regnet_x_layers_are_held_to_the_matrix_guarantees(tmp_path):
-    torch.manual_seed(0)
-    config = RegNetConfig(
-        embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10
-    )
-    model = RegNetForImageClassification(config).eval()
-    pruner = IsomorphicPruner(model)
-    x = _inputs(pruner)
-    stock = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
-    assert torch.equal(logits(stock, x), logits(model, x))
-
-    pruner, pruned, target = _half(model)
-    assert type(pruned).__name__ == "PrunedRegNetForImageClassification"
-    assert abs(count_macs(pruned) - target) / target <= 0.01
-    theirs = independent_macs(copy.deepcopy(pruned), x)
-    assert abs(pruner.report.macs_after - theirs) / theirs <= 0.02
+def test_regnet_x_layers_have_no_squeeze_excitation_and_keep_their_conv_groups():
+    """The matrix holds the "regnet_x" row to its guarantees; this is what X layers (no SE) change."""
+    model = build("regnet_x")
+    pruned = _half(model)[1]
     assert pruned.config.stage_block_squeeze_widths == [[], []]
-    assert _grouped_convs(pruned) == _grouped_convs(model)
-
-    expected = logits(pruned.eval(), x)
-    pruned.save_pretrained(tmp_path)
-    assert torch.equal(logits(load_pruned_model(tmp_path), x), expected)
-    trained = copy.deepcopy(pruned).train()
-    logits(trained, x).sum().backward()
-    assert all(p.grad is not None for p in trained.parameters())
+    assert _grouped_convs(pruned) == _grouped_convs(model) != {}
