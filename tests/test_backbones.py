@@ -209,3 +209,27 @@ def test_timm_vit_without_head_is_pruned_on_its_features(tmp_path):
     loaded = load_pruned_model(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("resnet18", {}),  # the last block's conv3, coupled to the last stage's residual width
+        ("convnext_atto", dict(dims=(32, 64, 96, 128), depths=(1, 1, 2, 1))),
+        ("mobilenetv3_small_050", {}),  # conv_head after the pooling
+    ],
+)
+def test_timm_cnn_without_head_keeps_its_feature_width(name, kwargs, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    pruner = IsomorphicPruner(model)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    target = count_macs(model, image_size=32) * 0.5
+    config = IsomorphicPruningConfig(target_macs=target, image_size=32, calibration_batch_size=8)
+    pruned = pruner.prune(config, calibration_dataset=x)
+    assert abs(count_macs(pruned, image_size=32) - target) / target <= 0.01
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape  # a head built for the original features still fits
+    save_pruned_model(pruned, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_pruned_model(tmp_path).eval()(x), pruned.eval()(x))

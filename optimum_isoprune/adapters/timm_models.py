@@ -37,6 +37,15 @@ def _qualname(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__name__}"
 
 
+def _feature_layer(model: nn.Module) -> nn.Module:
+    """The layer whose output channels are a headless timm model's features: a ViT's patch embedding (its residual
+    width is the feature width), else the last Conv2d / Linear (a CNN's last block or `conv_head`)."""
+    patch_embed = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(patch_embed, nn.Conv2d):
+        return patch_embed
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+
+
 class TimmAdapter(ModelAdapter):
     """timm models whose class is in `SUPPORTED_TIMM_CLASSES`."""
 
@@ -80,11 +89,10 @@ class TimmAdapter(ModelAdapter):
         heads = model.get_classifier()  # a tuple (head, head_dist) for distilled models
         heads = list(heads) if isinstance(heads, tuple) else [heads]
         found = [m for head in heads for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        patch_embed = getattr(getattr(model, "patch_embed", None), "proj", None)
-        if getattr(model, "num_classes", None) == 0 and isinstance(patch_embed, nn.Conv2d):
-            # A headless ViT keeps its feature width (the residual width) for the head attached later, as the
-            # transformers backbones do (adapters/backbones.py); a headless CNN's last width is pruned with the rest.
-            found.append(patch_embed)
+        if getattr(model, "num_classes", None) == 0:
+            # A headless model keeps its feature width for the head attached later, as the transformers backbones do
+            # (adapters/backbones.py): whatever is coupled to the layer producing the features stays whole.
+            found.append(_feature_layer(model))
         return found
 
     def make_traceable(self, model: nn.Module) -> None:
