@@ -15,6 +15,7 @@ its own process so that one model's peak does not hide another's.
     python benchmarks/architecture_reach.py                      # writes benchmarks/results/architecture_reach.json
     python benchmarks/architecture_reach.py --rows swinv2_tiny  # (re)measures some rows, keeps the others
     python benchmarks/architecture_reach.py --real-shapes        # writes benchmarks/results/real_shapes.json
+    python benchmarks/architecture_reach.py --table              # the BENCHMARKS.md tables
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "BEiT-B/16": _hf(tf.BeitForImageClassification, lambda: tf.BeitConfig(use_relative_position_bias=True, **_VIT_B)),
     "Data2VecVision-B/16": _hf(
         tf.Data2VecVisionForImageClassification,
-        lambda: tf.Data2VecVisionConfig(use_relative_position_bias=True, **_VIT_B),
+        # eager attention: torch's flop counter sees no FLOPs in CPU SDPA, and this class cannot switch afterwards
+        lambda: tf.Data2VecVisionConfig(use_relative_position_bias=True, attn_implementation="eager", **_VIT_B),
     ),
     "CLIP ViT-B/16": _hf(
         tf.CLIPForImageClassification,
@@ -88,7 +90,9 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     ),
     "EfficientNet-B0": _hf(
         tf.EfficientNetForImageClassification,
-        lambda: tf.EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0, image_size=SMALL, num_labels=1000),
+        lambda: tf.EfficientNetConfig(
+            width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280, image_size=SMALL, num_labels=1000
+        ),
     ),
     "RegNetY-040": _hf(tf.RegNetForImageClassification, lambda: tf.RegNetConfig(num_labels=1000)),
 }
@@ -149,7 +153,9 @@ def run(row: str, batches: int, batch_size: int, reconstruction: str) -> dict:
     report = pruner.report
     with tempfile.TemporaryDirectory() as folder:
         pruner.save_pretrained(folder)
-        loaded = load_pruned_model(folder).eval()
+        # the attention implementation is a runtime choice transformers does not save: load with the same one
+        implementation = getattr(getattr(pruned, "config", None), "_attn_implementation", None)
+        loaded = load_pruned_model(folder, **({"attn_implementation": implementation} if implementation else {})).eval()
         with torch.no_grad():
             exact = bool(torch.equal(_outputs(loaded, data[:4]), _outputs(pruned.eval(), data[:4])))
     before, after = flop_counter_macs(_seeded(build), data[:1]), flop_counter_macs(pruned, data[:1])
@@ -209,11 +215,41 @@ def run_real_shape(row: str, batches: int, batch_size: int) -> dict:
     }
 
 
-def _merge(name: str, rows: dict) -> dict:
-    """Rows already measured in `name`, updated with `rows` (so single rows can be re-measured)."""
+def _merge(name: str, rows: dict, table: dict) -> dict:
+    """The rows of `table` already measured in `name`, updated with `rows` (so single rows can be re-measured)."""
     path = RESULTS / name
     old = json.loads(path.read_text())["rows"] if path.exists() else {}
-    return {**old, **rows}
+    return {row: {**old, **rows}[row] for row in table if row in {**old, **rows}}
+
+
+def markdown() -> str:
+    """The BENCHMARKS.md tables from the last runs' JSON."""
+    lines = [
+        "| family | class | px | budget error | MACs agreement | params before → after | save → load bit-identical "
+        "| pruning time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row, r in json.loads((RESULTS / "architecture_reach.json").read_text())["rows"].items():
+        lines.append(
+            f"| {row} | `{r['architecture']}` | {r['image_size']} | {r['budget_error']:+.2%} | "
+            f"{r['macs_agreement_error']:.1e} | {r['params_before'] / 1e6:.2f}M → {r['params_after'] / 1e6:.2f}M | "
+            f"{'yes' if r['save_load_bit_identical'] else 'no'} | {r['pruning_seconds']:.1f} s |"
+        )
+    lines += [
+        "",
+        "| backbone (224 px) | GMACs before → after | params before → after | pruning time (importance / "
+        "reconstruction) | peak RSS (rise after building the model) |",
+        "|---|---|---|---|---|",
+    ]
+    for row, r in json.loads((RESULTS / "real_shapes.json").read_text())["rows"].items():
+        stages = r["stage_seconds"]
+        lines.append(
+            f"| {row} | {r['macs_before'] / 1e9:.2f} → {r['macs_after'] / 1e9:.2f} | "
+            f"{r['params_before'] / 1e6:.2f}M → {r['params_after'] / 1e6:.2f}M | {r['pruning_seconds']:.0f} s "
+            f"({stages['importance']:.0f} s / {stages['reconstruction']:.0f} s) | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB (+{(r['peak_rss_bytes'] - r['rss_after_build_bytes']) / 2**30:.2f}) |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -223,8 +259,12 @@ def main() -> None:
     parser.add_argument("--reconstruction", default="none", choices=["none", "bias", "least_squares"])
     parser.add_argument("--rows", help="comma-separated rows to (re)measure; the others are kept from the last run")
     parser.add_argument("--real-shapes", action="store_true", help="the 224 px backbones instead of the family rows")
+    parser.add_argument("--table", action="store_true", help="print the BENCHMARKS.md tables from the last runs")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one real-shape row, printed as JSON
     cli = parser.parse_args()
+    if cli.table:
+        print(markdown())
+        return
     if cli.one:
         print(json.dumps(run_real_shape(cli.one, batches=2, batch_size=16)))
         return
@@ -253,7 +293,7 @@ def main() -> None:
             flush=True,
         )
     name = "real_shapes.json" if cli.real_shapes else "architecture_reach.json"
-    save_json(name, {"meta": meta, "target_fraction": 0.5, "rows": _merge(name, rows)})
+    save_json(name, {"meta": meta, "target_fraction": 0.5, "rows": _merge(name, rows, table)})
 
 
 if __name__ == "__main__":
