@@ -837,7 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="export to ONNX (checked against PyTorch), optionally int8, latency and accuracy",
         formatter_class=formatter,
         description="Write model.onnx (dynamic batch), config.json, preprocessor_config.json and labels.json into "
-        "--output; onnxruntime's logits are checked against PyTorch's on random inputs (max abs diff "
+        "--output (a backbone: its features, no labels); onnxruntime's outputs are checked against PyTorch's on "
+        "random inputs (max abs diff "
         "below --atol). Needs the onnx extra: pip install 'optimum-isoprune[onnx]'.",
         epilog="examples:\n  optimum-isoprune export out/half --format onnx --output out/half-onnx\n"
         "  optimum-isoprune export out/half --output out/half-onnx --quantize int8-dynamic int8-static "

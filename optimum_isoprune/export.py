@@ -1,9 +1,10 @@
-"""Export a (pruned or stock) image classifier to ONNX, and check the exported graph against PyTorch.
+"""Export a (pruned or stock) image classifier or backbone to ONNX, and check the exported graph against PyTorch.
 
 `export_onnx` writes a folder that needs nothing from this package to run: `model.onnx` (input
-`pixel_values` with a dynamic batch dimension, output `logits`), `config.json`, `preprocessor_config.json`
-(resize / rescale / normalise), `labels.json` (class names by index) and `onnx_export.json` (how it was
-exported, and the measured parity). Export goes through `torch.onnx` (the dynamo exporter, with
+`pixel_values` with a dynamic batch dimension, output `logits`, or `features` for a backbone without a head:
+the tensor it is pruned on, e.g. a transformers backbone's last hidden state), `config.json`,
+`preprocessor_config.json` (resize / rescale / normalise), `labels.json` (class names by index, classifiers only)
+and `onnx_export.json` (how it was exported, and the measured parity). Export goes through `torch.onnx` (the dynamo exporter, with
 onnxscript); every export is checked with onnxruntime on random inputs at two batch sizes.
 
 Needs the `onnx` extra: `pip install "optimum-isoprune[onnx]"`.
@@ -53,6 +54,7 @@ LABELS_NAME = "labels.json"
 EXPORT_INFO_NAME = "onnx_export.json"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"  # the output of a backbone without a classification head
 DEFAULT_OPSET = 18
 # Opsets the exporter writes and onnxruntime / OpenVINO run here (tested with torch 2.14, onnxruntime 1.32, OpenVINO 2026.4).
 SUPPORTED_OPSETS = range(17, 26)
@@ -96,13 +98,14 @@ class OnnxExport:
     architecture: str
     input_shape: list[int]  # (channels, height, width); the batch dimension is dynamic unless dynamic_batch=False
     dynamic_batch: bool
-    num_labels: int
+    num_labels: int  # 0 for a backbone
     file_bytes: int
     max_abs_diff: float | None = None
     parity_batch_sizes: list[int] = field(default_factory=list)
     atol: float = DEFAULT_ATOL
     export_seconds: float = 0.0
     exporter: str = ""
+    output_name: str = OUTPUT_NAME
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,8 +138,14 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-class _LogitsModule(nn.Module):
-    """One tensor in (pixel_values), one tensor out (logits): the graph an ONNX user sees."""
+def output_name(adapter: ModelAdapter) -> str:
+    """The exported graph's output: `logits`, or `features` for a backbone pruned on its features."""
+    return OUTPUT_NAME if adapter.objective == "logits" else FEATURES_NAME
+
+
+class _OutputModule(nn.Module):
+    """One tensor in (pixel_values), one tensor out (logits, or a backbone's features): the graph an ONNX user
+    sees."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
         super().__init__()
@@ -144,7 +153,7 @@ class _LogitsModule(nn.Module):
         self.adapter = adapter
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.adapter.logits(self.model, pixel_values)
+        return self.adapter.outputs(self.model, pixel_values)
 
 
 @contextlib.contextmanager
@@ -299,8 +308,9 @@ def _write_side_files(
             with open(processor_target, "w", encoding="utf-8") as f:
                 json.dump(_preprocessor_dict(model, adapter), f, indent=2)
 
-    with open(os.path.join(output_dir, LABELS_NAME), "w", encoding="utf-8") as f:
-        json.dump(_labels(model, num_labels), f, indent=2, ensure_ascii=False)
+    if num_labels:  # a backbone has no classes
+        with open(os.path.join(output_dir, LABELS_NAME), "w", encoding="utf-8") as f:
+            json.dump(_labels(model, num_labels), f, indent=2, ensure_ascii=False)
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -316,11 +326,11 @@ def export_onnx(
     image_processor: Any = None,
     source_dir: str | os.PathLike | None = None,
 ) -> OnnxExport:
-    """Export a supported classifier (a model, or a checkpoint folder) to `output_dir/model.onnx`, with its
-    config, preprocessor config and labels beside it.
+    """Export a supported classifier or backbone (a model, or a checkpoint folder) to `output_dir/model.onnx`, with
+    its config, preprocessor config and (for a classifier) labels beside it.
 
     With `check` (the default) onnxruntime runs the graph on random inputs at batch sizes 1 and 3 (or the
-    export batch size when `dynamic_batch=False`) and the largest absolute logit difference to PyTorch must
+    export batch size when `dynamic_batch=False`) and the largest absolute output difference to PyTorch must
     stay below `atol`, else `OnnxParityError`. The model is not modified. `source_dir`: the checkpoint folder
     a model passed in was loaded from (its config.json and preprocessor config are copied).
     """
@@ -337,9 +347,10 @@ def export_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch_size")}} if dynamic_batch else None
     start = time.perf_counter()
+    output = output_name(adapter)
     with _export_mode(model), torch.no_grad():
-        wrapper = _LogitsModule(model, adapter).eval()
-        num_labels = int(wrapper(example).shape[-1])
+        wrapper = _OutputModule(model, adapter).eval()
+        num_labels = int(wrapper(example).shape[-1]) if output == OUTPUT_NAME else 0
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log):
@@ -350,7 +361,7 @@ def export_onnx(
                     dynamo=True,
                     opset_version=opset,
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
+                    output_names=[output],
                     dynamic_shapes=dynamic_shapes,
                     verbose=False,
                     external_data=weight_bytes > _EXTERNAL_DATA_BYTES,
@@ -383,6 +394,7 @@ def export_onnx(
         atol=atol,
         export_seconds=round(seconds, 2),
         exporter=f"torch.onnx dynamo (torch {torch.__version__})",
+        output_name=output,
     )
     if check:
         check_onnx_model(path)
@@ -390,9 +402,10 @@ def export_onnx(
         result.max_abs_diff = verify_onnx(path, model, batch_sizes=batch_sizes, atol=atol)
         result.parity_batch_sizes = batch_sizes
         logger.info(
-            "Exported %s to %s: max |logits - PyTorch| = %.2e at batch sizes %s.",
+            "Exported %s to %s: max |%s - PyTorch| = %.2e at batch sizes %s.",
             adapter.architecture,
             path,
+            output,
             result.max_abs_diff,
             batch_sizes,
         )
@@ -459,27 +472,28 @@ def verify_onnx(
     seed: int = 1,
     session: Any = None,
 ) -> float:
-    """Largest |onnxruntime logits - PyTorch logits| on random inputs at each batch size.
+    """Largest |onnxruntime output - PyTorch output| (logits, or a backbone's features) on random inputs at each
+    batch size.
 
     Raises `OnnxParityError` when it exceeds `atol` (pass `atol=None` to only measure, e.g. for int8).
     """
     adapter = get_adapter(model)
     session = session or onnx_session(path)
-    worst = 0.0
+    worst, output = 0.0, output_name(adapter)
     with _export_mode(model):
         for i, batch_size in enumerate(batch_sizes):
             x = _random_inputs(adapter, batch_size, seed=seed + i)
-            expected = adapter.logits(model, x).float().numpy()
-            got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+            expected = adapter.outputs(model, x).float().numpy()
+            got = session.run([output], {INPUT_NAME: x.numpy()})[0]
             if got.shape != expected.shape:
                 raise OnnxParityError(
-                    f"{path} returned logits of shape {got.shape} for a batch of {batch_size}, PyTorch {expected.shape}.",
+                    f"{path} returned {output} of shape {got.shape} for a batch of {batch_size}, PyTorch {expected.shape}.",
                     max_abs_diff=float("inf"),
                 )
             worst = max(worst, float(np.abs(got - expected).max()))
     if atol is not None and not worst < atol:
         raise OnnxParityError(
-            f"{path}: onnxruntime logits differ from PyTorch by up to {worst:.3g} (tolerance {atol:g}) on random inputs "
+            f"{path}: onnxruntime {output} differ from PyTorch by up to {worst:.3g} (tolerance {atol:g}) on random inputs "
             f"at batch sizes {list(batch_sizes)}; the file is kept for inspection.",
             max_abs_diff=worst,
         )
@@ -520,12 +534,12 @@ class _OnnxClassifier(nn.Module):
 
 
 def runner(path: str | os.PathLike, runtime: str = "onnxruntime", threads: int | None = None):
-    """A function numpy pixel_values -> numpy logits that runs the ONNX file with onnxruntime or OpenVINO (CPU)."""
+    """A function numpy pixel_values -> numpy logits (or features) that runs the ONNX file with onnxruntime or
+    OpenVINO (CPU)."""
     if runtime == "onnxruntime":
         session = onnx_session(path, threads=threads)
-        return lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)})[
-            0
-        ]
+        output = session.get_outputs()[0].name  # logits, or a backbone's features
+        return lambda pixels: session.run([output], {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)})[0]
     if runtime == "openvino":
         ov = require("openvino")
         check_onnx_model(path)

@@ -93,6 +93,27 @@ def test_pruned_checkpoint_folder_exports(name, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["dinov2_backbone", "clip_backbone"])
+def test_pruned_backbone_exports_its_features(name, tmp_path):
+    """A backbone pruned on its features exports them (output `features`, no labels) and they match PyTorch."""
+    model = build(name)
+    pruner = IsomorphicPruner(model)
+    size = pruner.adapter.image_size()
+    calibration = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+    pruner.prune(IsomorphicPruningConfig(target_macs=0.5 * count_macs(model)), calibration_dataset=calibration)
+    pruner.save_pretrained(tmp_path / "ckpt")
+    result = export_onnx(tmp_path / "ckpt", tmp_path / "onnx")
+    assert result.output_name == "features" and result.num_labels == 0
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    assert not (tmp_path / "onnx" / "labels.json").exists()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    features = runner(result.path)(x.numpy())
+    with torch.no_grad():
+        expected = pruner.pruned_model.eval()(pixel_values=x).last_hidden_state
+    assert features.shape == tuple(expected.shape) == (2, expected.shape[1], model.config.hidden_size)
+    np.testing.assert_allclose(features, expected.numpy(), atol=1e-4)
+
+
 def test_static_batch_and_other_opsets(tmp_path):
     model = build("vit")
     result = export_onnx(model, tmp_path / "a", dynamic_batch=False, opset=20)
