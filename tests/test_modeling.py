@@ -49,6 +49,7 @@ HF_FAMILIES = [
     "regnet",
     "efficientnet",
     "timm_wrapper",
+    "hf_swinv2",
 ]
 EXPECTED_CLASS = {
     "vit": "PrunedViTForImageClassification",
@@ -67,6 +68,7 @@ EXPECTED_CLASS = {
     "regnet": "PrunedRegNetForImageClassification",
     "efficientnet": "PrunedEfficientNetForImageClassification",
     "timm_wrapper": "PrunedTimmWrapperForImageClassification",
+    "hf_swinv2": "PrunedSwinv2ForImageClassification",
 }
 TRAVELLING_FILES = ("configuration_pruned.py", "modeling_pruned.py")
 
