@@ -114,9 +114,9 @@ class Budget:
         self.groups = groups
         self.cost = cost
         self.sizes = {t.key: len(t.root_idxs) for g in groups for t in g.targets}
-        # per-head parameters (bias tables, logit scales) lose one entry per removed head
+        # bare per-head parameters (bias tables, logit scales) lose one entry per removed head
         self.sizes.update(
-            {(id(t), True): g.attention.num_heads for g in groups if g.attention for t in g.attention.head_targets()}
+            {(id(p), True): g.attention.num_heads for g in groups if g.attention for p in g.attention.head_parameters()}
         )
         self._cache: dict[tuple[int, int, int], tuple[np.ndarray, dict[tuple[int, bool], int]]] = {}
 
@@ -149,7 +149,7 @@ class Budget:
                 grid[heads, :] = True
                 grid[:, channels] = True
             counts = {t.key: int(mask[t.root_idxs].sum()) for t in group.targets} if mask.any() else {}
-            if group.attention is not None and len(heads):  # layers and parameters with one entry per head
+            if group.attention is not None and len(heads):  # per-head parameters and layers (position-bias MLP outputs)
                 counts.update({(id(t), True): len(heads) for t in group.attention.head_targets()})
             self._cache[key] = (np.flatnonzero(mask), counts)
         return self._cache[key]

@@ -99,6 +99,20 @@ def test_head_pruned_model_equals_the_model_with_those_heads_masked(name):
     torch.testing.assert_close(logits(pruned, x), logits(masked, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", SWINV2)
+def test_head_dims_are_pruned(name):
+    model = build(name)
+    pruned = IsomorphicPruner(model).prune(
+        IsomorphicPruningConfig(pruning_ratio=0.0, head_dim_pruning_ratio=0.5, round_to=1, importance="magnitude")
+    )
+    attentions = get_adapter(pruned).attentions(pruned)
+    assert any(a.head_dim < 8 for a in attentions) and [a.num_heads for a in attentions] == [2, 2, 4, 4]
+    for attention in attentions:
+        assert attention.output.in_features == attention.num_heads * attention.head_dim
+    assert torch.isfinite(logits(pruned, _inputs())).all()
+    assert count_macs(pruned) == independent_macs(pruned, _inputs())
+
+
 def test_timm_qkv_biases_follow_the_kept_heads_and_are_split_back():
     model, pruned = _heads_only("timm_swinv2")
     pairs = list(zip(get_adapter(model).attentions(model), get_adapter(pruned).attentions(pruned)))
