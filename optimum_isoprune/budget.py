@@ -114,6 +114,10 @@ class Budget:
         self.groups = groups
         self.cost = cost
         self.sizes = {t.key: len(t.root_idxs) for g in groups for t in g.targets}
+        # bare per-head parameters (bias tables, logit scales) lose one entry per removed head
+        self.sizes.update(
+            {(id(p), True): g.attention.num_heads for g in groups if g.attention for p in g.attention.head_parameters()}
+        )
         self._cache: dict[tuple[int, int, int], tuple[np.ndarray, dict[tuple[int, bool], int]]] = {}
 
     def plan(self, ratios: dict[IsomorphicClass, float]) -> Plan:
@@ -145,6 +149,8 @@ class Budget:
                 grid[heads, :] = True
                 grid[:, channels] = True
             counts = {t.key: int(mask[t.root_idxs].sum()) for t in group.targets} if mask.any() else {}
+            if group.attention is not None and len(heads):  # per-head parameters and layers (position-bias MLP outputs)
+                counts.update({(id(t), True): len(heads) for t in group.attention.head_targets()})
             self._cache[key] = (np.flatnonzero(mask), counts)
         return self._cache[key]
 

@@ -221,6 +221,7 @@ class IsomorphicPruner:
             recovery = reconstruct(
                 model, self.model, removed, batches, adapter.forward, reconstruction, config.reconstruction_damping
             )
+            adapter.resized(model)
 
         model = to_pruned_model(model, base_model_name_or_path=self.base_model_name_or_path, share_weights=True)
         if latency is not None:

@@ -38,6 +38,8 @@ from transformers import (
     SiglipForImageClassification,
     SwinConfig,
     SwinForImageClassification,
+    Swinv2Config,
+    Swinv2ForImageClassification,
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
     ViTConfig,
@@ -171,6 +173,14 @@ BUILDERS = {
         num_classes=10,
         **SWIN_KWARGS,
     ),
+    "hf_swinv2": lambda: Swinv2ForImageClassification(
+        Swinv2Config(
+            image_size=IMAGE_SIZE,
+            patch_size=2,
+            num_labels=10,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in SWIN_KWARGS.items()},
+        )
+    ),
 }
 
 
@@ -216,6 +226,10 @@ TIMM_FAMILY_BUILDERS = {
     # the transformers shell around them
     "timm_wrapper_deit3": lambda: _timm_wrapper("deit3_small_patch16_224"),
     "timm_wrapper_mobilenetv3": lambda: _timm_wrapper("mobilenetv3_small_050", vit=False),
+    # Swin V2: cosine attention, logit scales and position-bias MLPs per head, qkv with separate biases
+    "timm_swinv2": lambda: timm.create_model(
+        "swinv2_tiny_window8_256", pretrained=False, img_size=IMAGE_SIZE, patch_size=2, num_classes=10, **SWIN_KWARGS
+    ),
 }
 
 
@@ -240,6 +254,9 @@ def build(name: str) -> torch.nn.Module:
             # DINOv2 initialises them to zero too, BEiT its position embeddings
             if param_name.endswith(("register_tokens", "mask_token", "embeddings.position_embeddings")):
                 param.normal_(std=0.5)
+            # Swin V2 starts every head at the same logit scale and timm its q / v biases at zero
+            if param_name.endswith(("logit_scale", "q_bias", "v_bias")):
+                param.add_(torch.randn_like(param), alpha=0.5)
     return model
 
 

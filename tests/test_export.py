@@ -33,7 +33,7 @@ from optimum_isoprune.errors import CalibrationDataError  # noqa: E402
 from optimum_isoprune.export import check_onnx_model, failing_op, onnx_session, runner  # noqa: E402
 
 # Rows whose export takes more than ~10 s on two shared cores.
-SLOW_ROWS = {"mobilenet_v2", "hf_swin", "timm_swin", "timm_resnet"}
+SLOW_ROWS = {"mobilenet_v2", "hf_swin", "timm_swin", "timm_resnet", "hf_swinv2"}
 
 
 def _rows(slow: set[str]) -> list:

@@ -21,13 +21,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
-    Swinv2Config,
-    Swinv2ForImageClassification,
+    ViTConfig,
+    ViTForMaskedImageModeling,
     pipeline,
 )
 
 import optimum_isoprune.modeling as modeling
-from models import IMAGE_SIZE, build, logits
+from models import IMAGE_SIZE, VIT_KWARGS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.checkpoint import load_pruned_model
 from optimum_isoprune.modeling import PrunedConfigMixin, PrunedModelMixin, PrunedViTConfig, to_pruned_model
@@ -55,6 +55,7 @@ HF_FAMILIES = [
     "timm_wrapper",
     "timm_wrapper_deit3",
     "timm_wrapper_mobilenetv3",
+    "hf_swinv2",
 ]
 EXPECTED_CLASS = {
     "vit": "PrunedViTForImageClassification",
@@ -79,6 +80,7 @@ EXPECTED_CLASS = {
     "timm_wrapper": "PrunedTimmWrapperForImageClassification",
     "timm_wrapper_deit3": "PrunedTimmWrapperForImageClassification",
     "timm_wrapper_mobilenetv3": "PrunedTimmWrapperForImageClassification",
+    "hf_swinv2": "PrunedSwinv2ForImageClassification",
 }
 TRAVELLING_FILES = ("configuration_pruned.py", "modeling_pruned.py")
 
@@ -284,11 +286,8 @@ def test_bfloat16_model_stays_exact():
 def test_unsupported_models_are_rejected():
     with pytest.raises(TypeError, match="Sequential"):
         to_pruned_model(nn.Sequential(nn.Linear(2, 2)))
-    swinv2 = Swinv2ForImageClassification(
-        Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[1], num_heads=[2], window_size=4)
-    )
-    with pytest.raises(TypeError, match="Swinv2ForImageClassification"):
-        to_pruned_model(swinv2)
+    with pytest.raises(TypeError, match="ViTForMaskedImageModeling"):
+        to_pruned_model(ViTForMaskedImageModeling(ViTConfig(**VIT_KWARGS)))
 
 
 def test_removed_blocks_without_config_update_are_rejected():

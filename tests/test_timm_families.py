@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import timm
 from torch import nn
-from transformers import Swinv2Config, Swinv2ForImageClassification
 
 from models import TIMM_VIT_KWARGS, build, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -78,28 +77,6 @@ _REFUSED = {
         lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TIMM_VIT_KWARGS),
         "vit_*",
         "rotary embeddings",
-    ),
-    "swinv2": (
-        lambda: timm.create_model(
-            "swinv2_tiny_window8_256",
-            pretrained=False,
-            img_size=32,
-            patch_size=2,
-            embed_dim=16,
-            depths=(2, 2),
-            num_heads=(2, 4),
-            window_size=4,
-            num_classes=10,
-        ),
-        "swin_*",
-        "logit scale",
-    ),
-    "hf_swinv2": (
-        lambda: Swinv2ForImageClassification(
-            Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[1], num_heads=[2], window_size=4)
-        ),
-        "SwinForImageClassification",
-        "logit scale",
     ),
     "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
 }

@@ -12,7 +12,7 @@ from .clip import ClipAdapter
 from .dinov2 import Dinov2Adapter
 from .io import ModelIO
 from .nearest import nearest_family
-from .swin import SwinTimmAdapter, SwinTransformersAdapter
+from .swin import SwinTimmAdapter, SwinTransformersAdapter, Swinv2TimmAdapter, Swinv2TransformersAdapter
 from .timm_models import TimmAdapter
 from .transformers_models import TimmWrapperAdapter, TransformersAdapter, is_backbone, model_type
 
@@ -22,6 +22,8 @@ ADAPTERS: list[type[ModelAdapter]] = [
     TimmAdapter,
     SwinTransformersAdapter,
     SwinTimmAdapter,
+    Swinv2TransformersAdapter,
+    Swinv2TimmAdapter,
     Dinov2Adapter,
     ClipAdapter,
     BeitAdapter,

@@ -22,6 +22,9 @@ class AttentionLayout:
     head_dim_attr: str | None  # None when the library infers the head dim from the projection width
     inner_dim_attr: str | None = None  # attribute caching num_heads * head_dim, when the library keeps one
     head_params: tuple[str, ...] = ()  # per-head parameters (dotted paths, heads on the last dim), e.g. a bias table
+    # Per-head parameters with heads on their first dim (Swin V2's logit scale), or Linear layers whose output
+    # features are heads (Swin V2's continuous position-bias MLP): sliced to the kept heads like `head_params`.
+    head_rows: tuple[str, ...] = ()
     # How many module levels above the attention module the `head_params` paths start (0: the attention itself;
     # 1: its parent, e.g. BEiT keeps the bias table on the layer, beside the attention).
     head_params_level: int = 0
@@ -57,24 +60,32 @@ class Attention:
         """How many of q, k, v one projection module holds (3 for a fused qkv, 1 otherwise)."""
         return 3 if len(self.layout.projections) == 1 else 1
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters indexed by head on their last dim; torch-pruning cannot map them, we slice them."""
+    def head_targets(self) -> list[nn.Module | nn.Parameter]:
+        """What loses one entry per removed head (`head_params`, then `head_rows`): bare parameters, and Linear
+        layers that lose output features."""
         owner = self.owner or self.module
-        return [owner.get_parameter(path) for path in self.layout.head_params]
+        return [_get_target(owner, path) for path in (*self.layout.head_params, *self.layout.head_rows)]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The bare per-head parameters; torch-pruning cannot map them, we slice them."""
+        return [t for t in self.head_targets() if isinstance(t, nn.Parameter)]
 
     def set_shape(self, num_heads: int, head_dim: int, kept_heads: Sequence[int] | None = None) -> None:
         """Write new head count and head dim into the module (its scaling is kept on purpose), and keep
         the `kept_heads` (original head indices) of its per-head parameters."""
-        if self.layout.head_params and num_heads != self.num_heads:
+        if (self.layout.head_params or self.layout.head_rows) and num_heads != self.num_heads:
             if kept_heads is None or len(kept_heads) != num_heads:
                 raise ValueError(f"{self.name}: {num_heads} heads kept, but kept_heads={kept_heads}.")
             index = torch.as_tensor(list(kept_heads), dtype=torch.long)
-            for path in self.layout.head_params:
-                owner_path, _, attribute = path.rpartition(".")
-                owner = (self.owner or self.module).get_submodule(owner_path)
-                old = getattr(owner, attribute)
-                kept = old.detach().index_select(-1, index.to(old.device)).clone()
-                setattr(owner, attribute, nn.Parameter(kept, requires_grad=old.requires_grad))
+            root = self.owner or self.module
+            for path, dim in [(p, -1) for p in self.layout.head_params] + [(p, 0) for p in self.layout.head_rows]:
+                target = _get_target(root, path)
+                if isinstance(target, nn.Linear):
+                    _keep_rows(target, ("weight", "bias"), index)
+                    target.out_features = num_heads
+                else:
+                    owner_path, _, attribute = path.rpartition(".")
+                    _keep_rows(root.get_submodule(owner_path), (attribute,), index, dim)
         if (self.layout.implicit_scale_attr or self.layout.scale_from_head_dim) and head_dim != self.head_dim:
             self._fold_scale(num_heads, head_dim)
         _set(self.module, self.layout.num_heads_attr, num_heads)
@@ -99,6 +110,23 @@ class Attention:
             setattr(self.module, attribute, new)
 
 
+def _get_target(root: nn.Module, path: str) -> nn.Module | nn.Parameter:
+    """The submodule or parameter at `path`."""
+    target = _get(root, path)
+    if not isinstance(target, (nn.Module, nn.Parameter)):
+        raise TypeError(f"{type(root).__name__}.{path} is a {type(target).__name__}, not a module or parameter.")
+    return target
+
+
+def _keep_rows(module: nn.Module, names: Sequence[str], index: torch.Tensor, dim: int = 0) -> None:
+    """Replace each named parameter of `module` by its `index` entries along `dim` (a new Parameter)."""
+    for name in names:
+        old = getattr(module, name)
+        if old is not None:
+            kept = old.detach().index_select(dim, index.to(old.device)).clone()
+            setattr(module, name, nn.Parameter(kept, requires_grad=old.requires_grad))
+
+
 def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> list[Attention]:
     """Find attention modules by role: a module that has all projections of a layout and its metadata."""
     found = []
@@ -111,6 +139,7 @@ def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> l
                 all(_get(module, a, None) is not None or _has(module, a) for a in names)
                 and all(isinstance(_get(module, p), nn.Linear) for p in layout.projections)
                 and all(_has_parameter(owner, p) for p in layout.head_params)
+                and all(_has(owner, p) for p in layout.head_rows)
             ):
                 heads = int(_get(module, layout.num_heads_attr))
                 attention = Attention(name, module, layout, heads, 0, owner=owner if levels else None)
@@ -234,6 +263,10 @@ class ModelAdapter(ModelIO):
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         """Undo `make_traceable` on the pruned copy, following the user's original model."""
+
+    def resized(self, model: nn.Module) -> None:
+        """Make a model run at its pruned widths where the library's own code cannot: called on the pruned copy after
+        surgery and reconstruction, and on a timm model rebuilt from a pruned checkpoint."""
 
     def base_model_name(self) -> str | None:
         return None

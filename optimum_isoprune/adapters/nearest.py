@@ -23,15 +23,6 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
         f"{_RESHAPE}independently; rotary embeddings tie head dims to frequency pairs; "
         f"SwiGLU pairs the gate and value halves of the MLP; {_FUSED_BIAS}",
     ),
-    "timm.models.swin_transformer_v2.SwinTransformerV2": (
-        "timm swin_* (SwinTransformer)",
-        f"a per-head logit scale and the continuous position-bias MLP's per-head "
-        f"outputs must be sliced with the heads; {_RESHAPE}independently; {_FUSED_BIAS}",
-    ),
-    "swinv2": (
-        "transformers SwinForImageClassification",
-        f"{_NEEDS_CLASS}, a per-head logit scale and the continuous position-bias MLP",
-    ),
     "levit": (_HF_VIT, f"{_NEEDS_CLASS}, and attention with convolution-style biases between stages"),
 }
 

@@ -1,4 +1,5 @@
-"""Swin Transformer adapters (transformers `SwinForImageClassification`, timm `SwinTransformer`).
+"""Swin Transformer adapters: V1 (transformers `SwinForImageClassification`, timm `SwinTransformer`) and V2
+(transformers `Swinv2ForImageClassification`, timm `SwinTransformerV2`).
 
 What Swin adds to a ViT, and where that knowledge lives here:
 - windowed attention: each query sees one window's tokens; `CostModel` measures that from the
@@ -10,18 +11,39 @@ What Swin adds to a ViT, and where that knowledge lives here:
   a customized pruner that maps residual channel c to c, C + c, 2C + c and 3C + c (and transformers'
   block is traced through timm's equivalent reshape, which that mapping survives). Residual widths
   of every stage can therefore be pruned too.
+
+What Swin V2 adds to V1:
+- cosine attention (q and k normalised over the head dim) with a per-head logit scale of shape (heads, 1, 1):
+  declared in `head_rows` (heads on the first dim) and sliced to the kept heads. No scale to fold: head-dim
+  pruning changes the norms over the kept dims, as removing any channel changes what follows it;
+- a continuous position-bias MLP (Linear(2, 512) -> ReLU -> Linear(512, heads)) instead of a bias table: its last
+  Linear's output features are heads (`head_rows`), and its MACs shrink with them in the budget. The traced copy
+  detaches its output (as BEiT's bias module), so torch-pruning never prunes its hidden width;
+- PatchMerging normalises after the reduction (LayerNorm(D) on the output, not LayerNorm(4C) on the input): the
+  same customized pruner handles both orders;
+- timm's attention computes qkv as `F.linear` on `qkv.weight` with separate q / v biases (and a zero k buffer), and
+  reshapes the heads back to the input width. The traced copy folds the biases into `qkv.bias` (torch-pruning
+  slices them with the rows; they are split back after surgery, the key part reset to the zeros timm keeps there,
+  which the least-squares refit may have moved), and every pruned or reloaded `WindowAttention` runs
+  `_window_attention_forward`: timm's computation at any inner width, bit-identical to timm's on the same widths.
 """
 
 from __future__ import annotations
 
+import math
 import types
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 import torch_pruning as tp
 from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
 
 from .base import AttentionLayout
+from .beit import _detached_bias
 from .timm_models import TimmAdapter
 from .transformers_models import TRANSFORMERS_ATTENTION, TransformersAdapter
 
@@ -43,15 +65,41 @@ TIMM_SWIN_ATTENTION = AttentionLayout(
     implicit_scale_attr="scale",
 )
 
+# transformers' Swin V2 attention: the older query / key / value modules under `self`, the output under `output`.
+HF_SWINV2_ATTENTION = AttentionLayout(
+    projections=("self.query", "self.key", "self.value"),
+    output="output.dense",
+    num_heads_attr="self.num_attention_heads",
+    head_dim_attr="self.attention_head_size",
+    inner_dim_attr="self.all_head_size",
+    head_rows=("self.logit_scale", "self.continuous_position_bias_mlp.2"),
+)
+
+TIMM_SWINV2_ATTENTION = AttentionLayout(
+    projections=("qkv",),
+    output="proj",
+    num_heads_attr="num_heads",
+    head_dim_attr=None,
+    head_rows=("logit_scale", "cpb_mlp.2"),
+)
+
 SWIN_MODEL_TYPES = {"swin": "SwinForImageClassification"}
 SWIN_TIMM_CLASSES = {"timm.models.swin_transformer.SwinTransformer": "swin_*"}
+SWINV2_MODEL_TYPES = {"swinv2": "Swinv2ForImageClassification"}
+SWINV2_TIMM_CLASSES = {"timm.models.swin_transformer_v2.SwinTransformerV2": "swinv2_*"}
+
+
+def _norm_first(layer: nn.Module) -> bool:
+    """Whether a PatchMerging block normalises its 4C input (V1) rather than its reduced output (V2)."""
+    return layer.norm.normalized_shape[0] == layer.reduction.in_features
 
 
 class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
-    """torch-pruning pruner for a Swin PatchMerging block (`norm` = LayerNorm(4C), `reduction` = Linear(4C -> D)).
+    """torch-pruning pruner for a Swin PatchMerging block: `reduction` = Linear(4C -> D), and `norm` = LayerNorm(4C)
+    before it (V1) or LayerNorm(D) after it (V2).
 
     Both libraries concatenate the four 2x2 neighbours as four blocks of all C channels, so input
-    channel c lives at c + k*C for k = 0..3 in `norm` and in `reduction`'s input.
+    channel c lives at c + k*C for k = 0..3 in `reduction`'s input (and in V1's `norm`).
     """
 
     TARGET_MODULES = None
@@ -62,6 +110,8 @@ class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
         return [k * channels + int(i) for k in range(4) for i in idxs]
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if not _norm_first(layer):
+            tp.prune_layernorm_out_channels(layer.norm, idxs)
         tp.prune_linear_out_channels(layer.reduction, idxs)
         if hasattr(layer, "out_dim"):  # timm keeps the widths as attributes
             layer.out_dim = layer.reduction.out_features
@@ -69,7 +119,8 @@ class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         copies = self._copies(layer, idxs)
-        tp.prune_layernorm_out_channels(layer.norm, copies)
+        if _norm_first(layer):
+            tp.prune_layernorm_out_channels(layer.norm, copies)
         tp.prune_linear_in_channels(layer.reduction, copies)
         if hasattr(layer, "dim"):
             layer.dim = layer.reduction.in_features // 4
@@ -85,22 +136,29 @@ class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
         self, layer: nn.Module, idxs: np.ndarray, is_out: bool
     ) -> list[tuple[nn.Module, bool, np.ndarray]]:
         """The indices each of the block's layers loses when the block loses `idxs` (copy-major order)."""
+        norm_first = _norm_first(layer)
         if is_out:
-            return [(layer.reduction, True, idxs)]
+            return [(layer.reduction, True, idxs)] + ([] if norm_first else [(layer.norm, True, idxs)])
         copies = np.asarray(self._copies(layer, idxs), dtype=np.int64)
-        return [(layer.norm, True, copies), (layer.reduction, False, copies)]
+        return ([(layer.norm, True, copies)] if norm_first else []) + [(layer.reduction, False, copies)]
 
 
 def _patch_merging_options(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """Register `PatchMergingPruner` for every PatchMerging-shaped block (a `norm` and a 4C -> D `reduction`)."""
-    blocks = {
-        type(m)
-        for m in model.modules()
-        if isinstance(getattr(m, "reduction", None), nn.Linear)
-        and isinstance(getattr(m, "norm", None), nn.LayerNorm)
-        and m.norm.normalized_shape[0] == m.reduction.in_features
-        and m.reduction.in_features % 4 == 0
-    }
+    """Register `PatchMergingPruner` for every PatchMerging-shaped block (a 4C -> D `reduction` and a `norm` of its
+    input or its output)."""
+    blocks = set()
+    for m in model.modules():
+        reduction, norm = getattr(m, "reduction", None), getattr(m, "norm", None)
+        if not (isinstance(reduction, nn.Linear) and isinstance(norm, nn.LayerNorm) and reduction.in_features % 4 == 0):
+            continue
+        if norm.normalized_shape[0] not in (reduction.in_features, reduction.out_features):
+            continue
+        if reduction.in_features == reduction.out_features:
+            raise ValueError(
+                f"{type(m).__name__}: a 4C -> 4C patch merging leaves it unknown whether its norm is applied before "
+                "or after the reduction; not supported."
+            )
+        blocks.add(type(m))
     return {**options, "customized_pruners": {block: PatchMergingPruner() for block in blocks}}
 
 
@@ -112,11 +170,12 @@ def _merge_by_reshape(self: nn.Module, input_feature, input_dimensions):
     x = self.maybe_pad(input_feature.view(batch, height, width, channels), height, width)
     _, height, width, _ = x.shape
     x = x.reshape(batch, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
-    return self.reduction(self.norm(x.reshape(batch, -1, 4 * channels)))
+    x = x.reshape(batch, -1, 4 * channels)
+    return self.reduction(self.norm(x)) if _norm_first(self) else self.norm(self.reduction(x))
 
 
 def _hf_patch_mergings(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__ == "SwinPatchMerging"]
+    return [m for m in model.modules() if type(m).__name__ in ("SwinPatchMerging", "Swinv2PatchMerging")]
 
 
 class SwinTransformersAdapter(TransformersAdapter):
@@ -147,3 +206,142 @@ class SwinTimmAdapter(TimmAdapter):
 
     def graph_options(self, model: nn.Module) -> dict[str, Any]:
         return _patch_merging_options(model, super().graph_options(model))
+
+
+def _position_bias_mlps(model: nn.Module, path: str) -> list[nn.Module]:
+    return [m for name, m in model.named_modules() if name.endswith(path)]
+
+
+class Swinv2TransformersAdapter(SwinTransformersAdapter):
+    """transformers `Swinv2ForImageClassification`: heads (with their logit scales and position-bias MLP outputs),
+    head dims, MLPs and stage widths."""
+
+    attention_layouts = (HF_SWINV2_ATTENTION,)
+    model_types = SWINV2_MODEL_TYPES
+    _position_bias = "continuous_position_bias_mlp"
+
+    def make_traceable(self, model: nn.Module) -> None:
+        super().make_traceable(model)
+        for mlp in _position_bias_mlps(model, self._position_bias):
+            mlp.forward = types.MethodType(_detached_bias, mlp)
+
+    def restore(self, model: nn.Module, reference: nn.Module) -> None:
+        super().restore(model, reference)
+        for mlp in _position_bias_mlps(model, self._position_bias):
+            mlp.__dict__.pop("forward", None)
+
+
+def _window_attention(self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, traced: bool) -> torch.Tensor:
+    """timm's Swin V2 `WindowAttention.forward` at any inner width (timm reshapes the heads to the input width):
+    the same operations in the same order, so the same values bit for bit. qkv is called as a module (with timm's
+    separate biases passed in), so hooks on it run: MAC counting and reconstruction see it. `traced`: the cosine
+    normalisation and the logit scale are constants to autograd (the same values), so that torch-pruning maps the
+    fused qkv rows through the head reshape as it does for Swin V1."""
+    batch_windows, tokens, _ = x.shape
+    if self.q_bias is None:  # no bias, or folded into qkv.bias in the copy being pruned
+        qkv = self.qkv(x)
+    else:
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            qkv = self.qkv(x)
+            qkv += qkv_bias
+        else:
+            qkv = functional_call(self.qkv, {"weight": self.qkv.weight, "bias": qkv_bias}, (x,))
+    q, k, v = qkv.reshape(batch_windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    if traced:
+        q, k = (t * (1 / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)).detach() for t in (q, k))
+        attn = q @ k.transpose(-2, -1)
+    else:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+    attn = attn * (logit_scale.detach() if traced else logit_scale)
+    table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+    area = self.window_size[0] * self.window_size[1]
+    bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1).contiguous()
+    attn = attn + (16 * torch.sigmoid(bias)).unsqueeze(0)
+    if mask is not None:
+        num_win = mask.shape[0]
+        attn = attn.view(-1, num_win, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, self.num_heads, tokens, tokens)
+    attn = self.attn_drop(self.softmax(attn))
+    x = (attn @ v).transpose(1, 2).reshape(batch_windows, tokens, -1)
+    return self.proj_drop(self.proj(x))
+
+
+def _window_attention_forward(self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """What pruned and reloaded timm Swin V2 attentions run (`_window_attention`)."""
+    return _window_attention(self, x, mask, traced=False)
+
+
+def _traced_window_attention_forward(
+    self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the copy being pruned runs while torch-pruning traces it (`_window_attention`)."""
+    return _window_attention(self, x, mask, traced=True)
+
+
+def _fold_qkv_bias(attention: nn.Module) -> None:
+    """Move the separate q / k / v biases into `qkv.bias`, where torch-pruning slices them with the rows."""
+    if attention.q_bias is None:
+        return
+    bias = torch.cat((attention.q_bias, attention.k_bias, attention.v_bias)).detach().clone()
+    attention.qkv.bias = nn.Parameter(bias, requires_grad=attention.q_bias.requires_grad)
+    attention.q_bias = attention.v_bias = None
+
+
+def _unfold_qkv_bias(attention: nn.Module) -> None:
+    """Split a folded `qkv.bias` back into timm's q / v parameters and its zero k buffer."""
+    folded = attention.qkv.bias
+    if folded is None:
+        return
+    q, k, v = folded.detach().chunk(3)
+    attention.q_bias = nn.Parameter(q.clone(), requires_grad=folded.requires_grad)
+    attention.v_bias = nn.Parameter(v.clone(), requires_grad=folded.requires_grad)
+    attention.k_bias = torch.zeros_like(k)  # timm's key bias is a constant zero buffer, never saved
+    attention.qkv.bias = None
+
+
+class Swinv2TimmAdapter(SwinTimmAdapter):
+    """timm `swinv2_*` (`SwinTransformerV2`): heads (with their logit scales and position-bias MLP outputs), head
+    dims, MLPs and stage widths."""
+
+    attention_layouts = (TIMM_SWINV2_ATTENTION,)
+    timm_classes = SWINV2_TIMM_CLASSES
+
+    def _window_attentions(self, model: nn.Module) -> list[nn.Module]:
+        return [a.module for a in self.attentions(model)]
+
+    @contextmanager
+    def _counted_qkv(self, model: nn.Module) -> Iterator[None]:
+        """Run timm's own attention code as `_window_attention_forward` (the same values) for the duration."""
+        stock = [m for m in self._window_attentions(model) if "forward" not in vars(m)]
+        for module in stock:
+            module.forward = types.MethodType(_window_attention_forward, module)
+        try:
+            yield
+        finally:
+            for module in stock:
+                module.__dict__.pop("forward", None)
+
+    def forward(self, model: nn.Module, pixel_values: torch.Tensor) -> Any:
+        """The outputs, with `qkv` called as a module so that counting and reconstruction see it."""
+        with self._counted_qkv(model):
+            return super().forward(model, pixel_values)
+
+    def make_traceable(self, model: nn.Module) -> None:
+        for module in self._window_attentions(model):
+            _fold_qkv_bias(module)
+            module.forward = types.MethodType(_traced_window_attention_forward, module)
+            module.cpb_mlp.forward = types.MethodType(_detached_bias, module.cpb_mlp)
+
+    def restore(self, model: nn.Module, reference: nn.Module) -> None:
+        """Calibration runs the folded copy with timm's computation (its biases are split back in `resized`)."""
+        for module in self._window_attentions(model):
+            module.forward = types.MethodType(_window_attention_forward, module)
+            module.cpb_mlp.__dict__.pop("forward", None)
+
+    def resized(self, model: nn.Module) -> None:
+        for module in self._window_attentions(model):
+            _unfold_qkv_bias(module)
+            module.forward = types.MethodType(_window_attention_forward, module)

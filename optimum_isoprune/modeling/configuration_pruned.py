@@ -37,6 +37,7 @@ from transformers import (
     ResNetConfig,
     SiglipConfig,
     SwinConfig,
+    Swinv2Config,
     TimmWrapperConfig,
     ViTConfig,
 )
@@ -312,6 +313,17 @@ class PrunedSwinConfig(PrunedConfigMixin, SwinConfig):
     layer_intermediate_sizes: list[int] | None = None
 
 
+class PrunedSwinv2Config(PrunedConfigMixin, Swinv2Config):
+    """A Swin Transformer V2 with per-layer heads and MLP widths (and narrower stages)."""
+
+    model_type = "pruned_swinv2"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = Swinv2Config
+    summary_fields: ClassVar[dict[str, int]] = {"layer_num_heads": 1, "layer_intermediate_sizes": 1}
+
+    layer_num_heads: list[int] | None = None
+    layer_intermediate_sizes: list[int] | None = None
+
+
 class PrunedTimmWrapperConfig(PrunedConfigMixin, TimmWrapperConfig):
     """A timm model wrapped by `TimmWrapperForImageClassification`, with pruned widths."""
 
@@ -342,6 +354,7 @@ __all__ = [
     "PrunedResNetConfig",
     "PrunedSiglipConfig",
     "PrunedSwinConfig",
+    "PrunedSwinv2Config",
     "PrunedTimmWrapperConfig",
     "PrunedViTConfig",
 ]

@@ -254,5 +254,10 @@ def rebuild_timm_model(manifest: dict[str, Any]) -> nn.Module:
     """A timm model with the widths of `manifest` (random placeholder weights) and the manifest attached."""
     model = build_timm_model(manifest["architecture"], manifest.get("model_args") or {})
     apply_shape_manifest(model, manifest.get("pruned_shapes"), manifest.get("pruned_attributes"))
+    from ..adapters import ModelAdapter, adapter_for  # adapters never import modeling: no cycle
+
+    adapter = adapter_for(model)
+    if isinstance(adapter, ModelAdapter):
+        adapter.resized(model)  # e.g. timm Swin V2 attention runs at its pruned widths with the package's forward
     setattr(model, TIMM_MANIFEST_ATTRIBUTE, dict(manifest))
     return model

@@ -37,6 +37,7 @@ from .modeling_pruned import (
     PrunedResNetForImageClassification,
     PrunedSiglipForImageClassification,
     PrunedSwinForImageClassification,
+    PrunedSwinv2ForImageClassification,
     PrunedTimmWrapperForImageClassification,
     PrunedViTForImageClassification,
     PrunedViTModel,
@@ -152,6 +153,15 @@ def _swin_widths(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _swinv2_widths(model: nn.Module) -> dict[str, Any]:
+    """Swin's summary from Swin V2's older module names."""
+    blocks = [block for stage in model.base_model.encoder.layers for block in stage.blocks]
+    return {
+        "layer_num_heads": [int(block.attention.self.num_attention_heads) for block in blocks],
+        "layer_intermediate_sizes": [channels(block.intermediate.dense) for block in blocks],
+    }
+
+
 def timm_widths(model: nn.Module) -> dict[str, Any]:
     """Heads per timm attention block and hidden width per timm MLP, in module order."""
     return {
@@ -205,6 +215,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedRegNetForImageClassification, _regnet_widths),
     Family(PrunedEfficientNetForImageClassification, _efficientnet_widths),
     Family(PrunedSwinForImageClassification, _swin_widths),
+    Family(PrunedSwinv2ForImageClassification, _swinv2_widths),
     Family(PrunedTimmWrapperForImageClassification, timm_widths),
     # backbones without a head, pruned on their features
     Family(PrunedViTModel, _vit_widths),

@@ -48,6 +48,7 @@ from transformers import (
     ResNetForImageClassification,
     SiglipForImageClassification,
     SwinForImageClassification,
+    Swinv2ForImageClassification,
     TimmWrapperForImageClassification,
     ViTForImageClassification,
     ViTModel,
@@ -72,6 +73,7 @@ from .configuration_pruned import (
     PrunedResNetConfig,
     PrunedSiglipConfig,
     PrunedSwinConfig,
+    PrunedSwinv2Config,
     PrunedTimmWrapperConfig,
     PrunedViTConfig,
     PrunedViTModelConfig,
@@ -908,6 +910,10 @@ class PrunedSwinForImageClassification(PrunedModelMixin, SwinForImageClassificat
     config_class = PrunedSwinConfig
 
 
+class PrunedSwinv2ForImageClassification(PrunedModelMixin, Swinv2ForImageClassification):
+    config_class = PrunedSwinv2Config
+
+
 class PrunedTimmWrapperForImageClassification(PrunedModelMixin, TimmWrapperForImageClassification):
     config_class = PrunedTimmWrapperConfig
 
@@ -934,6 +940,7 @@ __all__ = [
     "PrunedResNetForImageClassification",
     "PrunedSiglipForImageClassification",
     "PrunedSwinForImageClassification",
+    "PrunedSwinv2ForImageClassification",
     "PrunedTimmWrapperForImageClassification",
     "PrunedViTForImageClassification",
     "PrunedCheckpointError",
