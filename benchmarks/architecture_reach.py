@@ -63,6 +63,7 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "timm mobilenetv3_large_100": _timm("mobilenetv3_large_100"),
     "timm regnety_002": _timm("regnety_002"),
     "timm deit3_small_patch16": _timm("deit3_small_patch16_224", img_size=SMALL),
+    "timm swinv2_tiny_window8": _timm("swinv2_tiny_window8_256", img_size=SMALL),
     # transformers
     "DINOv2-S/14": _hf(
         tf.Dinov2ForImageClassification,
@@ -95,6 +96,9 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
         ),
     ),
     "RegNetY-040": _hf(tf.RegNetForImageClassification, lambda: tf.RegNetConfig(num_labels=1000)),
+    "Swin V2-T": _hf(
+        tf.Swinv2ForImageClassification, lambda: tf.Swinv2Config(image_size=SMALL, window_size=8, num_labels=1000)
+    ),
 }
 
 REAL_SHAPES: dict[str, Callable[[], torch.nn.Module]] = {
