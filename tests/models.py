@@ -206,6 +206,10 @@ TIMM_FAMILY_BUILDERS = {
     # the transformers shell around them
     "timm_wrapper_deit3": lambda: _timm_wrapper("deit3_small_patch16_224"),
     "timm_wrapper_mobilenetv3": lambda: _timm_wrapper("mobilenetv3_small_050", vit=False),
+    # separate q / v biases on a fused qkv, heads reshaped to the input width, a bias table per block, layer scale
+    "timm_beit": lambda: timm.create_model("beit_base_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
+    # the same plus rotary embeddings (head dims kept) and a packed SwiGLU MLP
+    "timm_eva02": lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TIMM_VIT_KWARGS),
 }
 
 
@@ -218,6 +222,8 @@ def build(name: str) -> torch.nn.Module:
                 param.normal_(std=0.5)
             # DINOv2 initialises them to zero too, BEiT its position embeddings
             if param_name.endswith(("register_tokens", "mask_token", "embeddings.position_embeddings")):
+                param.normal_(std=0.5)
+            if param_name.endswith(("attn.q_bias", "attn.v_bias")):  # timm BEiT / EVA initialise them to zero
                 param.normal_(std=0.5)
     return model
 

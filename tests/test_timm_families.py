@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import Swinv2Config, Swinv2ForImageClassification
 
-from models import TIMM_FAMILY_BUILDERS, TIMM_VIT_KWARGS, build, logits
+from models import TIMM_FAMILY_BUILDERS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.checkpoint import load_pruned_model
 from optimum_isoprune.counting import count_macs, count_params
@@ -128,16 +128,6 @@ def test_layer_scale_is_pruned_with_the_residual_width():
 
 
 _REFUSED = {
-    "beit": (
-        lambda: timm.create_model("beit_base_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
-        "vit_*",
-        "reshapes the heads back to the residual width",
-    ),
-    "eva02": (
-        lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TIMM_VIT_KWARGS),
-        "vit_*",
-        "rotary embeddings",
-    ),
     "swinv2": (
         lambda: timm.create_model(
             "swinv2_tiny_window8_256",

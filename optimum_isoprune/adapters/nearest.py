@@ -17,12 +17,6 @@ _NEEDS_CLASS = "a pruned checkpoint class in optimum_isoprune/modeling that reco
 
 # timm class (module.name) or transformers model_type -> (nearest supported family, what is missing).
 KNOWN_GAPS: dict[str, tuple[str, str]] = {
-    "timm.models.beit.Beit": (_TIMM_VIT, f"{_RESHAPE}independently; {_FUSED_BIAS}"),
-    "timm.models.eva.Eva": (
-        _TIMM_VIT,
-        f"{_RESHAPE}independently; rotary embeddings tie head dims to frequency pairs; "
-        f"SwiGLU pairs the gate and value halves of the MLP; {_FUSED_BIAS}",
-    ),
     "timm.models.swin_transformer_v2.SwinTransformerV2": (
         "timm swin_* (SwinTransformer)",
         f"a per-head logit scale and the continuous position-bias MLP's per-head "
