@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import Swinv2Config, Swinv2ForImageClassification
 
-from models import TIMM_FAMILY_BUILDERS, build, logits
+from models import TIMM_FAMILY_BUILDERS, _timm_wrapper, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.checkpoint import load_pruned_model
 from optimum_isoprune.counting import count_macs, count_params
@@ -150,6 +150,7 @@ _REFUSED = {
         "SwinForImageClassification",
         "logit scale",
     ),
+    "timm_wrapper_beit": (lambda: _timm_wrapper("beit_base_patch16_224"), "beit_*, unwrapped", "model.timm_model"),
     "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
 }
 

@@ -30,6 +30,11 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
 }
 
 
+# timm classes pruned unwrapped whose attention runs in a pruned form (modeling/timm_attention.py), which the pruned
+# TimmWrapperForImageClassification checkpoint class does not switch to.
+UNWRAPPED_ONLY: dict[str, str] = {"timm.models.beit.Beit": "timm beit_*", "timm.models.eva.Eva": "timm eva02_*"}
+
+
 def _key(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "model_type", None):
@@ -40,6 +45,12 @@ def _key(model: nn.Module) -> str:
 def nearest_family(model: nn.Module) -> tuple[str, str]:
     """(nearest supported family, what is missing) for a model no adapter supports."""
     inner = getattr(model, "timm_model", None)  # TimmWrapperForImageClassification: the wrapped model decides
+    if isinstance(inner, nn.Module) and _key(inner) in UNWRAPPED_ONLY:
+        return (
+            f"{UNWRAPPED_ONLY[_key(inner)]}, unwrapped",
+            "a pruned wrapper checkpoint that runs its attention in the pruned form (modeling/timm_attention.py); "
+            "prune model.timm_model directly",
+        )
     if isinstance(inner, nn.Module):
         family, missing = nearest_family(inner)
         return f"TimmWrapperForImageClassification around {family}", missing
