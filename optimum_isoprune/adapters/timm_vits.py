@@ -5,7 +5,8 @@ embeddings are bare parameters of the residual width that torch-pruning prunes w
 - the fused qkv projection runs as ``F.linear(x, qkv.weight, cat(q_bias, zero k_bias, v_bias))``, which torch-pruning
   cannot see as the qkv layer: the copy being pruned carries the three biases as `qkv.bias` (the stock forward then
   calls `self.qkv(x)`: the same values), so they lose the rows qkv loses; `finalize` splits them back right after
-  surgery, and the pruned model computes them as stock timm does;
+  surgery, and the pruned model computes them as stock timm does. Run that way, qkv is seen by no module hook:
+  `CostModel` counts it from its output projection's tokens, and reconstruction does not refit it;
 - the attention reshapes its heads back to the *input* width: the pruned model runs the pruned form of its attention
   (`modeling/timm_attention.py`: the stock forward with the reshape following its own heads), which checkpoints
   record as the stock class and `load_pruned_model` switches to again;
@@ -14,8 +15,10 @@ embeddings are bare parameters of the residual width that torch-pruning prunes w
   heads, so those models keep all their heads (head dims, MLPs and the residual width are still pruned);
 - EVA-02: rotary position embeddings rotate each head's dims in pairs (by frequency, the same in every head), so
   rope attentions keep their head dims whole (as do attentions with a per-head q/k norm); heads, MLP neurons and
-  the residual width are pruned. The SwiGLU MLP (split `fc1_g` / `fc1_x`, or timm's packed `GluMlp` halves) needs
-  no code: the gate and value product couples each gate channel to its value channel in torch-pruning's graph.
+  the residual width are pruned. The copy is traced without rope (it adds no coupling once head dims stay whole);
+- EVA-02's SwiGLU MLP: split `fc1_g` / `fc1_x` (with `norm` between, eva02_base / large) needs no code, the gate and
+  value product couples each gate channel to its value channel in torch-pruning's graph; timm's packed `GluMlp`
+  (eva02_tiny / small: one fc1, chunked) runs as its two halves in the copy until `finalize`, for the same coupling.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 from timm.layers import GluMlp
+from timm.models import eva
 from torch import nn
 
 from ..modeling.timm_attention import use_pruned_forms
@@ -172,8 +176,14 @@ class EvaTimmAdapter(_HeadsReshapedToInputAdapter):
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        # Eva also builds timm's other rope ViTs; depth-dependent (mixed) rope is not handled here.
-        return super().supports(model) and not getattr(model, "rope_mixed", False)
+        # Eva also builds timm's other rope ViTs: their AttentionRope modules and depth-dependent (mixed) rope are not
+        # handled here.
+        blocks = getattr(model, "blocks", ())
+        return (
+            super().supports(model)
+            and not getattr(model, "rope_mixed", False)
+            and all(isinstance(block.attn, eva.EvaAttention) for block in blocks)
+        )
 
     def make_traceable(self, model: nn.Module) -> None:
         """Trace without rotary embeddings (rope attentions keep their head dims, so rope adds no coupling, and
