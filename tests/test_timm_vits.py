@@ -17,9 +17,10 @@ from models import IMAGE_SIZE, TIMM_VIT_KWARGS, build, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.adapters import get_adapter
 from optimum_isoprune.checkpoint import load_pruned_model
+from optimum_isoprune.counting import count_macs
 from optimum_isoprune.isomorphic import collect_groups
 from optimum_isoprune.modeling.timm_attention import PrunedBeitAttention
-from test_pruner import _inputs
+from test_pruner import _inputs, independent_macs
 
 TINY = dict(TIMM_VIT_KWARGS, depth=2)
 
@@ -158,3 +159,11 @@ def test_shared_bias_table_keeps_every_head(tmp_path):
     assert all(isinstance(block.attn, PrunedBeitAttention) for block in loaded.blocks)
     x = _inputs(pruner)
     assert torch.equal(logits(loaded, x), logits(pruned.eval(), x))
+
+
+@pytest.mark.parametrize("name", ["timm_beit", "timm_eva02"])
+def test_stock_model_is_counted_with_its_qkv(name):
+    """The stock forward runs qkv as F.linear on its weight (no module hook): it is still counted."""
+    model = build(name)
+    theirs = independent_macs(copy.deepcopy(model), torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    assert abs(count_macs(model) - theirs) / theirs <= 0.02

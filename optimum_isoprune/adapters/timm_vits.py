@@ -59,6 +59,7 @@ TIMM_EVA_SPLIT_ATTENTION = dataclasses.replace(TIMM_EVA_ATTENTION, projections=(
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    """A Linear holding copies of `weight` and `bias` (never initialised: built on the meta device)."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
     if bias is not None:
@@ -105,6 +106,7 @@ def _pack_glu(mlp: GluMlp) -> None:
 
 
 def _packed_glus(model: nn.Module) -> list[GluMlp]:
+    """timm's packed SwiGLU MLPs (one fc1 holding both halves)."""
     return [m for m in model.modules() if isinstance(m, GluMlp)]
 
 
