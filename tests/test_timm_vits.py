@@ -167,3 +167,27 @@ def test_stock_model_is_counted_with_its_qkv(name):
     model = build(name)
     theirs = independent_macs(copy.deepcopy(model), torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
     assert abs(count_macs(model) - theirs) / theirs <= 0.02
+
+
+VARIANTS = {
+    "eva02 separate q/k/v": ("eva02_tiny_patch14_224", dict(qkv_fused=False)),
+    "eva02 split SwiGLU with norm": ("eva02_tiny_patch14_224", dict(scale_mlp=True)),
+    "eva02 without rope": ("eva02_tiny_patch14_224", dict(use_rot_pos_emb=False)),
+    "beit absolute positions, no table": ("beit_base_patch16_224", dict(use_abs_pos_emb=True, use_rel_pos_bias=False)),
+    "beit without qkv biases": ("beit_base_patch16_224", dict(qkv_bias=False)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_prune_to_half_and_reload_bit_identical(variant, tmp_path):
+    architecture, overrides = VARIANTS[variant]
+    model = _tiny(architecture, **overrides)
+    pruner = IsomorphicPruner(model)
+    x = _inputs(pruner)
+    unpruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
+    assert torch.equal(logits(unpruned, x), logits(model, x))
+    target = count_macs(model) * 0.5
+    pruned = pruner.prune(IsomorphicPruningConfig(target_macs=target), calibration_dataset=_inputs(pruner, batch=8))
+    assert abs(count_macs(pruned) - target) / target <= 0.01
+    pruner.save_pretrained(tmp_path)
+    assert torch.equal(logits(load_pruned_model(tmp_path), x), logits(pruned.eval(), x))
