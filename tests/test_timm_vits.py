@@ -191,3 +191,15 @@ def test_variants_prune_to_half_and_reload_bit_identical(variant, tmp_path):
     assert abs(count_macs(pruned) - target) / target <= 0.01
     pruner.save_pretrained(tmp_path)
     assert torch.equal(logits(load_pruned_model(tmp_path), x), logits(pruned.eval(), x))
+
+
+@pytest.mark.parametrize("name", ["timm_beit", "timm_eva02"])
+def test_search_budget_policy_reaches_half(name):
+    """The search refits candidates on the copy in its traceable form (qkv carrying the biases, SwiGLU halves):
+    layers the original model never calls, or does not have, are left out of the refit."""
+    model = build(name)
+    pruner = IsomorphicPruner(model)
+    target = count_macs(model) * 0.5
+    config = IsomorphicPruningConfig(target_macs=target, budget_policy="search", search_candidates=4)
+    pruned = pruner.prune(config, calibration_dataset=_inputs(pruner, batch=16))
+    assert abs(count_macs(pruned) - target) / target <= 0.01
