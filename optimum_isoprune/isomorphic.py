@@ -178,8 +178,8 @@ def build_classes(
     "isomorphic": one class per signature (the paper); "global": all channel groups in one class;
     "uniform": one class per group (every layer by the same ratio). Heads are always a class of their own.
     """
-    channel_groups = [g for g in groups if g.attention is None or prune_head_dims]
-    attention_groups = [g for g in groups if g.attention is not None]
+    channel_groups = [g for g in groups if g.attention is None or (prune_head_dims and not g.attention.keep_head_dims)]
+    attention_groups = [g for g in groups if g.attention is not None and not g.attention.keep_heads]
     if grouping == "isomorphic":
         buckets: dict[tuple, list[PrunableGroup]] = {}
         for g in channel_groups:

@@ -216,6 +216,7 @@ class IsomorphicPruner:
             }  # timm's graph lists blocks last-first
             layers.sort(key=lambda width: order.get(width.name, len(order)))
             removed = apply_plan(graph, plan)
+            adapter.finalize(model)
 
         with _timed(timings, "reconstruction"):
             recovery = reconstruct(

@@ -136,7 +136,8 @@ def refit_targets(
         if module not in names or isinstance(module, CHANNEL_WISE):
             continue  # norms scale each channel on its own: nothing to refit
         name = names[module]
-        reason = _unsupported(module)
+        # a layer only the copy being pruned has (an adapter's traceable form, e.g. a packed SwiGLU's halves)
+        reason = _unsupported(module) or (None if name in originals else "no such layer in the original model")
         if reason:
             skipped[name] = reason
         if reason or is_out:
@@ -196,6 +197,11 @@ def reconstruct(
     training = original.training, pruned.training
     original.eval(), pruned.eval()
     try:
+        reached = _reached_in_original(original, layers, batches[0][0][:1], forward)
+        for layer in layers:
+            if layer not in reached:  # e.g. timm BEiT / EVA's qkv, run as F.linear on its weight
+                summary.skipped_layers[layer.name] = "the original model runs its weights without calling it"
+        layers = [layer for layer in layers if layer in reached]
         levels, calls, output_bytes = _levels(pruned, layers, batches[0][0][:1], forward)
         for layer in layers:
             if layer not in calls:
@@ -221,6 +227,24 @@ def reconstruct(
 
 class _Stop(Exception):
     """Raised by a hook once every layer of the current pass has run: the rest of the forward is not needed."""
+
+
+def _reached_in_original(
+    original: nn.Module, layers: list[_Layer], probe: torch.Tensor, forward: Forward
+) -> set[_Layer]:
+    """The layers whose original counterpart one forward pass of the original model calls (their refit targets)."""
+    reached: set[_Layer] = set()
+    handles = [
+        layer.original.register_forward_hook(lambda module, inputs, output, layer=layer: reached.add(layer))
+        for layer in layers
+    ]
+    try:
+        with torch.no_grad():
+            forward(original, probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reached
 
 
 def _levels(

@@ -230,6 +230,10 @@ TIMM_FAMILY_BUILDERS = {
     "timm_swinv2": lambda: timm.create_model(
         "swinv2_tiny_window8_256", pretrained=False, img_size=IMAGE_SIZE, patch_size=2, num_classes=10, **SWIN_KWARGS
     ),
+    # separate q / v biases on a fused qkv, heads reshaped to the input width, a bias table per block, layer scale
+    "timm_beit": lambda: timm.create_model("beit_base_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
+    # the same plus rotary embeddings (head dims kept) and a packed SwiGLU MLP
+    "timm_eva02": lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TIMM_VIT_KWARGS),
 }
 
 
@@ -254,7 +258,7 @@ def build(name: str) -> torch.nn.Module:
             # DINOv2 initialises them to zero too, BEiT its position embeddings
             if param_name.endswith(("register_tokens", "mask_token", "embeddings.position_embeddings")):
                 param.normal_(std=0.5)
-            # Swin V2 starts every head at the same logit scale and timm its q / v biases at zero
+            # Swin V2 starts every head at the same logit scale, timm BEiT / EVA / Swin V2 their q / v biases at zero
             if param_name.endswith(("logit_scale", "q_bias", "v_bias")):
                 param.add_(torch.randn_like(param), alpha=0.5)
     return model

@@ -4,10 +4,10 @@ tests/test_pruner.py over tests/models.py TIMM_FAMILY_BUILDERS, save -> load in 
 from __future__ import annotations
 
 import pytest
-import timm
 from torch import nn
+from transformers import LevitConfig, LevitForImageClassification
 
-from models import TIMM_VIT_KWARGS, build, inputs, logits
+from models import _timm_wrapper, build, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.counting import count_macs
 from optimum_isoprune.errors import UnsupportedModelError
@@ -68,15 +68,18 @@ def test_layer_scale_is_pruned_with_the_residual_width():
 
 
 _REFUSED = {
-    "beit": (
-        lambda: timm.create_model("beit_base_patch16_224", pretrained=False, **TIMM_VIT_KWARGS),
-        "vit_*",
-        "reshapes the heads back to the residual width",
+    "timm_wrapper_beit": (lambda: _timm_wrapper("beit_base_patch16_224"), "beit_*, unwrapped", "model.timm_model"),
+    "timm_wrapper_swinv2": (
+        lambda: _timm_wrapper("swinv2_tiny_window8_256", vit=False),
+        "swinv2_*, unwrapped",
+        "model.timm_model",
     ),
-    "eva02": (
-        lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TIMM_VIT_KWARGS),
-        "vit_*",
-        "rotary embeddings",
+    "levit": (
+        lambda: LevitForImageClassification(
+            LevitConfig(image_size=32, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], key_dim=[8, 8, 8])
+        ),
+        "ViTForImageClassification",
+        "laid out head by head",
     ),
     "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
 }

@@ -14,6 +14,7 @@ from .io import ModelIO
 from .nearest import nearest_family
 from .swin import SwinTimmAdapter, SwinTransformersAdapter, Swinv2TimmAdapter, Swinv2TransformersAdapter
 from .timm_models import TimmAdapter
+from .timm_vits import BeitTimmAdapter, EvaTimmAdapter
 from .transformers_models import TimmWrapperAdapter, TransformersAdapter, is_backbone, model_type
 
 ADAPTERS: list[type[ModelAdapter]] = [
@@ -27,6 +28,8 @@ ADAPTERS: list[type[ModelAdapter]] = [
     Dinov2Adapter,
     ClipAdapter,
     BeitAdapter,
+    BeitTimmAdapter,
+    EvaTimmAdapter,
     *BACKBONE_ADAPTERS,
 ]
 

@@ -46,6 +46,10 @@ class Attention:
     num_heads: int
     head_dim: int
     owner: nn.Module | None = None  # the module `layout.head_params` are relative to (None: `module`)
+    # Set by an adapter where the architecture ties them: whole heads stay (a bias table shared by every layer),
+    # or every head keeps all its dims (rotary embeddings rotate dims in pairs, by frequency).
+    keep_heads: bool = False
+    keep_head_dims: bool = False
 
     @property
     def projections(self) -> list[nn.Linear]:
@@ -264,9 +268,13 @@ class ModelAdapter(ModelIO):
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         """Undo `make_traceable` on the pruned copy, following the user's original model."""
 
+    def finalize(self, model: nn.Module) -> None:
+        """Undo what the copy needed only while channels were chosen and removed (called right after surgery, before
+        reconstruction)."""
+
     def resized(self, model: nn.Module) -> None:
         """Make a model run at its pruned widths where the library's own code cannot: called on the pruned copy after
-        surgery and reconstruction, and on a timm model rebuilt from a pruned checkpoint."""
+        reconstruction, and on a timm model rebuilt from a pruned checkpoint."""
 
     def base_model_name(self) -> str | None:
         return None

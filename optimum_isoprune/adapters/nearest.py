@@ -9,21 +9,26 @@ from torch import nn
 
 _TIMM_VIT = "timm vit_* / deit3_* (VisionTransformer)"
 _HF_VIT = "transformers ViTForImageClassification"
-_RESHAPE = "its attention reshapes the heads back to the residual width, so heads and residual channels cannot shrink "
-_FUSED_BIAS = (
-    "the qkv projection runs as F.linear on qkv.weight with separate q/v biases, which torch-pruning cannot trace"
-)
 _NEEDS_CLASS = "a pruned checkpoint class in optimum_isoprune/modeling that records its per-layer widths"
 
 # timm class (module.name) or transformers model_type -> (nearest supported family, what is missing).
 KNOWN_GAPS: dict[str, tuple[str, str]] = {
-    "timm.models.beit.Beit": (_TIMM_VIT, f"{_RESHAPE}independently; {_FUSED_BIAS}"),
-    "timm.models.eva.Eva": (
-        _TIMM_VIT,
-        f"{_RESHAPE}independently; rotary embeddings tie head dims to frequency pairs; "
-        f"SwiGLU pairs the gate and value halves of the MLP; {_FUSED_BIAS}",
+    "levit": (
+        _HF_VIT,
+        f"{_NEEDS_CLASS}; its q / k / v are one linear + BatchNorm layer laid out head by head (key and value dims "
+        "differ), its attention biases are indexed by head on the first dim, and subsampling attention between "
+        "stages changes width and resolution",
     ),
-    "levit": (_HF_VIT, f"{_NEEDS_CLASS}, and attention with convolution-style biases between stages"),
+}
+
+
+# timm classes pruned unwrapped whose attention runs in a pruned form (modeling/timm_attention.py; Swin V2's
+# `_window_attention_forward` in adapters/swin.py), which the pruned TimmWrapperForImageClassification checkpoint class
+# does not switch to.
+UNWRAPPED_ONLY: dict[str, str] = {
+    "timm.models.beit.Beit": "timm beit_*",
+    "timm.models.eva.Eva": "timm eva02_*",
+    "timm.models.swin_transformer_v2.SwinTransformerV2": "timm swinv2_*",
 }
 
 
@@ -37,6 +42,11 @@ def _key(model: nn.Module) -> str:
 def nearest_family(model: nn.Module) -> tuple[str, str]:
     """(nearest supported family, what is missing) for a model no adapter supports."""
     inner = getattr(model, "timm_model", None)  # TimmWrapperForImageClassification: the wrapped model decides
+    if isinstance(inner, nn.Module) and _key(inner) in UNWRAPPED_ONLY:
+        return (
+            f"{UNWRAPPED_ONLY[_key(inner)]}, unwrapped",
+            "a pruned wrapper checkpoint that runs its attention in the pruned form; prune model.timm_model directly",
+        )
     if isinstance(inner, nn.Module):
         family, missing = nearest_family(inner)
         return f"TimmWrapperForImageClassification around {family}", missing

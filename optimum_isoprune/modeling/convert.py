@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from .configuration_pruned import PrunedConfigMixin
 from .families import SUPPORTED_ARCHITECTURES, family_of, timm_widths
 from .modeling_pruned import apply_shape_manifest
+from .timm_attention import stands_for, use_pruned_forms
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ def compute_shape_manifest(
     attributes: AttributeManifest = {}
     for name, module in modules.items():
         ref = ref_modules[name]
-        # The root may be the pruned class of the stock one (a pruned model pruned again).
-        if type(module) is not type(ref) and (name or not isinstance(module, type(ref))):
+        # The root may be the pruned class of the stock one (a pruned model pruned again); a timm attention may be
+        # its pruned form (timm_attention.py), which `rebuild_timm_model` switches to again.
+        if not stands_for(module, type(ref)) and (name or not isinstance(module, type(ref))):
             raise ValueError(
                 f"Module {name!r} is a {type(module).__name__} but the stock model has a {type(ref).__name__}; "
                 "only widths can change when saving a pruned model."
@@ -251,8 +253,9 @@ def _attach_timm_manifest(
 
 
 def rebuild_timm_model(manifest: dict[str, Any]) -> nn.Module:
-    """A timm model with the widths of `manifest` (random placeholder weights) and the manifest attached."""
-    model = build_timm_model(manifest["architecture"], manifest.get("model_args") or {})
+    """A timm model with the widths of `manifest` (random placeholder weights) and the manifest attached; attention
+    modules that reshape to the residual width are switched to their pruned forms (`timm_attention.py`)."""
+    model = use_pruned_forms(build_timm_model(manifest["architecture"], manifest.get("model_args") or {}))
     apply_shape_manifest(model, manifest.get("pruned_shapes"), manifest.get("pruned_attributes"))
     from ..adapters import ModelAdapter, adapter_for  # adapters never import modeling: no cycle
 

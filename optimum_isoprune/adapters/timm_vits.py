@@ -1,0 +1,214 @@
+"""timm BEiT (`beit_*`, `timm.models.beit.Beit`) and EVA-02 (`eva02_*`, `timm.models.eva.Eva`) adapters.
+
+Both are timm ViTs plus what this module knows about (layer scales `gamma_1` / `gamma_2`, the cls token and position
+embeddings are bare parameters of the residual width that torch-pruning prunes with it, as DeiT III's):
+- the fused qkv projection runs as ``F.linear(x, qkv.weight, cat(q_bias, zero k_bias, v_bias))``, which torch-pruning
+  cannot see as the qkv layer: the copy being pruned carries the three biases as `qkv.bias` (the stock forward then
+  calls `self.qkv(x)`: the same values), so they lose the rows qkv loses; `finalize` splits them back right after
+  surgery, and the pruned model computes them as stock timm does. Run that way, qkv is seen by no module hook:
+  `CostModel` counts it from its output projection's tokens, and reconstruction does not refit it;
+- the attention reshapes its heads back to the *input* width: the pruned model runs the pruned form of its attention
+  (`modeling/timm_attention.py`: the stock forward with the reshape following its own heads), which checkpoints
+  record as the stock class and `load_pruned_model` switches to again;
+- BEiT: the relative position bias table (relative positions x heads) of each block is a per-head parameter, sliced
+  to the kept heads as Swin's; a table shared by every block (`use_shared_rel_pos_bias`) ties every block to the same
+  heads, so those models keep all their heads (head dims, MLPs and the residual width are still pruned);
+- EVA-02: rotary position embeddings rotate each head's dims in pairs (by frequency, the same in every head), so
+  rope attentions keep their head dims whole (as do attentions with a per-head q/k norm); heads, MLP neurons and
+  the residual width are pruned. The copy is traced without rope (it adds no coupling once head dims stay whole);
+- EVA-02's SwiGLU MLP: split `fc1_g` / `fc1_x` (with `norm` between, eva02_base / large) needs no code, the gate and
+  value product couples each gate channel to its value channel in torch-pruning's graph; timm's packed `GluMlp`
+  (eva02_tiny / small: one fc1, chunked) runs as its two halves in the copy until `finalize`, for the same coupling.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+from typing import Any
+
+import torch
+from timm.layers import GluMlp
+from timm.models import eva
+from torch import nn
+
+from ..modeling.timm_attention import use_pruned_forms
+from .base import Attention, AttentionLayout
+from .timm_models import TimmAdapter
+
+# BEiT infers the head dim from the qkv width and keeps no attn_dim; a block built without a table has none.
+TIMM_BEIT_ATTENTION = AttentionLayout(
+    projections=("qkv",),
+    output="proj",
+    num_heads_attr="num_heads",
+    head_dim_attr=None,
+    head_params=("relative_position_bias_table",),
+    implicit_scale_attr="scale",
+)
+TIMM_BEIT_NO_TABLE = dataclasses.replace(TIMM_BEIT_ATTENTION, head_params=())
+# EVA keeps head_dim; its q / k / v are fused (eva02_*) or separate projections.
+TIMM_EVA_ATTENTION = AttentionLayout(
+    projections=("qkv",),
+    output="proj",
+    num_heads_attr="num_heads",
+    head_dim_attr="head_dim",
+    implicit_scale_attr="scale",
+)
+TIMM_EVA_SPLIT_ATTENTION = dataclasses.replace(TIMM_EVA_ATTENTION, projections=("q_proj", "k_proj", "v_proj"))
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    """A Linear holding copies of `weight` and `bias` (never initialised: built on the meta device)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+    return layer
+
+
+def _replace_children(module: nn.Module, old: tuple[str, ...], new: dict[str, nn.Module]) -> None:
+    """Replace the children named `old` by `new`, where the first of them was (module order is kept)."""
+    children: dict[str, nn.Module | None] = {}
+    for name, child in module._modules.items():
+        if name == old[0]:
+            children.update(new)
+        elif name not in old:
+            children[name] = child
+    module._modules = children
+
+
+def _split_packed_glu(mlp: GluMlp) -> None:
+    """Carry a packed SwiGLU's fc1 as its two halves (`fc1_first`, `fc1_second`: the same rows) and run them as two
+    layers, as timm's SwiGLU does: their product then couples each gate channel to its value channel in
+    torch-pruning's graph (it cannot map the packed halves: a split downstream of the cls token is left unmapped)."""
+    fc1, grad = mlp.fc1, mlp.fc1.weight.requires_grad
+    bias = fc1.bias.chunk(2) if fc1.bias is not None else (None, None)
+    halves = {name: _linear(w, b, grad) for name, w, b in zip(("fc1_first", "fc1_second"), fc1.weight.chunk(2), bias)}
+    _replace_children(mlp, ("fc1",), halves)
+    mlp.forward = types.MethodType(_glu_by_halves, mlp)
+
+
+def _glu_by_halves(self: GluMlp, x: torch.Tensor) -> torch.Tensor:
+    """`GluMlp.forward` with fc1 run as its two halves (the same values)."""
+    x1, x2 = self.fc1_first(x), self.fc1_second(x)
+    x = x1 * self.act(x2) if self.gate_last else self.act(x1) * x2
+    return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+def _pack_glu(mlp: GluMlp) -> None:
+    """Undo `_split_packed_glu` on the pruned halves (both lost the same channels)."""
+    first, second = mlp.fc1_first, mlp.fc1_second
+    bias = torch.cat((first.bias, second.bias)) if first.bias is not None else None
+    fc1 = _linear(torch.cat((first.weight, second.weight)), bias, first.weight.requires_grad)
+    _replace_children(mlp, ("fc1_first", "fc1_second"), {"fc1": fc1})
+    mlp.__dict__.pop("forward")
+
+
+def _packed_glus(model: nn.Module) -> list[GluMlp]:
+    """timm's packed SwiGLU MLPs (one fc1 holding both halves)."""
+    return [m for m in model.modules() if isinstance(m, GluMlp)]
+
+
+def _fold_qkv_biases(module: nn.Module) -> None:
+    """Carry a fused qkv's separate q / k / v biases as `qkv.bias` (the stock forward then calls `qkv(x)`)."""
+    if getattr(module, "qkv", None) is None or module.q_bias is None:
+        return
+    bias = torch.cat((module.q_bias, module.k_bias, module.v_bias)).detach()
+    module.qkv.bias = nn.Parameter(bias, requires_grad=module.q_bias.requires_grad)
+    module.q_bias = module.v_bias = None
+    module.k_bias = None
+
+
+def _split_qkv_bias(module: nn.Module) -> None:
+    """Undo `_fold_qkv_biases` on the pruned rows: q and v biases are parameters again, k's a zero buffer (timm's)."""
+    qkv = getattr(module, "qkv", None)
+    if qkv is None or qkv.bias is None:
+        return
+    q, _, v = qkv.bias.detach().chunk(3)
+    module.q_bias = nn.Parameter(q.clone(), requires_grad=qkv.bias.requires_grad)
+    module.v_bias = nn.Parameter(v.clone(), requires_grad=qkv.bias.requires_grad)
+    module.k_bias = torch.zeros_like(q)  # still registered as a non-persistent buffer: timm keeps it at zero
+    qkv.bias = None
+
+
+class _HeadsReshapedToInputAdapter(TimmAdapter):
+    """timm ViTs whose attention reshapes its heads to the input width and adds separate biases to a fused qkv."""
+
+    def make_traceable(self, model: nn.Module) -> None:
+        use_pruned_forms(model)
+        super().make_traceable(model)
+        for attention in self.attentions(model):
+            _fold_qkv_biases(attention.module)
+
+    def finalize(self, model: nn.Module) -> None:
+        for attention in self.attentions(model):
+            _split_qkv_bias(attention.module)
+
+
+class BeitTimmAdapter(_HeadsReshapedToInputAdapter):
+    """timm `beit_*`: heads (with their bias tables), head dims, MLPs and the residual width; all heads are kept
+    where one bias table is shared by every block."""
+
+    attention_layouts = (TIMM_BEIT_ATTENTION, TIMM_BEIT_NO_TABLE)
+    timm_classes = {"timm.models.beit.Beit": "beit_*"}
+
+    @staticmethod
+    def _shared_table(model: nn.Module) -> nn.Parameter | None:
+        shared = getattr(model, "rel_pos_bias", None)
+        return None if shared is None else shared.relative_position_bias_table
+
+    def attentions(self, model: nn.Module) -> list[Attention]:
+        found = super().attentions(model)
+        for attention in found:
+            attention.keep_heads = self._shared_table(model) is not None
+        return found
+
+    def graph_options(self, model: nn.Module) -> dict[str, Any]:
+        options = super().graph_options(model)
+        shared = self._shared_table(model)
+        return options if shared is None else {**options, "ignored_params": [*options["ignored_params"], shared]}
+
+
+class EvaTimmAdapter(_HeadsReshapedToInputAdapter):
+    """timm `eva02_*`: heads, MLPs (SwiGLU) and the residual width; head dims too where no rope or q/k norm ties them."""
+
+    attention_layouts = (TIMM_EVA_ATTENTION, TIMM_EVA_SPLIT_ATTENTION)
+    timm_classes = {"timm.models.eva.Eva": "eva02_*"}
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        # Eva also builds timm's other rope ViTs: their AttentionRope modules and depth-dependent (mixed) rope are not
+        # handled here.
+        blocks = getattr(model, "blocks", ())
+        return (
+            super().supports(model)
+            and not getattr(model, "rope_mixed", False)
+            and all(isinstance(block.attn, eva.EvaAttention) for block in blocks)
+        )
+
+    def make_traceable(self, model: nn.Module) -> None:
+        """Trace without rotary embeddings (rope attentions keep their head dims, so rope adds no coupling, and
+        torch-pruning would read its concat of prefix and rotated tokens as a channel concat); packed SwiGLUs run
+        as their two halves until `finalize`."""
+        super().make_traceable(model)
+        model.rope = None
+        for mlp in _packed_glus(model):
+            _split_packed_glu(mlp)
+
+    def finalize(self, model: nn.Module) -> None:
+        super().finalize(model)
+        for mlp in _packed_glus(model):
+            _pack_glu(mlp)
+
+    def restore(self, model: nn.Module, reference: nn.Module) -> None:
+        super().restore(model, reference)
+        model.rope = copy.deepcopy(reference.rope)  # buffers only (sin / cos tables), never pruned
+
+    def attentions(self, model: nn.Module) -> list[Attention]:
+        found = super().attentions(model)
+        rope = getattr(self.model, "rope", None) is not None  # the traced copy runs without it (make_traceable)
+        for attention in found:
+            qk_norm = not isinstance(attention.module.q_norm, nn.Identity)
+            attention.keep_head_dims = rope or qk_norm
+        return found

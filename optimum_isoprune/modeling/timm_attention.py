@@ -1,0 +1,129 @@
+"""Pruned forms of timm attention modules that reshape their heads back to the *input* width.
+
+timm's BEiT (`timm.models.beit.Attention`) and EVA (`timm.models.eva.EvaAttention`) end with
+``x.transpose(1, 2).reshape(B, N, C)``, C being the width of the attention's input (the residual width). Once heads
+or head dims are pruned independently of the residual width, num_heads * head_dim no longer equals C. The pruned
+forms below are subclasses whose forward is the stock one with that reshape taking the heads' own width
+(``reshape(B, N, -1)``); everything else, parameters and attributes included, is the stock module's, so a pruned
+model is still described by its stock layout plus a shape manifest (`modeling/convert.py`), and the same values
+come out bit for bit. `use_pruned_forms` switches a model's modules to them (the pruner on the copy it prunes,
+`rebuild_timm_model` when loading a checkpoint): code from this package, never from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat, maybe_add_mask, resolve_self_attn_mask
+from timm.models import beit, eva
+from torch import nn
+
+
+def _qkv(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's fused qkv projection with its separate q / (zero) k / v biases, as the stock forwards compute it."""
+    if module.q_bias is None:
+        return module.qkv(x)
+    qkv_bias = torch.cat((module.q_bias, module.k_bias, module.v_bias))
+    if module.qkv_bias_separate:
+        qkv = module.qkv(x)
+        qkv += qkv_bias
+        return qkv
+    return F.linear(x, weight=module.qkv.weight, bias=qkv_bias)
+
+
+class PrunedBeitAttention(beit.Attention):
+    """`timm.models.beit.Attention` whose output reshape follows its own heads, not the residual width."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = _qkv(self, x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused_attn:
+            rel_pos_bias = None
+            if self.relative_position_bias_table is not None:
+                rel_pos_bias = self._get_rel_pos_bias()
+                if shared_rel_pos_bias is not None:
+                    rel_pos_bias = rel_pos_bias + shared_rel_pos_bias
+            elif shared_rel_pos_bias is not None:
+                rel_pos_bias = shared_rel_pos_bias
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=rel_pos_bias, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            if self.relative_position_bias_table is not None:
+                attn = attn + self._get_rel_pos_bias()
+            if shared_rel_pos_bias is not None:
+                attn = attn + shared_rel_pos_bias
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class PrunedEvaAttention(eva.EvaAttention):
+    """`timm.models.eva.EvaAttention` whose output reshape follows its own heads, not the residual width."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            q, k, v = _qkv(self, x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (
+                p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+            )
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                is_causal=is_causal,
+            )
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal=is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+# pruned form -> the stock class it stands for (same parameters, buffers and attributes)
+PRUNED_FORMS: dict[type[nn.Module], type[nn.Module]] = {
+    PrunedBeitAttention: beit.Attention,
+    PrunedEvaAttention: eva.EvaAttention,
+}
+_FORM_OF = {stock: form for form, stock in PRUNED_FORMS.items()}
+
+
+def use_pruned_forms(model: nn.Module) -> nn.Module:
+    """Switch every module of a stock class listed in `PRUNED_FORMS` to its pruned form, in place."""
+    for module in model.modules():
+        form = _FORM_OF.get(type(module))
+        if form is not None:
+            module.__class__ = form
+    return model
+
+
+def stands_for(module: nn.Module, stock: type[nn.Module]) -> bool:
+    """`module` is a `stock` module, or the pruned form of one."""
+    return type(module) is stock or PRUNED_FORMS.get(type(module)) is stock
