@@ -131,6 +131,12 @@ def _keep_rows(module: nn.Module, names: Sequence[str], index: torch.Tensor, dim
             setattr(module, name, nn.Parameter(kept, requires_grad=old.requires_grad))
 
 
+def detached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A module's own forward, detached: what a position-bias module (BEiT's table, Swin V2's MLP) computes stays off
+    torch-pruning's traced graph (the same values). Set per instance on the copy being pruned."""
+    return type(self).forward(self, *args, **kwargs).detach()
+
+
 def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> list[Attention]:
     """Find attention modules by role: a module that has all projections of a layout and its metadata."""
     found = []

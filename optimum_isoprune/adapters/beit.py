@@ -30,7 +30,7 @@ import types
 import torch
 from torch import nn
 
-from .base import AttentionLayout
+from .base import AttentionLayout, detached_forward
 from .dinov2 import Dinov2Adapter
 from .transformers_models import TRANSFORMERS_ATTENTION, model_type
 
@@ -117,11 +117,6 @@ def _bias_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "relative_position_bias_table", None), nn.Parameter)]
 
 
-def _detached_bias(self: nn.Module, *args, **kwargs) -> torch.Tensor:
-    """The bias module's forward off torch-pruning's traced graph (the same values)."""
-    return type(self).forward(self, *args, **kwargs).detach()
-
-
 class BeitAdapter(Dinov2Adapter):
     """transformers BEiT and data2vec-vision classifiers: heads (with their bias tables), head dims, MLPs and the
     residual width."""
@@ -134,7 +129,7 @@ class BeitAdapter(Dinov2Adapter):
         unshare_position_bias(model)
         super().make_traceable(model)
         for bias in _bias_modules(model):
-            bias.forward = types.MethodType(_detached_bias, bias)
+            bias.forward = types.MethodType(detached_forward, bias)
         for attention in _sdpa_attentions(model):
             attention.forward = types.MethodType(_eager_attention_forward, attention)
 

@@ -42,9 +42,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from .base import AttentionLayout
-from .beit import _detached_bias
-from .timm_models import TimmAdapter
+from .base import AttentionLayout, detached_forward
+from .timm_models import TIMM_TABLE_ATTENTION, TimmAdapter
 from .transformers_models import TRANSFORMERS_ATTENTION, TransformersAdapter
 
 HF_SWIN_ATTENTION = AttentionLayout(
@@ -55,15 +54,7 @@ HF_SWIN_ATTENTION = AttentionLayout(
     head_params=("relative_position_bias.relative_position_bias_table",),
 )
 
-# timm's WindowAttention infers the head dim from the qkv width and keeps no attn_dim attribute.
-TIMM_SWIN_ATTENTION = AttentionLayout(
-    projections=("qkv",),
-    output="proj",
-    num_heads_attr="num_heads",
-    head_dim_attr=None,
-    head_params=("relative_position_bias_table",),
-    implicit_scale_attr="scale",
-)
+TIMM_SWIN_ATTENTION = TIMM_TABLE_ATTENTION
 
 # transformers' Swin V2 attention: the older query / key / value modules under `self`, the output under `output`.
 HF_SWINV2_ATTENTION = AttentionLayout(
@@ -223,7 +214,7 @@ class Swinv2TransformersAdapter(SwinTransformersAdapter):
     def make_traceable(self, model: nn.Module) -> None:
         super().make_traceable(model)
         for mlp in _position_bias_mlps(model, self._position_bias):
-            mlp.forward = types.MethodType(_detached_bias, mlp)
+            mlp.forward = types.MethodType(detached_forward, mlp)
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         super().restore(model, reference)
@@ -333,7 +324,7 @@ class Swinv2TimmAdapter(SwinTimmAdapter):
         for module in self._window_attentions(model):
             _fold_qkv_bias(module)
             module.forward = types.MethodType(_traced_window_attention_forward, module)
-            module.cpb_mlp.forward = types.MethodType(_detached_bias, module.cpb_mlp)
+            module.cpb_mlp.forward = types.MethodType(detached_forward, module.cpb_mlp)
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         """Calibration runs the folded copy with timm's computation (its biases are split back in `resized`)."""

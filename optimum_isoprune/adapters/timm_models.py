@@ -7,6 +7,8 @@ across conv groups in `isomorphic.py`, so every conv group keeps the same width.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -19,6 +21,11 @@ TIMM_ATTENTION = AttentionLayout(
     head_dim_attr="head_dim",
     inner_dim_attr="attn_dim",
     implicit_scale_attr="scale",
+)
+# timm attentions that infer the head dim from the qkv width (no head_dim / attn_dim attributes) and keep a relative
+# position bias table (relative positions x heads) of their own: Swin's WindowAttention, BEiT's Attention.
+TIMM_TABLE_ATTENTION = dataclasses.replace(
+    TIMM_ATTENTION, head_dim_attr=None, inner_dim_attr=None, head_params=("relative_position_bias_table",)
 )
 
 # timm model classes (by module and name) that the pruner handles.

@@ -34,27 +34,14 @@ from timm.models import eva
 from torch import nn
 
 from ..modeling.timm_attention import use_pruned_forms
-from .base import Attention, AttentionLayout
-from .timm_models import TimmAdapter
+from .base import Attention
+from .timm_models import TIMM_ATTENTION, TIMM_TABLE_ATTENTION, TimmAdapter
 
-# BEiT infers the head dim from the qkv width and keeps no attn_dim; a block built without a table has none.
-TIMM_BEIT_ATTENTION = AttentionLayout(
-    projections=("qkv",),
-    output="proj",
-    num_heads_attr="num_heads",
-    head_dim_attr=None,
-    head_params=("relative_position_bias_table",),
-    implicit_scale_attr="scale",
-)
+# BEiT's attention is laid out as Swin's (`TIMM_TABLE_ATTENTION`); a block built without a table has none.
+TIMM_BEIT_ATTENTION = TIMM_TABLE_ATTENTION
 TIMM_BEIT_NO_TABLE = dataclasses.replace(TIMM_BEIT_ATTENTION, head_params=())
 # EVA keeps head_dim; its q / k / v are fused (eva02_*) or separate projections.
-TIMM_EVA_ATTENTION = AttentionLayout(
-    projections=("qkv",),
-    output="proj",
-    num_heads_attr="num_heads",
-    head_dim_attr="head_dim",
-    implicit_scale_attr="scale",
-)
+TIMM_EVA_ATTENTION = dataclasses.replace(TIMM_ATTENTION, inner_dim_attr=None)
 TIMM_EVA_SPLIT_ATTENTION = dataclasses.replace(TIMM_EVA_ATTENTION, projections=("q_proj", "k_proj", "v_proj"))
 
 
