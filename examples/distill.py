@@ -33,6 +33,7 @@ from optimum_isoprune.data import (
     prepare_dataset,
 )
 from optimum_isoprune.distillation import DistillationTrainer, DistillationTrainingArguments
+from optimum_isoprune.distributed import end_process_group
 from optimum_isoprune.metrics import compute_metrics, evaluate_model
 
 logger = logging.getLogger("distill")
@@ -203,3 +204,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # a live gloo group can abort the process at exit

@@ -65,6 +65,7 @@ from optimum_isoprune.data import (
     prepare_dataset,
 )
 from optimum_isoprune.distillation import DistillationTrainer, DistillationTrainingArguments
+from optimum_isoprune.distributed import end_process_group
 from optimum_isoprune.ema import EMACallback
 from optimum_isoprune.metrics import compute_metrics, evaluate_model
 from optimum_isoprune.pruner import load_model
@@ -377,3 +378,4 @@ def _synthetic_splits():
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # a live gloo group can abort the process at exit

@@ -963,7 +963,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.debug, args.quiet)
     try:
         restore_default_handler()  # from here on Ctrl-C raises KeyboardInterrupt, answered below
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if "torch.distributed" in sys.modules:  # under torchrun: a live gloo group can abort the process at exit
+            from .distributed import end_process_group
+
+            end_process_group()
+        return code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -36,6 +36,17 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def end_process_group() -> None:
+    """Destroy the default process group, if one is initialised; call once at the end of a launched script.
+
+    A process that exits with a live gloo group can abort at interpreter shutdown ("terminate called without an
+    active exception"), failing the launch after the work succeeded; transformers' Trainer leaves the group open.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This process's share of `items` (every `world_size`-th one, from `rank`); all of them in one process."""
     rank, world = rank_and_world()

@@ -483,6 +483,7 @@ DDP_SCRIPT = textwrap.dedent(
     import sys, torch
     from transformers import ViTConfig, ViTForImageClassification
     from optimum_isoprune.distillation import DistillationTrainer, DistillationTrainingArguments
+    from optimum_isoprune.distributed import end_process_group
 
     def vit(seed, hidden):
         torch.manual_seed(seed)
@@ -498,6 +499,7 @@ DDP_SCRIPT = textwrap.dedent(
     trainer.train()
     assert trainer.args.world_size == 2, trainer.args.world_size
     trainer.save_model()
+    end_process_group()
     """
 )
 

@@ -88,6 +88,18 @@ def test_one_process_is_rank_zero_of_one_and_keeps_everything():
     assert shard(list(range(5))) == [0, 1, 2, 3, 4]
 
 
+def test_end_process_group_destroys_a_live_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from optimum_isoprune.distributed import end_process_group
+
+    end_process_group()  # nothing initialised: nothing happens
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()
+
+
 def test_fingerprint_sees_a_changed_weight():
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig(**VIT))
