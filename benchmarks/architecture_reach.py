@@ -64,6 +64,8 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "timm regnety_002": _timm("regnety_002"),
     "timm deit3_small_patch16": _timm("deit3_small_patch16_224", img_size=SMALL),
     "timm swinv2_tiny_window8": _timm("swinv2_tiny_window8_256", img_size=SMALL),
+    "timm beit_base_patch16": _timm("beit_base_patch16_224", img_size=SMALL),
+    "timm eva02_small_patch14": _timm("eva02_small_patch14_224", SMALL_14, img_size=SMALL_14),
     # transformers
     "DINOv2-S/14": _hf(
         tf.Dinov2ForImageClassification,
