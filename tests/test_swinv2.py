@@ -3,6 +3,9 @@ V2 PatchMerging order, timm's separate qkv biases and its attention at pruned wi
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import timm
 import torch
@@ -10,14 +13,10 @@ import torch
 from models import IMAGE_SIZE, SWIN_KWARGS, build, independent_macs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.adapters import get_adapter
-from optimum_isoprune.adapters.swin import (
-    PatchMergingPruner,
-    Swinv2TimmAdapter,
-    Swinv2TransformersAdapter,
-    _window_attention_forward,
-)
+from optimum_isoprune.adapters.swin import PatchMergingPruner, Swinv2TimmAdapter, Swinv2TransformersAdapter
 from optimum_isoprune.checkpoint import load_pruned_model
 from optimum_isoprune.counting import count_macs
+from optimum_isoprune.modeling.timm_attention import PrunedWindowAttentionV2, use_pruned_forms
 
 SWINV2 = ["hf_swinv2", "timm_swinv2"]
 
@@ -123,13 +122,27 @@ def test_timm_qkv_biases_follow_the_kept_heads_and_are_split_back():
     assert all(p.grad is not None for p in pruned.parameters())
 
 
-def test_timm_attention_forward_is_timm_s_own_bit_for_bit():
+def test_timm_pruned_attention_form_is_timm_s_own_bit_for_bit():
     model = build("timm_swinv2")
     attention = get_adapter(model).attentions(model)[2].module
+    pruned_form = use_pruned_forms(copy.deepcopy(attention))
+    assert type(pruned_form) is PrunedWindowAttentionV2
     x = torch.randn(4, 16, attention.qkv.in_features, generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(4, 16, 16).masked_fill(torch.rand(4, 16, 16) > 0.7, -100.0)
     for m in (None, mask):
-        assert torch.equal(_window_attention_forward(attention, x, m), attention(x, m))
+        assert torch.equal(pruned_form(x, m), attention(x, m))
+
+
+def test_timm_pruned_model_deep_copies_and_pickles():
+    model = build("timm_swinv2")
+    pruned = IsomorphicPruner(model).prune(IsomorphicPruningConfig(target_macs=count_macs(model) * 0.5))
+    attentions = get_adapter(pruned).attentions(pruned)
+    assert all(type(a.module) is PrunedWindowAttentionV2 and "forward" not in vars(a.module) for a in attentions)
+    assert any(a.num_heads * a.head_dim != a.module.proj.out_features for a in attentions)  # timm's reshape would fail
+    x = _inputs()
+    expected = logits(pruned.eval(), x)
+    for clone in (copy.deepcopy(pruned), pickle.loads(pickle.dumps(pruned))):
+        assert torch.equal(logits(clone, x), expected)
 
 
 def test_timm_ratio_zero_restores_timm_s_parameters():
@@ -183,5 +196,6 @@ def test_timm_checkpoint_reloads_bit_identical_with_pruned_heads(tmp_path):
     assert any(a.num_heads * a.head_dim != a.module.proj.out_features for a in attentions)  # timm's reshape would fail
     pruner.save_pretrained(tmp_path)
     loaded = load_pruned_model(tmp_path)
+    assert all(type(a.module) is PrunedWindowAttentionV2 for a in get_adapter(loaded).attentions(loaded))
     x = _inputs()
     assert torch.equal(logits(loaded, x), logits(pruned.eval(), x))
