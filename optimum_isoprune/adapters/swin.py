@@ -42,7 +42,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..modeling.timm_attention import PrunedWindowAttentionV2, pruned_forms
+from ..modeling.timm_attention import PrunedWindowAttentionV2, fold_qkv_biases, pruned_forms, split_qkv_biases
 from .base import AttentionLayout, detached_forward
 from .timm_models import TIMM_TABLE_ATTENTION, TimmAdapter
 from .transformers_models import TRANSFORMERS_ATTENTION, TransformersAdapter
@@ -236,27 +236,6 @@ class _TracedWindowAttentionV2(PrunedWindowAttentionV2):
         return super()._position_bias().detach()
 
 
-def _fold_qkv_bias(attention: nn.Module) -> None:
-    """Move the separate q / k / v biases into `qkv.bias`, where torch-pruning slices them with the rows."""
-    if attention.q_bias is None:
-        return
-    bias = torch.cat((attention.q_bias, attention.k_bias, attention.v_bias)).detach().clone()
-    attention.qkv.bias = nn.Parameter(bias, requires_grad=attention.q_bias.requires_grad)
-    attention.q_bias = attention.v_bias = None
-
-
-def _unfold_qkv_bias(attention: nn.Module) -> None:
-    """Split a folded `qkv.bias` back into timm's q / v parameters and its zero k buffer."""
-    folded = attention.qkv.bias
-    if folded is None:
-        return
-    q, k, v = folded.detach().chunk(3)
-    attention.q_bias = nn.Parameter(q.clone(), requires_grad=folded.requires_grad)
-    attention.v_bias = nn.Parameter(v.clone(), requires_grad=folded.requires_grad)
-    attention.k_bias = torch.zeros_like(k)  # timm's key bias is a constant zero buffer, never saved
-    attention.qkv.bias = None
-
-
 class Swinv2TimmAdapter(SwinTimmAdapter):
     """timm `swinv2_*` (`SwinTransformerV2`): heads (with their logit scales and position-bias MLP outputs), head
     dims, MLPs and stage widths."""
@@ -275,7 +254,7 @@ class Swinv2TimmAdapter(SwinTimmAdapter):
 
     def make_traceable(self, model: nn.Module) -> None:
         for module in self._window_attentions(model):
-            _fold_qkv_bias(module)
+            fold_qkv_biases(module)
             module.__class__ = _TracedWindowAttentionV2
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
@@ -286,4 +265,4 @@ class Swinv2TimmAdapter(SwinTimmAdapter):
 
     def resized(self, model: nn.Module) -> None:
         for module in self._window_attentions(model):
-            _unfold_qkv_bias(module)
+            split_qkv_biases(module)

@@ -33,7 +33,7 @@ from timm.layers import GluMlp
 from timm.models import eva
 from torch import nn
 
-from ..modeling.timm_attention import use_pruned_forms
+from ..modeling.timm_attention import fold_qkv_biases, split_qkv_biases, use_pruned_forms
 from .base import Attention
 from .timm_models import TIMM_ATTENTION, TIMM_TABLE_ATTENTION, TimmAdapter
 
@@ -97,28 +97,6 @@ def _packed_glus(model: nn.Module) -> list[GluMlp]:
     return [m for m in model.modules() if isinstance(m, GluMlp)]
 
 
-def _fold_qkv_biases(module: nn.Module) -> None:
-    """Carry a fused qkv's separate q / k / v biases as `qkv.bias` (the stock forward then calls `qkv(x)`)."""
-    if getattr(module, "qkv", None) is None or module.q_bias is None:
-        return
-    bias = torch.cat((module.q_bias, module.k_bias, module.v_bias)).detach()
-    module.qkv.bias = nn.Parameter(bias, requires_grad=module.q_bias.requires_grad)
-    module.q_bias = module.v_bias = None
-    module.k_bias = None
-
-
-def _split_qkv_bias(module: nn.Module) -> None:
-    """Undo `_fold_qkv_biases` on the pruned rows: q and v biases are parameters again, k's a zero buffer (timm's)."""
-    qkv = getattr(module, "qkv", None)
-    if qkv is None or qkv.bias is None:
-        return
-    q, _, v = qkv.bias.detach().chunk(3)
-    module.q_bias = nn.Parameter(q.clone(), requires_grad=qkv.bias.requires_grad)
-    module.v_bias = nn.Parameter(v.clone(), requires_grad=qkv.bias.requires_grad)
-    module.k_bias = torch.zeros_like(q)  # still registered as a non-persistent buffer: timm keeps it at zero
-    qkv.bias = None
-
-
 class _HeadsReshapedToInputAdapter(TimmAdapter):
     """timm ViTs whose attention reshapes its heads to the input width and adds separate biases to a fused qkv."""
 
@@ -126,11 +104,11 @@ class _HeadsReshapedToInputAdapter(TimmAdapter):
         use_pruned_forms(model)
         super().make_traceable(model)
         for attention in self.attentions(model):
-            _fold_qkv_biases(attention.module)
+            fold_qkv_biases(attention.module)
 
     def finalize(self, model: nn.Module) -> None:
         for attention in self.attentions(model):
-            _split_qkv_bias(attention.module)
+            split_qkv_biases(attention.module)
 
 
 class BeitTimmAdapter(_HeadsReshapedToInputAdapter):

@@ -9,6 +9,8 @@ included, is the stock module's, so a pruned model is still described by its sto
 (`modeling/convert.py`), and the same values come out bit for bit. `use_pruned_forms` switches a model's modules to
 them (the pruner on the copy it prunes, `rebuild_timm_model` when loading a checkpoint): code from this package,
 never from the checkpoint. A pruned model is a plain module tree: it deep-copies and pickles as the stock one does.
+While the pruner's copy is traced and cut, `fold_qkv_biases` carries their separate q / k / v biases as `qkv.bias`
+(torch-pruning slices them with qkv's rows); `split_qkv_biases` restores timm's layout afterwards.
 """
 
 from __future__ import annotations
@@ -38,6 +40,29 @@ def _qkv(module: nn.Module, x: torch.Tensor, hooked: bool = False) -> torch.Tens
     if hooked:
         return functional_call(module.qkv, {"weight": module.qkv.weight, "bias": qkv_bias}, (x,))
     return F.linear(x, weight=module.qkv.weight, bias=qkv_bias)
+
+
+def fold_qkv_biases(module: nn.Module) -> None:
+    """Carry a fused qkv's separate q / k / v biases as `qkv.bias` (`_qkv` then calls `qkv(x)`: the same values),
+    where torch-pruning slices them with qkv's rows."""
+    if getattr(module, "qkv", None) is None or module.q_bias is None:
+        return
+    bias = torch.cat((module.q_bias, module.k_bias, module.v_bias)).detach()
+    module.qkv.bias = nn.Parameter(bias, requires_grad=module.q_bias.requires_grad)
+    module.q_bias = module.v_bias = module.k_bias = None
+
+
+def split_qkv_biases(module: nn.Module) -> None:
+    """Undo `fold_qkv_biases` on the pruned rows: q and v biases are parameters again, k's the zero buffer timm keeps
+    (whatever a refit left in its rows)."""
+    qkv = getattr(module, "qkv", None)
+    if qkv is None or qkv.bias is None:
+        return
+    q, _, v = qkv.bias.detach().chunk(3)
+    module.q_bias = nn.Parameter(q.clone(), requires_grad=qkv.bias.requires_grad)
+    module.v_bias = nn.Parameter(v.clone(), requires_grad=qkv.bias.requires_grad)
+    module.k_bias = torch.zeros_like(q)  # still registered as a non-persistent buffer, never saved
+    qkv.bias = None
 
 
 class PrunedBeitAttention(beit.Attention):
