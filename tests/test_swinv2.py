@@ -140,6 +140,8 @@ def test_timm_pruned_model_deep_copies_and_pickles():
     attentions = get_adapter(pruned).attentions(pruned)
     assert all(type(a.module) is PrunedWindowAttentionV2 and "forward" not in vars(a.module) for a in attentions)
     assert any(a.num_heads * a.head_dim != a.module.proj.out_features for a in attentions)  # timm's reshape would fail
+    stock = timm.models.swin_transformer_v2.WindowAttention  # the user's model ran in the pruned form only while used
+    assert all(type(a.module) is stock for a in get_adapter(model).attentions(model))
     x = inputs(pruner)
     expected = logits(pruned.eval(), x)
     for clone in (copy.deepcopy(pruned), pickle.loads(pickle.dumps(pruned))):

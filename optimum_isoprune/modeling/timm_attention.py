@@ -182,7 +182,7 @@ _FORM_OF = {stock: form for form, stock in PRUNED_FORMS.items()}
 
 
 def _switch_to_pruned_forms(model: nn.Module) -> list[nn.Module]:
-    """Switch every module of a stock class listed in `PRUNED_FORMS` to its pruned form, in place; the modules."""
+    """Switch every module of a stock class listed in `PRUNED_FORMS` to its pruned form, in place; returns them."""
     switched = [module for module in model.modules() if type(module) in _FORM_OF]
     for module in switched:
         module.__class__ = _FORM_OF[type(module)]
