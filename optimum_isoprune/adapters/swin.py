@@ -28,8 +28,8 @@ What Swin V2 adds to V1:
   checkpoints record as the stock class and `load_pruned_model` switches to again; the stock attentions of the
   user's model run in that form only while counted or used as reconstruction's reference. The traced copy folds the
   biases into `qkv.bias` (torch-pruning slices them with the rows, and reconstruction refits them with qkv) and runs
-  `_TracedWindowAttentionV2`; they are split back after reconstruction (`resized`), the key part reset to the zeros
-  timm keeps there, which the least-squares refit may have moved.
+  `_TracedWindowAttentionV2`; they are split back after reconstruction, the key part reset to the zeros timm keeps
+  there, which the least-squares refit may have moved (`TimmPrunedFormsAdapter`, as for timm BEiT and EVA-02).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..modeling.timm_attention import PrunedWindowAttentionV2, fold_qkv_biases, pruned_forms, split_qkv_biases
+from ..modeling.timm_attention import PrunedWindowAttentionV2
 from .base import AttentionLayout, detached_forward
-from .timm_models import TIMM_TABLE_ATTENTION, TimmAdapter
+from .timm_models import TIMM_TABLE_ATTENTION, TimmAdapter, TimmPrunedFormsAdapter
 from .transformers_models import TRANSFORMERS_ATTENTION, TransformersAdapter
 
 HF_SWIN_ATTENTION = AttentionLayout(
@@ -236,7 +236,7 @@ class _TracedWindowAttentionV2(PrunedWindowAttentionV2):
         return super()._position_bias().detach()
 
 
-class Swinv2TimmAdapter(SwinTimmAdapter):
+class Swinv2TimmAdapter(TimmPrunedFormsAdapter, SwinTimmAdapter):
     """timm `swinv2_*` (`SwinTransformerV2`): heads (with their logit scales and position-bias MLP outputs), head
     dims, MLPs and stage widths."""
 
@@ -246,23 +246,14 @@ class Swinv2TimmAdapter(SwinTimmAdapter):
     def _window_attentions(self, model: nn.Module) -> list[nn.Module]:
         return [a.module for a in self.attentions(model)]
 
-    def forward(self, model: nn.Module, pixel_values: torch.Tensor) -> Any:
-        """The outputs, stock attentions (the user's model) run in their pruned form (the same values) for the
-        duration, so that `qkv` is called as a module: counting and reconstruction see it."""
-        with pruned_forms(model):
-            return super().forward(model, pixel_values)
-
     def make_traceable(self, model: nn.Module) -> None:
+        super().make_traceable(model)
         for module in self._window_attentions(model):
-            fold_qkv_biases(module)
             module.__class__ = _TracedWindowAttentionV2
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         """Calibration and reconstruction run the folded copy in the pruned form (its biases are split back in
         `resized`)."""
+        super().restore(model, reference)
         for module in self._window_attentions(model):
             module.__class__ = PrunedWindowAttentionV2
-
-    def resized(self, model: nn.Module) -> None:
-        for module in self._window_attentions(model):
-            split_qkv_biases(module)

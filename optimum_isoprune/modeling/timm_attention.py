@@ -6,11 +6,15 @@ of the attention's input (the residual width). Once heads or head dims are prune
 width, num_heads * head_dim no longer equals C. The pruned forms below are subclasses whose forward is the stock one
 with that reshape taking the heads' own width (``reshape(B, N, -1)``); everything else, parameters and attributes
 included, is the stock module's, so a pruned model is still described by its stock layout plus a shape manifest
-(`modeling/convert.py`), and the same values come out bit for bit. `use_pruned_forms` switches a model's modules to
-them (the pruner on the copy it prunes, `rebuild_timm_model` when loading a checkpoint): code from this package,
-never from the checkpoint. A pruned model is a plain module tree: it deep-copies and pickles as the stock one does.
-While the pruner's copy is traced and cut, `fold_qkv_biases` carries their separate q / k / v biases as `qkv.bias`
-(torch-pruning slices them with qkv's rows); `split_qkv_biases` restores timm's layout afterwards.
+(`modeling/convert.py`), and the same values come out bit for bit. The stock forwards also run the fused qkv with
+its separate q / v biases as ``F.linear`` on `qkv.weight`, which no module hook sees; the pruned forms call `qkv` as a
+module with those biases (`_qkv`: the same values), so MAC counting and reconstruction see it as any other layer.
+`use_pruned_forms` switches a model's modules to them (the pruner on the copy it prunes, `rebuild_timm_model` when
+loading a checkpoint): code from this package, never from the checkpoint; `pruned_forms` does so for the duration (the
+user's model while it is counted or used as reconstruction's reference). A pruned model is a plain module tree: it
+deep-copies and pickles as the stock one does. While the pruner's copy is traced, cut and refit, `fold_qkv_biases`
+carries the separate q / k / v biases as `qkv.bias` (torch-pruning slices them with qkv's rows, reconstruction refits
+them with its weights); `split_qkv_biases` restores timm's layout afterwards.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from torch import nn
 from torch.func import functional_call
 
 
-def _qkv(module: nn.Module, x: torch.Tensor, hooked: bool = False) -> torch.Tensor:
-    """timm's fused qkv projection with its separate q / (zero) k / v biases, as the stock forwards compute it.
-    `hooked`: `qkv` is called as a module (the biases passed in: the same values), so hooks on it run."""
+def _qkv(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's fused qkv projection with its separate q / (zero) k / v biases, the values the stock forwards compute
+    (``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``), but with `qkv` called as a module (the biases passed
+    in), so that hooks on it run: MAC counting and reconstruction see it as any other layer."""
     if module.q_bias is None:
         return module.qkv(x)
     qkv_bias = torch.cat((module.q_bias, module.k_bias, module.v_bias))
@@ -37,9 +42,7 @@ def _qkv(module: nn.Module, x: torch.Tensor, hooked: bool = False) -> torch.Tens
         qkv = module.qkv(x)
         qkv += qkv_bias
         return qkv
-    if hooked:
-        return functional_call(module.qkv, {"weight": module.qkv.weight, "bias": qkv_bias}, (x,))
-    return F.linear(x, weight=module.qkv.weight, bias=qkv_bias)
+    return functional_call(module.qkv, {"weight": module.qkv.weight, "bias": qkv_bias}, (x,))
 
 
 def fold_qkv_biases(module: nn.Module) -> None:
@@ -141,11 +144,11 @@ class PrunedEvaAttention(eva.EvaAttention):
 
 class PrunedWindowAttentionV2(swin_transformer_v2.WindowAttention):
     """`timm.models.swin_transformer_v2.WindowAttention` whose output reshape follows its own heads, not the input
-    width, and whose qkv is called as a module (`_qkv`, hooked), so MAC counting and reconstruction see it."""
+    width."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, _ = x.shape
-        qkv = _qkv(self, x, hooked=True).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = _qkv(self, x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = self._cosine_logits(q, k) + self._position_bias().unsqueeze(0)
         if mask is not None:
