@@ -192,6 +192,7 @@ def test_least_squares_refits_qkv_and_its_biases(name):
         )
         assert not torch.equal(after.q_bias, before.q_bias) and not torch.equal(after.v_bias, before.v_bias)
         assert after.qkv.bias is None and torch.equal(after.k_bias, torch.zeros_like(after.q_bias))  # timm's layout
+    assert all(type(block.attn) in (beit.Attention, eva.EvaAttention) for block in model.blocks)  # the user's: stock
 
 
 VARIANTS = {
