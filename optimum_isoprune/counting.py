@@ -79,14 +79,6 @@ class CostModel:
                 h.remove()
 
     def _finish(self, model: nn.Module, attentions: list[Attention]) -> None:
-        recorded = {id(c.module): c for c in self.layers}
-        for attention in attentions:
-            for projection in attention.projections:
-                # A projection run as F.linear on its weight (timm BEiT / EVA: qkv with separate biases) is seen by no
-                # hook; it reads the tokens the output projection writes.
-                if id(projection) not in recorded and id(attention.output) in recorded:
-                    out = recorded[id(attention.output)]
-                    self.layers.append(_LayerCost(projection, out.positions, out.sequence))
         positions = {id(c.module): c.positions for c in self.layers}
         sequences = {id(c.module): c.sequence for c in self.layers}
         self.attentions = [(a, positions[id(a.projections[0])], sequences[id(a.projections[0])]) for a in attentions]

@@ -199,7 +199,7 @@ def reconstruct(
     try:
         reached = _reached_in_original(original, layers, batches[0][0][:1], forward)
         for layer in layers:
-            if layer not in reached:  # e.g. timm BEiT / EVA's qkv, run as F.linear on its weight
+            if layer not in reached:  # its weights run as a functional call (F.linear), which no hook sees
                 summary.skipped_layers[layer.name] = "the original model runs its weights without calling it"
         layers = [layer for layer in layers if layer in reached]
         levels, calls, output_bytes = _levels(pruned, layers, batches[0][0][:1], forward)

@@ -59,6 +59,21 @@ def test_toy_linear_model_reaches_the_least_squares_optimum_exactly():
     assert summary.refit_layers == 1 and summary.error_after < summary.error_before
 
 
+def test_a_layer_the_original_runs_without_calling_it_is_reported_and_left_as_it_is():
+    """No hook sees a layer whose weights the original runs as F.linear: it has no reference output to be refit to."""
+    original, pruned, removed, x = _toy([1, 4, 7])
+    before = pruned[2].weight.clone()
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if model is pruned:
+            return model(x)
+        return nn.functional.linear(torch.tanh(model[0](x)), model[2].weight, model[2].bias)
+
+    summary = reconstruct(pruned, original, removed, [(x, None)], forward, "least_squares", damping=0.01)
+    assert summary.skipped_layers == {"2": "the original model runs its weights without calling it"}
+    assert summary.refit_layers == 0 and torch.equal(pruned[2].weight, before)
+
+
 def test_bias_mode_matches_the_mean_output_and_keeps_the_weights():
     original, pruned, removed, x = _toy([0, 2, 3, 9])
     weight = pruned[2].weight.detach().clone()

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import torch_pruning as tp
+from timm.models import beit, eva
 
 from models import IMAGE_SIZE, TIMM_VIT_KWARGS, build, independent_macs, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -162,10 +163,36 @@ def test_shared_bias_table_keeps_every_head(tmp_path):
 
 @pytest.mark.parametrize("name", ["timm_beit", "timm_eva02"])
 def test_stock_model_is_counted_with_its_qkv(name):
-    """The stock forward runs qkv as F.linear on its weight (no module hook): it is still counted."""
+    """The stock forward runs qkv as F.linear on its weight (no module hook): counted in the pruned form (qkv called
+    as a module, the same values), it agrees with torch's counter, and the model is of its stock classes again."""
     model = build(name)
     theirs = independent_macs(copy.deepcopy(model), torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-    assert abs(count_macs(model) - theirs) / theirs <= 0.02
+    assert count_macs(model) == theirs
+    assert all(type(block.attn) in (beit.Attention, eva.EvaAttention) for block in model.blocks)
+
+
+@pytest.mark.parametrize("name", ["timm_beit", "timm_eva02"])
+def test_least_squares_refits_qkv_and_its_biases(name):
+    """The user's model runs its attentions in the pruned form while it is reconstruction's reference, so qkv is
+    refit like every other layer whose inputs lost channels (the residual width), q / v biases included."""
+    model = _tiny({"timm_beit": "beit_base_patch16_224", "timm_eva02": "eva02_tiny_patch14_224"}[name])
+    pruner = IsomorphicPruner(model)
+    config = dict(target_macs=count_macs(model) * 0.5, importance="magnitude")
+    calibration = inputs(pruner, batch=16)
+    plain = pruner.prune(IsomorphicPruningConfig(**config, reconstruction="none"), calibration_dataset=calibration)
+    refit = pruner.prune(
+        IsomorphicPruningConfig(**config, reconstruction="least_squares"), calibration_dataset=calibration
+    )
+    assert not [layer for layer in pruner.report.reconstruction["skipped_layers"] if layer.endswith("qkv")]
+    for block, plain_block, refit_block in zip(model.blocks, plain.blocks, refit.blocks):
+        before, after = plain_block.attn, refit_block.attn
+        assert after.qkv.in_features < block.attn.qkv.in_features  # a refit target: its inputs lost channels
+        assert after.qkv.weight.shape == before.qkv.weight.shape and not torch.equal(
+            after.qkv.weight, before.qkv.weight
+        )
+        assert not torch.equal(after.q_bias, before.q_bias) and not torch.equal(after.v_bias, before.v_bias)
+        assert after.qkv.bias is None and torch.equal(after.k_bias, torch.zeros_like(after.q_bias))  # timm's layout
+    assert all(type(block.attn) in (beit.Attention, eva.EvaAttention) for block in model.blocks)  # the user's: stock
 
 
 VARIANTS = {

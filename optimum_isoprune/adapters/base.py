@@ -132,7 +132,7 @@ def _keep_rows(module: nn.Module, names: Sequence[str], index: torch.Tensor, dim
 
 
 def detached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """A module's own forward, detached: what a position-bias module (BEiT's table, Swin V2's MLP) computes stays off
+    """A module's own forward, detached: what a position-bias module (BEiT's table, transformers Swin V2's MLP) computes stays off
     torch-pruning's traced graph (the same values). Set per instance on the copy being pruned."""
     return type(self).forward(self, *args, **kwargs).detach()
 
@@ -279,8 +279,8 @@ class ModelAdapter(ModelIO):
         reconstruction)."""
 
     def resized(self, model: nn.Module) -> None:
-        """Make a model run at its pruned widths where the library's own code cannot: called on the pruned copy after
-        reconstruction, and on a timm model rebuilt from a pruned checkpoint."""
+        """Undo what the copy needed until reconstruction was done (called on the pruned copy right after it), e.g.
+        split timm Swin V2's q / v biases, refit with qkv's rows, back out of `qkv.bias`."""
 
     def base_model_name(self) -> str | None:
         return None

@@ -22,9 +22,8 @@ KNOWN_GAPS: dict[str, tuple[str, str]] = {
 }
 
 
-# timm classes pruned unwrapped whose attention runs in a pruned form (modeling/timm_attention.py; Swin V2's
-# `_window_attention_forward` in adapters/swin.py), which the pruned TimmWrapperForImageClassification checkpoint class
-# does not switch to.
+# timm classes pruned unwrapped whose attention runs in a pruned form (modeling/timm_attention.py), which the pruned
+# TimmWrapperForImageClassification checkpoint class does not switch to.
 UNWRAPPED_ONLY: dict[str, str] = {
     "timm.models.beit.Beit": "timm beit_*",
     "timm.models.eva.Eva": "timm eva02_*",

@@ -22,28 +22,29 @@ What Swin V2 adds to V1:
 - PatchMerging normalises after the reduction (LayerNorm(D) on the output, not LayerNorm(4C) on the input): the
   same customized pruner handles both orders;
 - timm's attention computes qkv as `F.linear` on `qkv.weight` with separate q / v biases (and a zero k buffer), and
-  reshapes the heads back to the input width. The traced copy folds the biases into `qkv.bias` (torch-pruning
-  slices them with the rows; they are split back after surgery, the key part reset to the zeros timm keeps there,
-  which the least-squares refit may have moved), and every pruned or reloaded `WindowAttention` runs
-  `_window_attention_forward`: timm's computation at any inner width, bit-identical to timm's on the same widths.
+  reshapes the heads back to the input width. The pruned model runs the pruned form of its attention
+  (`modeling/timm_attention.py` `PrunedWindowAttentionV2`: timm's computation at any inner width, bit-identical to
+  timm's on the same widths, with qkv called as a module so that counting and reconstruction see it), which
+  checkpoints record as the stock class and `load_pruned_model` switches to again; the stock attentions of the
+  user's model run in that form only while counted or used as reconstruction's reference. The traced copy folds the
+  biases into `qkv.bias` (torch-pruning slices them with the rows, and reconstruction refits them with qkv) and runs
+  `_TracedWindowAttentionV2`; they are split back after reconstruction, the key part reset to the zeros timm keeps
+  there, which the least-squares refit may have moved (`TimmPrunedFormsAdapter`, as for timm BEiT and EVA-02).
 """
 
 from __future__ import annotations
 
-import math
 import types
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
+from ..modeling.timm_attention import PrunedWindowAttentionV2
 from .base import AttentionLayout, detached_forward
-from .timm_models import TIMM_TABLE_ATTENTION, TimmAdapter
+from .timm_models import TIMM_TABLE_ATTENTION, TimmAdapter, TimmPrunedFormsAdapter
 from .transformers_models import TRANSFORMERS_ATTENTION, TransformersAdapter
 
 HF_SWIN_ATTENTION = AttentionLayout(
@@ -222,78 +223,20 @@ class Swinv2TransformersAdapter(SwinTransformersAdapter):
             mlp.__dict__.pop("forward", None)
 
 
-def _window_attention(self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, traced: bool) -> torch.Tensor:
-    """timm's Swin V2 `WindowAttention.forward` at any inner width (timm reshapes the heads to the input width):
-    the same operations in the same order, so the same values bit for bit. qkv is called as a module (with timm's
-    separate biases passed in), so hooks on it run: MAC counting and reconstruction see it. `traced`: the cosine
-    normalisation and the logit scale are constants to autograd (the same values), so that torch-pruning maps the
-    fused qkv rows through the head reshape as it does for Swin V1."""
-    batch_windows, tokens, _ = x.shape
-    if self.q_bias is None:  # no bias, or folded into qkv.bias in the copy being pruned
-        qkv = self.qkv(x)
-    else:
-        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        if self.qkv_bias_separate:
-            qkv = self.qkv(x)
-            qkv += qkv_bias
-        else:
-            qkv = functional_call(self.qkv, {"weight": self.qkv.weight, "bias": qkv_bias}, (x,))
-    q, k, v = qkv.reshape(batch_windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+class _TracedWindowAttentionV2(PrunedWindowAttentionV2):
+    """What the copy being pruned runs while torch-pruning traces it: the cosine normalisation, the logit scale and the
+    position bias are constants to autograd (the same values), so that torch-pruning maps the fused qkv rows through
+    the head reshape as it does for Swin V1, and never prunes the position-bias MLP's hidden width."""
 
-    if traced:
+    def _cosine_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         q, k = (t * (1 / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)).detach() for t in (q, k))
-        attn = q @ k.transpose(-2, -1)
-    else:
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-    logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-    attn = attn * (logit_scale.detach() if traced else logit_scale)
-    table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-    area = self.window_size[0] * self.window_size[1]
-    bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1).contiguous()
-    attn = attn + (16 * torch.sigmoid(bias)).unsqueeze(0)
-    if mask is not None:
-        num_win = mask.shape[0]
-        attn = attn.view(-1, num_win, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, self.num_heads, tokens, tokens)
-    attn = self.attn_drop(self.softmax(attn))
-    x = (attn @ v).transpose(1, 2).reshape(batch_windows, tokens, -1)
-    return self.proj_drop(self.proj(x))
+        return (q @ k.transpose(-2, -1)) * self._logit_scale().detach()
+
+    def _position_bias(self) -> torch.Tensor:
+        return super()._position_bias().detach()
 
 
-def _window_attention_forward(self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """What pruned and reloaded timm Swin V2 attentions run (`_window_attention`)."""
-    return _window_attention(self, x, mask, traced=False)
-
-
-def _traced_window_attention_forward(
-    self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """What the copy being pruned runs while torch-pruning traces it (`_window_attention`)."""
-    return _window_attention(self, x, mask, traced=True)
-
-
-def _fold_qkv_bias(attention: nn.Module) -> None:
-    """Move the separate q / k / v biases into `qkv.bias`, where torch-pruning slices them with the rows."""
-    if attention.q_bias is None:
-        return
-    bias = torch.cat((attention.q_bias, attention.k_bias, attention.v_bias)).detach().clone()
-    attention.qkv.bias = nn.Parameter(bias, requires_grad=attention.q_bias.requires_grad)
-    attention.q_bias = attention.v_bias = None
-
-
-def _unfold_qkv_bias(attention: nn.Module) -> None:
-    """Split a folded `qkv.bias` back into timm's q / v parameters and its zero k buffer."""
-    folded = attention.qkv.bias
-    if folded is None:
-        return
-    q, k, v = folded.detach().chunk(3)
-    attention.q_bias = nn.Parameter(q.clone(), requires_grad=folded.requires_grad)
-    attention.v_bias = nn.Parameter(v.clone(), requires_grad=folded.requires_grad)
-    attention.k_bias = torch.zeros_like(k)  # timm's key bias is a constant zero buffer, never saved
-    attention.qkv.bias = None
-
-
-class Swinv2TimmAdapter(SwinTimmAdapter):
+class Swinv2TimmAdapter(TimmPrunedFormsAdapter, SwinTimmAdapter):
     """timm `swinv2_*` (`SwinTransformerV2`): heads (with their logit scales and position-bias MLP outputs), head
     dims, MLPs and stage widths."""
 
@@ -303,36 +246,14 @@ class Swinv2TimmAdapter(SwinTimmAdapter):
     def _window_attentions(self, model: nn.Module) -> list[nn.Module]:
         return [a.module for a in self.attentions(model)]
 
-    @contextmanager
-    def _counted_qkv(self, model: nn.Module) -> Iterator[None]:
-        """Run timm's own attention code as `_window_attention_forward` (the same values) for the duration."""
-        stock = [m for m in self._window_attentions(model) if "forward" not in vars(m)]
-        for module in stock:
-            module.forward = types.MethodType(_window_attention_forward, module)
-        try:
-            yield
-        finally:
-            for module in stock:
-                module.__dict__.pop("forward", None)
-
-    def forward(self, model: nn.Module, pixel_values: torch.Tensor) -> Any:
-        """The outputs, with `qkv` called as a module so that counting and reconstruction see it."""
-        with self._counted_qkv(model):
-            return super().forward(model, pixel_values)
-
     def make_traceable(self, model: nn.Module) -> None:
+        super().make_traceable(model)
         for module in self._window_attentions(model):
-            _fold_qkv_bias(module)
-            module.forward = types.MethodType(_traced_window_attention_forward, module)
-            module.cpb_mlp.forward = types.MethodType(detached_forward, module.cpb_mlp)
+            module.__class__ = _TracedWindowAttentionV2
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
-        """Calibration runs the folded copy with timm's computation (its biases are split back in `resized`)."""
+        """Calibration and reconstruction run the folded copy in the pruned form (its biases are split back in
+        `resized`)."""
+        super().restore(model, reference)
         for module in self._window_attentions(model):
-            module.forward = types.MethodType(_window_attention_forward, module)
-            module.cpb_mlp.__dict__.pop("forward", None)
-
-    def resized(self, model: nn.Module) -> None:
-        for module in self._window_attentions(model):
-            _unfold_qkv_bias(module)
-            module.forward = types.MethodType(_window_attention_forward, module)
+            module.__class__ = PrunedWindowAttentionV2

@@ -8,10 +8,12 @@ across conv groups in `isomorphic.py`, so every conv group keeps the same width.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..modeling.timm_attention import fold_qkv_biases, pruned_forms, split_qkv_biases, use_pruned_forms
 from .base import AttentionLayout, ModelAdapter
 
 TIMM_ATTENTION = AttentionLayout(
@@ -104,12 +106,39 @@ class TimmAdapter(ModelAdapter):
 
     def make_traceable(self, model: nn.Module) -> None:
         for attention in self.attentions(model):
-            attention.module.fused_attn = False
+            if hasattr(attention.module, "fused_attn"):
+                attention.module.fused_attn = False
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         for pruned, original in zip(self.attentions(model), self.attentions(reference)):
-            pruned.module.fused_attn = original.module.fused_attn
+            if hasattr(original.module, "fused_attn"):
+                pruned.module.fused_attn = original.module.fused_attn
 
     def base_model_name(self) -> str | None:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         return cfg.get("hf_hub_id") or cfg.get("architecture")
+
+
+class TimmPrunedFormsAdapter(TimmAdapter):
+    """timm models whose attentions have a pruned form (`modeling/timm_attention.py`: BEiT, EVA-02, Swin V2), which
+    calls their fused qkv as a module with its separate q / v biases (timm's values, seen by module hooks).
+
+    The copy being pruned runs the pruned forms for good, its q / k / v biases carried as `qkv.bias` from tracing
+    until reconstruction is done (torch-pruning slices them with qkv's rows, reconstruction refits them with its
+    weights); the user's stock model runs them only for the duration of `forward` (counted, or used as
+    reconstruction's reference), and is of its stock classes again afterwards."""
+
+    def forward(self, model: nn.Module, pixel_values: torch.Tensor) -> Any:
+        with pruned_forms(model):
+            return super().forward(model, pixel_values)
+
+    def make_traceable(self, model: nn.Module) -> None:
+        use_pruned_forms(model)
+        super().make_traceable(model)
+        for attention in self.attentions(model):
+            fold_qkv_biases(attention.module)
+
+    def resized(self, model: nn.Module) -> None:
+        super().resized(model)
+        for attention in self.attentions(model):
+            split_qkv_biases(attention.module)

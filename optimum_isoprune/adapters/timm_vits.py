@@ -2,14 +2,14 @@
 
 Both are timm ViTs plus what this module knows about (layer scales `gamma_1` / `gamma_2`, the cls token and position
 embeddings are bare parameters of the residual width that torch-pruning prunes with it, as DeiT III's):
-- the fused qkv projection runs as ``F.linear(x, qkv.weight, cat(q_bias, zero k_bias, v_bias))``, which torch-pruning
-  cannot see as the qkv layer: the copy being pruned carries the three biases as `qkv.bias` (the stock forward then
-  calls `self.qkv(x)`: the same values), so they lose the rows qkv loses; `finalize` splits them back right after
-  surgery, and the pruned model computes them as stock timm does. Run that way, qkv is seen by no module hook:
-  `CostModel` counts it from its output projection's tokens, and reconstruction does not refit it;
-- the attention reshapes its heads back to the *input* width: the pruned model runs the pruned form of its attention
-  (`modeling/timm_attention.py`: the stock forward with the reshape following its own heads), which checkpoints
-  record as the stock class and `load_pruned_model` switches to again;
+- the attention reshapes its heads back to the *input* width, and runs its fused qkv projection as
+  ``F.linear(x, qkv.weight, cat(q_bias, zero k_bias, v_bias))``, which no module hook sees: the pruned model runs
+  the pruned form of its attention (`modeling/timm_attention.py`: the stock forward with the reshape following its
+  own heads and qkv called as a module with those biases, the same values), which checkpoints record as the stock
+  class and `load_pruned_model` switches to again; the user's model runs it while counted or used as
+  reconstruction's reference (`TimmPrunedFormsAdapter`), so qkv is counted and refit as any ViT's. The copy being
+  pruned carries the three biases as `qkv.bias` until reconstruction is done, so they lose the rows qkv loses and
+  are refit with its weights; they are split back afterwards (the key part reset to the zeros timm keeps there);
 - BEiT: the relative position bias table (relative positions x heads) of each block is a per-head parameter, sliced
   to the kept heads as Swin's; a table shared by every block (`use_shared_rel_pos_bias`) ties every block to the same
   heads, so those models keep all their heads (head dims, MLPs and the residual width are still pruned);
@@ -33,9 +33,8 @@ from timm.layers import GluMlp
 from timm.models import eva
 from torch import nn
 
-from ..modeling.timm_attention import use_pruned_forms
 from .base import Attention
-from .timm_models import TIMM_ATTENTION, TIMM_TABLE_ATTENTION, TimmAdapter
+from .timm_models import TIMM_ATTENTION, TIMM_TABLE_ATTENTION, TimmPrunedFormsAdapter
 
 # BEiT's attention is laid out as Swin's (`TIMM_TABLE_ATTENTION`); a block built without a table has none.
 TIMM_BEIT_ATTENTION = TIMM_TABLE_ATTENTION
@@ -97,43 +96,7 @@ def _packed_glus(model: nn.Module) -> list[GluMlp]:
     return [m for m in model.modules() if isinstance(m, GluMlp)]
 
 
-def _fold_qkv_biases(module: nn.Module) -> None:
-    """Carry a fused qkv's separate q / k / v biases as `qkv.bias` (the stock forward then calls `qkv(x)`)."""
-    if getattr(module, "qkv", None) is None or module.q_bias is None:
-        return
-    bias = torch.cat((module.q_bias, module.k_bias, module.v_bias)).detach()
-    module.qkv.bias = nn.Parameter(bias, requires_grad=module.q_bias.requires_grad)
-    module.q_bias = module.v_bias = None
-    module.k_bias = None
-
-
-def _split_qkv_bias(module: nn.Module) -> None:
-    """Undo `_fold_qkv_biases` on the pruned rows: q and v biases are parameters again, k's a zero buffer (timm's)."""
-    qkv = getattr(module, "qkv", None)
-    if qkv is None or qkv.bias is None:
-        return
-    q, _, v = qkv.bias.detach().chunk(3)
-    module.q_bias = nn.Parameter(q.clone(), requires_grad=qkv.bias.requires_grad)
-    module.v_bias = nn.Parameter(v.clone(), requires_grad=qkv.bias.requires_grad)
-    module.k_bias = torch.zeros_like(q)  # still registered as a non-persistent buffer: timm keeps it at zero
-    qkv.bias = None
-
-
-class _HeadsReshapedToInputAdapter(TimmAdapter):
-    """timm ViTs whose attention reshapes its heads to the input width and adds separate biases to a fused qkv."""
-
-    def make_traceable(self, model: nn.Module) -> None:
-        use_pruned_forms(model)
-        super().make_traceable(model)
-        for attention in self.attentions(model):
-            _fold_qkv_biases(attention.module)
-
-    def finalize(self, model: nn.Module) -> None:
-        for attention in self.attentions(model):
-            _split_qkv_bias(attention.module)
-
-
-class BeitTimmAdapter(_HeadsReshapedToInputAdapter):
+class BeitTimmAdapter(TimmPrunedFormsAdapter):
     """timm `beit_*`: heads (with their bias tables), head dims, MLPs and the residual width; all heads are kept
     where one bias table is shared by every block."""
 
@@ -157,7 +120,7 @@ class BeitTimmAdapter(_HeadsReshapedToInputAdapter):
         return options if shared is None else {**options, "ignored_params": [*options["ignored_params"], shared]}
 
 
-class EvaTimmAdapter(_HeadsReshapedToInputAdapter):
+class EvaTimmAdapter(TimmPrunedFormsAdapter):
     """timm `eva02_*`: heads, MLPs (SwiGLU) and the residual width; head dims too where no rope or q/k norm ties them."""
 
     attention_layouts = (TIMM_EVA_ATTENTION, TIMM_EVA_SPLIT_ATTENTION)

@@ -257,10 +257,5 @@ def rebuild_timm_model(manifest: dict[str, Any]) -> nn.Module:
     modules that reshape to the residual width are switched to their pruned forms (`timm_attention.py`)."""
     model = use_pruned_forms(build_timm_model(manifest["architecture"], manifest.get("model_args") or {}))
     apply_shape_manifest(model, manifest.get("pruned_shapes"), manifest.get("pruned_attributes"))
-    from ..adapters import ModelAdapter, adapter_for  # adapters never import modeling: no cycle
-
-    adapter = adapter_for(model)
-    if isinstance(adapter, ModelAdapter):
-        adapter.resized(model)  # e.g. timm Swin V2 attention runs at its pruned widths with the package's forward
     setattr(model, TIMM_MANIFEST_ATTRIBUTE, dict(manifest))
     return model
