@@ -120,8 +120,7 @@ class CostModel:
                 total += layer.positions * (m.out_channels - r_out) * fan_in
         for attention, tokens, keys in self.attentions:
             q = attention.projections[0]
-            inner = (q.out_features - removed.get((id(q), True), 0)) // attention.fused
-            total += 2 * tokens * keys * inner
+            total += attention.matmul_macs(tokens, keys, removed.get((id(q), True), 0))
         return int(total)
 
     def params(self, removed: Removed | None = None, sizes: Mapping[tuple[int, bool], int] | None = None) -> int:

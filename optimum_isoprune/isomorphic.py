@@ -109,14 +109,19 @@ def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup
         root_idxs = np.asarray(item.root_idxs, dtype=np.int64)
         idxs = np.asarray([getattr(i, "idx", i) for i in item.idxs], dtype=np.int64)
         # A customized pruner (an adapter's, for a block torch-pruning cannot trace) lists the layers it changes;
-        # each layer's indices repeat the block's channels block-wise, so the root of entry j is root_idxs[j % n].
+        # each layer's indices repeat the block's channels block-wise, so the root of entry j is root_idxs[j % n],
+        # unless the pruner also gives, per entry, the position in `idxs` of the channel it goes with (LeViT: every
+        # q / k / v row of a head goes with that head's value channels).
         expand = (
             None
             if isinstance(target, nn.Parameter)
             else getattr(graph.get_pruner_of_module(target), "layer_indices", None)
         )
-        for layer, layer_is_out, layer_idxs in expand(target, idxs, is_out) if expand else [(target, is_out, idxs)]:
-            targets.append(GroupTarget(layer, layer_is_out, np.resize(root_idxs, len(layer_idxs)), layer_idxs))
+        for layer, layer_is_out, layer_idxs, *positions in (
+            expand(target, idxs, is_out) if expand else [(target, is_out, idxs)]
+        ):
+            layer_roots = root_idxs[np.asarray(positions[0])] if positions else np.resize(root_idxs, len(layer_idxs))
+            targets.append(GroupTarget(layer, layer_is_out, layer_roots, np.asarray(layer_idxs, dtype=np.int64)))
             signature.append((type(layer).__name__, layer_is_out, len(layer_idxs)))
             producers += int(layer_is_out and isinstance(layer, (nn.Linear, nn.Conv2d)))
             if _conv_groups(layer) > 1 and not np.array_equal(layer_idxs, root_idxs):

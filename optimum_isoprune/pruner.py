@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -140,7 +139,7 @@ class IsomorphicPruner:
             self._calibration(config, calibration_dataset, image_size, searching) if needs_data else ([], [])
         )
 
-        model = copy.deepcopy(self.model)
+        model = adapter.copy_model(self.model)
         model.eval()
         adapter.make_traceable(model)
         model.requires_grad_(True)  # the pruned copy comes back ready to finetune, even from a frozen teacher

@@ -23,7 +23,7 @@ def apply_plan(graph: tp.DependencyGraph, plan: Plan) -> RemovedIndices:
     for group, idxs in plan.removed.items():
         attention = group.attention
         if attention is not None:
-            kept = attention.projections[0].out_features // attention.fused
+            kept = attention.inner_features()
             heads = kept_heads(group, plan)
             attention.set_shape(heads, kept // heads, kept_heads=_kept_head_indices(group, idxs))
     return removed

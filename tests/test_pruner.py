@@ -76,7 +76,7 @@ def test_attention_metadata_matches_weights(pruned_half):
     name, model, reference, pruner, pruned, target = pruned_half
     adapter = get_adapter(pruned)
     for attention in adapter.attentions(pruned):
-        inner = attention.projections[0].out_features // attention.fused
+        inner = attention.inner_features()
         assert attention.num_heads * attention.head_dim == inner == attention.output.in_features
         assert attention.num_heads >= 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -63,6 +64,15 @@ class Attention:
     def fused(self) -> int:
         """How many of q, k, v one projection module holds (3 for a fused qkv, 1 otherwise)."""
         return 3 if len(self.layout.projections) == 1 else 1
+
+    def inner_features(self, removed_rows: int = 0) -> int:
+        """Width of the heads' concatenation the output projection reads, once `removed_rows` output rows of the
+        first projection are gone (LeViT overrides it: its queries and keys are narrower than its values)."""
+        return (self.projections[0].out_features - removed_rows) // self.fused
+
+    def matmul_macs(self, tokens: int, keys: int, removed_rows: int = 0) -> int:
+        """MACs of QK^T and AV for one image: `tokens` queries, each seeing `keys` keys, at the inner width."""
+        return 2 * tokens * keys * self.inner_features(removed_rows)
 
     def head_targets(self) -> list[nn.Module | nn.Parameter]:
         """What loses one entry per removed head (`head_params`, then `head_rows`): bare parameters, and Linear
@@ -267,6 +277,10 @@ class ModelAdapter(ModelIO):
     def adjust_graph(self, graph: Any, model: nn.Module) -> None:
         """Correct torch-pruning's traced `DependencyGraph` where one of its heuristics is wrong for this
         architecture (called once, right after tracing)."""
+
+    def copy_model(self, model: nn.Module) -> nn.Module:
+        """The copy that is pruned (the user's model is never modified)."""
+        return copy.deepcopy(model)
 
     def make_traceable(self, model: nn.Module) -> None:
         """Switch the copy being pruned to code paths whose every matmul autograd can see."""
