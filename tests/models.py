@@ -28,6 +28,9 @@ from transformers import (
     Dinov2WithRegistersForImageClassification,
     EfficientNetConfig,
     EfficientNetForImageClassification,
+    LevitConfig,
+    LevitForImageClassification,
+    LevitForImageClassificationWithTeacher,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     RegNetConfig,
@@ -104,6 +107,11 @@ CLIP_VISION_KWARGS = dict(
 )
 CONVNEXT_KWARGS = dict(hidden_sizes=[32, 64], depths=[2, 2], num_stages=2, image_size=IMAGE_SIZE, num_labels=10)
 SWIN_KWARGS = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+# LeViT: three stages (two subsampling attentions between them), 16-pixel patches, key dim 8, value dim 16 (32 in the
+# subsampling attentions)
+LEVIT_KWARGS = dict(
+    image_size=IMAGE_SIZE, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], depths=[1, 1, 1], key_dim=[8, 8, 8]
+)
 TIMM_VIT_KWARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10)
 
 
@@ -191,6 +199,9 @@ VARIANT_BUILDERS = {
     "dinov2_registers": lambda: Dinov2WithRegistersForImageClassification(
         Dinov2WithRegistersConfig(num_register_tokens=2, **DINOV2_KWARGS)
     ),
+    # LeViT (tests/test_levit.py): whole heads, MLP hidden and patch-embedding channels; stage widths kept
+    "levit": lambda: LevitForImageClassification(LevitConfig(num_labels=10, **LEVIT_KWARGS)),
+    "levit_teacher": lambda: LevitForImageClassificationWithTeacher(LevitConfig(num_labels=10, **LEVIT_KWARGS)),
     "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
         RegNetConfig(
             embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10
@@ -253,7 +264,7 @@ def build(name: str) -> torch.nn.Module:
     model = {**MATRIX, **OFF_MATRIX_BUILDERS, **BACKBONE_BUILDERS}[name]().eval()
     with torch.no_grad():  # transformers initialises Swin's bias tables to zero: make every head's column distinct
         for param_name, param in model.named_parameters():
-            if param_name.endswith("relative_position_bias_table"):
+            if param_name.endswith(("relative_position_bias_table", "attention_biases")):  # LeViT's too
                 param.normal_(std=0.5)
             # DINOv2 initialises them to zero too, BEiT its position embeddings
             if param_name.endswith(("register_tokens", "mask_token", "embeddings.position_embeddings")):

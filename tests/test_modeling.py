@@ -56,6 +56,8 @@ HF_FAMILIES = [
     "timm_wrapper_deit3",
     "timm_wrapper_mobilenetv3",
     "hf_swinv2",
+    "levit",
+    "levit_teacher",
 ]
 EXPECTED_CLASS = {
     "vit": "PrunedViTForImageClassification",
@@ -81,6 +83,8 @@ EXPECTED_CLASS = {
     "timm_wrapper_deit3": "PrunedTimmWrapperForImageClassification",
     "timm_wrapper_mobilenetv3": "PrunedTimmWrapperForImageClassification",
     "hf_swinv2": "PrunedSwinv2ForImageClassification",
+    "levit": "PrunedLevitForImageClassification",
+    "levit_teacher": "PrunedLevitForImageClassificationWithTeacher",
 }
 TRAVELLING_FILES = ("configuration_pruned.py", "modeling_pruned.py")
 

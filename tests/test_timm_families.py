@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from torch import nn
-from transformers import LevitConfig, LevitForImageClassification
 
 from models import _timm_wrapper, build, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -73,13 +72,6 @@ _REFUSED = {
         lambda: _timm_wrapper("swinv2_tiny_window8_256", vit=False),
         "swinv2_*, unwrapped",
         "model.timm_model",
-    ),
-    "levit": (
-        lambda: LevitForImageClassification(
-            LevitConfig(image_size=32, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], key_dim=[8, 8, 8])
-        ),
-        "ViTForImageClassification",
-        "laid out head by head",
     ),
     "conv_stack": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "resnet*", "adapter naming its classifier"),
 }

@@ -11,6 +11,7 @@ from .beit import BeitAdapter
 from .clip import ClipAdapter
 from .dinov2 import Dinov2Adapter
 from .io import ModelIO
+from .levit import LevitAdapter
 from .nearest import nearest_family
 from .swin import SwinTimmAdapter, SwinTransformersAdapter, Swinv2TimmAdapter, Swinv2TransformersAdapter
 from .timm_models import TimmAdapter
@@ -30,6 +31,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     BeitAdapter,
     BeitTimmAdapter,
     EvaTimmAdapter,
+    LevitAdapter,
     *BACKBONE_ADAPTERS,
 ]
 

@@ -8,18 +8,9 @@ from __future__ import annotations
 from torch import nn
 
 _TIMM_VIT = "timm vit_* / deit3_* (VisionTransformer)"
-_HF_VIT = "transformers ViTForImageClassification"
-_NEEDS_CLASS = "a pruned checkpoint class in optimum_isoprune/modeling that records its per-layer widths"
 
 # timm class (module.name) or transformers model_type -> (nearest supported family, what is missing).
-KNOWN_GAPS: dict[str, tuple[str, str]] = {
-    "levit": (
-        _HF_VIT,
-        f"{_NEEDS_CLASS}; its q / k / v are one linear + BatchNorm layer laid out head by head (key and value dims "
-        "differ), its attention biases are indexed by head on the first dim, and subsampling attention between "
-        "stages changes width and resolution",
-    ),
-}
+KNOWN_GAPS: dict[str, tuple[str, str]] = {}
 
 
 # timm classes pruned unwrapped whose attention runs in a pruned form (modeling/timm_attention.py), which the pruned

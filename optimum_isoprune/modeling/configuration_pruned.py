@@ -31,6 +31,7 @@ from transformers import (
     Dinov2Config,
     Dinov2WithRegistersConfig,
     EfficientNetConfig,
+    LevitConfig,
     MobileNetV2Config,
     PreTrainedConfig,
     RegNetConfig,
@@ -324,6 +325,23 @@ class PrunedSwinv2Config(PrunedConfigMixin, Swinv2Config):
     layer_intermediate_sizes: list[int] | None = None
 
 
+class PrunedLevitConfig(PrunedConfigMixin, LevitConfig):
+    """A LeViT with per-attention heads (and attention-bias rows) and per-MLP hidden widths; stage widths kept."""
+
+    model_type = "pruned_levit"
+    base_config_class: ClassVar[type[PreTrainedConfig]] = LevitConfig
+    summary_fields: ClassVar[dict[str, int]] = {"layer_num_heads": 1, "layer_intermediate_sizes": 1}
+
+    layer_num_heads: list[int] | None = None
+    layer_intermediate_sizes: list[int] | None = None
+
+
+class PrunedLevitWithTeacherConfig(PrunedLevitConfig):
+    """A LeViT with distillation head; its own `model_type` so Auto classes pick the right head."""
+
+    model_type = "pruned_levit_with_teacher"
+
+
 class PrunedTimmWrapperConfig(PrunedConfigMixin, TimmWrapperConfig):
     """A timm model wrapped by `TimmWrapperForImageClassification`, with pruned widths."""
 
@@ -349,6 +367,8 @@ __all__ = [
     "PrunedDinov2Config",
     "PrunedDinov2WithRegistersConfig",
     "PrunedEfficientNetConfig",
+    "PrunedLevitConfig",
+    "PrunedLevitWithTeacherConfig",
     "PrunedMobileNetV2Config",
     "PrunedRegNetConfig",
     "PrunedResNetConfig",

@@ -31,6 +31,8 @@ from .modeling_pruned import (
     PrunedDinov2Model,
     PrunedDinov2WithRegistersForImageClassification,
     PrunedEfficientNetForImageClassification,
+    PrunedLevitForImageClassification,
+    PrunedLevitForImageClassificationWithTeacher,
     PrunedMobileNetV2ForImageClassification,
     PrunedModelMixin,
     PrunedRegNetForImageClassification,
@@ -162,6 +164,14 @@ def _swinv2_widths(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _levit_widths(model: nn.Module) -> dict[str, Any]:
+    """Heads per attention (the subsampling ones between stages included) and hidden width per MLP, in module order."""
+    return {
+        "layer_num_heads": [int(m.num_attention_heads) for m in _modules_with(model, "attention_biases")],
+        "layer_intermediate_sizes": [channels(m.linear_up.linear) for m in _modules_with(model, "linear_up")],
+    }
+
+
 def timm_widths(model: nn.Module) -> dict[str, Any]:
     """Heads per timm attention block and hidden width per timm MLP, in module order."""
     return {
@@ -216,6 +226,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(PrunedEfficientNetForImageClassification, _efficientnet_widths),
     Family(PrunedSwinForImageClassification, _swin_widths),
     Family(PrunedSwinv2ForImageClassification, _swinv2_widths),
+    Family(PrunedLevitForImageClassification, _levit_widths),
+    Family(PrunedLevitForImageClassificationWithTeacher, _levit_widths),
     Family(PrunedTimmWrapperForImageClassification, timm_widths),
     # backbones without a head, pruned on their features
     Family(PrunedViTModel, _vit_widths),

@@ -43,6 +43,8 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersForImageClassification,
     EfficientNetForImageClassification,
+    LevitForImageClassification,
+    LevitForImageClassificationWithTeacher,
     MobileNetV2ForImageClassification,
     RegNetForImageClassification,
     ResNetForImageClassification,
@@ -68,6 +70,8 @@ from .configuration_pruned import (
     PrunedDinov2ModelConfig,
     PrunedDinov2WithRegistersConfig,
     PrunedEfficientNetConfig,
+    PrunedLevitConfig,
+    PrunedLevitWithTeacherConfig,
     PrunedMobileNetV2Config,
     PrunedRegNetConfig,
     PrunedResNetConfig,
@@ -914,6 +918,16 @@ class PrunedSwinv2ForImageClassification(PrunedModelMixin, Swinv2ForImageClassif
     config_class = PrunedSwinv2Config
 
 
+class PrunedLevitForImageClassification(_ResizeAndCropProcessorMixin, LevitForImageClassification):
+    config_class = PrunedLevitConfig
+
+
+class PrunedLevitForImageClassificationWithTeacher(
+    _ResizeAndCropProcessorMixin, LevitForImageClassificationWithTeacher
+):
+    config_class = PrunedLevitWithTeacherConfig
+
+
 class PrunedTimmWrapperForImageClassification(PrunedModelMixin, TimmWrapperForImageClassification):
     config_class = PrunedTimmWrapperConfig
 
@@ -935,6 +949,8 @@ __all__ = [
     "PrunedDinov2ForImageClassification",
     "PrunedDinov2WithRegistersForImageClassification",
     "PrunedEfficientNetForImageClassification",
+    "PrunedLevitForImageClassification",
+    "PrunedLevitForImageClassificationWithTeacher",
     "PrunedMobileNetV2ForImageClassification",
     "PrunedRegNetForImageClassification",
     "PrunedResNetForImageClassification",

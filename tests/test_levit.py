@@ -1,0 +1,137 @@
+"""What LeViT adds to the support matrix (tests/models.py VARIANT_BUILDERS "levit", "levit_teacher"): q / k / v laid
+out head by head in one Linear + BatchNorm (keys narrower than values), attention biases per head, subsampling
+attention between stages with its own queries. Heads leave whole, with every row that belongs to them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models import build, inputs, logits
+from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
+
+NAMES = ["levit", "levit_teacher"]
+
+
+def _attentions(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if hasattr(m, "attention_biases")}
+
+
+def _kept_heads(original: torch.nn.Module, pruned: torch.nn.Module) -> list[int]:
+    """Original index of each kept head, found by its (distinct, random) attention-bias row."""
+    rows = original.attention_biases.detach()
+    kept = []
+    for row in pruned.attention_biases.detach():
+        matches = [h for h in range(rows.shape[0]) if torch.equal(rows[h], row)]
+        assert len(matches) == 1
+        kept.append(matches[0])
+    assert kept == sorted(kept)
+    return kept
+
+
+def _rows(heads: list[int], per_head: int) -> torch.Tensor:
+    return (torch.tensor(heads)[:, None] * per_head + torch.arange(per_head)).flatten()
+
+
+def _assert_rows(pruned_mlp: torch.nn.Module, original_mlp: torch.nn.Module, rows: torch.Tensor) -> None:
+    """A Linear + BatchNorm1d pair keeps exactly the original's `rows`."""
+    assert torch.equal(pruned_mlp.linear.weight, original_mlp.linear.weight[rows])
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(pruned_mlp.batch_norm, name), getattr(original_mlp.batch_norm, name)[rows])
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def heads_only(request):
+    """Half the heads pruned, nothing else (no calibration data: no reconstruction)."""
+    model = build(request.param)
+    config = IsomorphicPruningConfig(pruning_ratio=0.0, head_pruning_ratio=0.5, importance="magnitude")
+    return model, IsomorphicPruner(model).prune(config)
+
+
+def test_heads_leave_whole_with_their_rows(heads_only):
+    model, pruned = heads_only
+    originals, prunings = _attentions(model), _attentions(pruned)
+    assert originals.keys() == prunings.keys()
+    assert sum(p.num_attention_heads for p in prunings.values()) < sum(
+        o.num_attention_heads for o in originals.values()
+    )
+    for name, original in originals.items():
+        attention = prunings[name]
+        kept = _kept_heads(original, attention)
+        key_dim, value_dim = original.key_dim, original.attention_ratio * original.key_dim
+        assert attention.key_dim == key_dim and attention.num_attention_heads == len(kept) >= 1
+        assert attention.out_dim_projection == len(kept) * value_dim
+        if hasattr(original, "keys_values"):  # subsampling: keys and values per head, queries apart
+            _assert_rows(attention.keys_values, original.keys_values, _rows(kept, key_dim + value_dim))
+            _assert_rows(attention.queries, original.queries, _rows(kept, key_dim))
+            assert attention.out_dim_keys_values == len(kept) * (key_dim + value_dim)
+        else:
+            _assert_rows(
+                attention.queries_keys_values, original.queries_keys_values, _rows(kept, 2 * key_dim + value_dim)
+            )
+            assert attention.out_dim_keys_values == len(kept) * (2 * key_dim + value_dim)
+        projection = attention.projection.linear
+        assert torch.equal(projection.weight, original.projection.linear.weight[:, _rows(kept, value_dim)])
+        # the stage width (the residual the projection writes) is kept
+        assert projection.out_features == original.projection.linear.out_features
+
+
+def test_removed_heads_are_the_heads_whose_output_is_zeroed(heads_only):
+    """The pruned model computes what the original computes with the removed heads' projection columns zeroed
+    (in eval mode: the attention-bias caches hold the kept heads only)."""
+    model, pruned = heads_only
+    masked = copy.deepcopy(model)
+    for name, attention in _attentions(masked).items():
+        kept = _kept_heads(attention, _attentions(pruned)[name])
+        value_dim = attention.attention_ratio * attention.key_dim
+        removed = [h for h in range(attention.num_attention_heads) if h not in kept]
+        if removed:
+            with torch.no_grad():
+                attention.projection.linear.weight[:, _rows(removed, value_dim)] = 0
+    pruner_input = inputs(IsomorphicPruner(model))
+    pruned.eval()
+    for _ in range(2):  # the second call reads the bias caches
+        torch.testing.assert_close(logits(pruned, pruner_input), logits(masked, pruner_input), rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_filled_bias_caches_is_pruned_and_left_as_it_is():
+    """An eval forward with autograd on caches gathered biases that `copy.deepcopy` refuses; the pruner copies the
+    model without them and leaves the user's caches alone."""
+    model = build("levit")
+    x = inputs(IsomorphicPruner(model))
+    expected = logits(model, x)  # fills the caches (not under no_grad)
+    caches = {n: dict(m.attention_bias_cache) for n, m in _attentions(model).items()}
+    assert all(caches.values())
+    pruned = IsomorphicPruner(model).prune(IsomorphicPruningConfig(pruning_ratio=0.0, importance="magnitude"))
+    assert torch.equal(logits(pruned, x), expected)
+    for name, attention in _attentions(model).items():
+        assert attention.attention_bias_cache.keys() == caches[name].keys()
+
+
+def test_mlp_hidden_channels_are_pruned_and_stage_widths_kept():
+    model = build("levit")
+    pruned = IsomorphicPruner(model).prune(IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude"))
+    hidden = [m.linear_up.linear.out_features for m in pruned.modules() if hasattr(m, "linear_up")]
+    stock = [m.linear_up.linear.out_features for m in model.modules() if hasattr(m, "linear_up")]
+    assert sum(hidden) < sum(stock)
+    assert pruned.config.layer_intermediate_sizes == hidden
+    assert pruned.config.layer_num_heads == [m.num_attention_heads for m in _attentions(pruned).values()]
+    assert list(pruned.config.hidden_sizes) == list(model.config.hidden_sizes)
+    writers = [m.linear.out_features for n, m in pruned.named_modules() if n.endswith(("projection", "linear_down"))]
+    assert writers == [
+        m.linear.out_features for n, m in model.named_modules() if n.endswith(("projection", "linear_down"))
+    ]
+
+
+def test_taylor_importance_over_several_batches():
+    """Calibration runs the copy in eval mode, one backward per batch: LeViT's cached biases must not carry the
+    first batch's graph into the second."""
+    model = build("levit")
+    x = torch.randn(16, 3, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(0))
+    config = IsomorphicPruningConfig(pruning_ratio=0.5, calibration_batch_size=4, num_calibration_batches=4)
+    pruner = IsomorphicPruner(model)
+    pruned = pruner.prune(config, calibration_dataset=x)
+    assert pruner.report.macs_after < pruner.report.macs_before
+    assert torch.isfinite(logits(pruned, x[:2])).all()
