@@ -248,6 +248,22 @@ TIMM_FAMILY_BUILDERS = {
 }
 
 
+# LeViT (tests/test_levit.py), the distilled model timm builds by default and the plain one
+TIMM_LEVIT_KWARGS = dict(
+    num_classes=10,
+    img_size=IMAGE_SIZE,
+    embed_dim=(32, 48, 64),
+    num_heads=(2, 3, 4),
+    depth=(1, 1, 1),
+    key_dim=8,
+    pretrained_cfg_overlay=dict(input_size=(3, IMAGE_SIZE, IMAGE_SIZE)),
+)
+TIMM_FAMILY_BUILDERS["timm_levit"] = lambda: timm.create_model("levit_128s", pretrained=False, **TIMM_LEVIT_KWARGS)
+TIMM_FAMILY_BUILDERS["timm_levit_plain"] = lambda: timm.create_model(
+    "levit_128s", pretrained=False, distilled=False, **TIMM_LEVIT_KWARGS
+)
+
+
 # Classifiers the pruner changes before counting (SigLIP's attention-pooling head never feeds the classifier and is
 # dropped): tests/test_siglip.py holds them to the matrix's guarantees against the model actually pruned.
 OFF_MATRIX_BUILDERS = {

@@ -1,6 +1,7 @@
-"""What LeViT adds to the support matrix (tests/models.py VARIANT_BUILDERS "levit", "levit_teacher"): q / k / v laid
-out head by head in one Linear + BatchNorm (keys narrower than values), attention biases per head, subsampling
-attention between stages with its own queries. Heads leave whole, with every row that belongs to them."""
+"""What LeViT adds to the support matrix (tests/models.py VARIANT_BUILDERS "levit", "levit_teacher";
+TIMM_FAMILY_BUILDERS "timm_levit", "timm_levit_plain"): q / k / v laid out head by head in one Linear + BatchNorm
+(keys narrower than values), attention biases per head, subsampling attention between stages with its own queries.
+Heads leave whole, with every row that belongs to them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,27 @@ import torch
 from models import build, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 
-NAMES = ["levit", "levit_teacher"]
+NAMES = ["levit", "levit_teacher", "timm_levit", "timm_levit_plain"]
+# transformers' and timm's names: (q / k / v, subsample's k / v, subsample's queries, projection, BatchNorm, heads)
+PARTS = {
+    "transformers": (
+        "queries_keys_values",
+        "keys_values",
+        "queries",
+        "projection",
+        "batch_norm",
+        "num_attention_heads",
+    ),
+    "timm": ("qkv", "kv", "q.ln", "proj.ln", "bn", "num_heads"),
+}
+
+
+def _parts(module: torch.nn.Module) -> tuple[str, ...]:
+    return PARTS["timm" if type(module).__module__.startswith("timm.") else "transformers"]
+
+
+def _value_dim(attention: torch.nn.Module) -> int:
+    return int(getattr(attention, "val_dim", None) or attention.attention_ratio * attention.key_dim)
 
 
 def _attentions(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -35,11 +56,11 @@ def _rows(heads: list[int], per_head: int) -> torch.Tensor:
     return (torch.tensor(heads)[:, None] * per_head + torch.arange(per_head)).flatten()
 
 
-def _assert_rows(pruned_mlp: torch.nn.Module, original_mlp: torch.nn.Module, rows: torch.Tensor) -> None:
+def _assert_rows(pruned_pair: torch.nn.Module, original_pair: torch.nn.Module, rows: torch.Tensor, norm: str) -> None:
     """A Linear + BatchNorm1d pair keeps exactly the original's `rows`."""
-    assert torch.equal(pruned_mlp.linear.weight, original_mlp.linear.weight[rows])
+    assert torch.equal(pruned_pair.linear.weight, original_pair.linear.weight[rows])
     for name in ("weight", "bias", "running_mean", "running_var"):
-        assert torch.equal(getattr(pruned_mlp.batch_norm, name), getattr(original_mlp.batch_norm, name)[rows])
+        assert torch.equal(getattr(getattr(pruned_pair, norm), name), getattr(getattr(original_pair, norm), name)[rows])
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -54,28 +75,26 @@ def test_heads_leave_whole_with_their_rows(heads_only):
     model, pruned = heads_only
     originals, prunings = _attentions(model), _attentions(pruned)
     assert originals.keys() == prunings.keys()
-    assert sum(p.num_attention_heads for p in prunings.values()) < sum(
-        o.num_attention_heads for o in originals.values()
-    )
+    qkv, kv, queries, projection, norm, heads = _parts(model)
+    assert sum(getattr(p, heads) for p in prunings.values()) < sum(getattr(o, heads) for o in originals.values())
     for name, original in originals.items():
         attention = prunings[name]
         kept = _kept_heads(original, attention)
-        key_dim, value_dim = original.key_dim, original.attention_ratio * original.key_dim
-        assert attention.key_dim == key_dim and attention.num_attention_heads == len(kept) >= 1
-        assert attention.out_dim_projection == len(kept) * value_dim
-        if hasattr(original, "keys_values"):  # subsampling: keys and values per head, queries apart
-            _assert_rows(attention.keys_values, original.keys_values, _rows(kept, key_dim + value_dim))
-            _assert_rows(attention.queries, original.queries, _rows(kept, key_dim))
-            assert attention.out_dim_keys_values == len(kept) * (key_dim + value_dim)
-        else:
+        key_dim, value_dim = original.key_dim, _value_dim(original)
+        assert attention.key_dim == key_dim and getattr(attention, heads) == len(kept) >= 1
+        if hasattr(original, kv):  # subsampling: keys and values per head, queries apart
             _assert_rows(
-                attention.queries_keys_values, original.queries_keys_values, _rows(kept, 2 * key_dim + value_dim)
+                attention.get_submodule(kv), original.get_submodule(kv), _rows(kept, key_dim + value_dim), norm
             )
-            assert attention.out_dim_keys_values == len(kept) * (2 * key_dim + value_dim)
-        projection = attention.projection.linear
-        assert torch.equal(projection.weight, original.projection.linear.weight[:, _rows(kept, value_dim)])
-        # the stage width (the residual the projection writes) is kept
-        assert projection.out_features == original.projection.linear.out_features
+            _assert_rows(attention.get_submodule(queries), original.get_submodule(queries), _rows(kept, key_dim), norm)
+        else:
+            rows = _rows(kept, 2 * key_dim + value_dim)
+            _assert_rows(attention.get_submodule(qkv), original.get_submodule(qkv), rows, norm)
+        out = attention.get_submodule(projection).linear
+        stock = original.get_submodule(projection).linear
+        assert torch.equal(out.weight, stock.weight[:, _rows(kept, value_dim)])
+        assert out.in_features == len(kept) * value_dim
+        assert out.out_features == stock.out_features  # the stage width (the residual it writes) is kept
 
 
 def test_removed_heads_are_the_heads_whose_output_is_zeroed(heads_only):
@@ -83,13 +102,13 @@ def test_removed_heads_are_the_heads_whose_output_is_zeroed(heads_only):
     (in eval mode: the attention-bias caches hold the kept heads only)."""
     model, pruned = heads_only
     masked = copy.deepcopy(model)
+    projection, heads = _parts(model)[3], _parts(model)[5]
     for name, attention in _attentions(masked).items():
         kept = _kept_heads(attention, _attentions(pruned)[name])
-        value_dim = attention.attention_ratio * attention.key_dim
-        removed = [h for h in range(attention.num_attention_heads) if h not in kept]
+        removed = [h for h in range(getattr(attention, heads)) if h not in kept]
         if removed:
             with torch.no_grad():
-                attention.projection.linear.weight[:, _rows(removed, value_dim)] = 0
+                attention.get_submodule(projection).linear.weight[:, _rows(removed, _value_dim(attention))] = 0
     pruner_input = inputs(IsomorphicPruner(model))
     pruned.eval()
     for _ in range(2):  # the second call reads the bias caches
@@ -99,7 +118,7 @@ def test_removed_heads_are_the_heads_whose_output_is_zeroed(heads_only):
 def test_model_with_filled_bias_caches_is_pruned_and_left_as_it_is():
     """An eval forward with autograd on caches gathered biases that `copy.deepcopy` refuses; the pruner copies the
     model without them and leaves the user's caches alone."""
-    model = build("levit")
+    model = build("timm_levit")
     x = inputs(IsomorphicPruner(model))
     expected = logits(model, x)  # fills the caches (not under no_grad)
     caches = {n: dict(m.attention_bias_cache) for n, m in _attentions(model).items()}
@@ -129,7 +148,7 @@ def test_taylor_importance_over_several_batches():
     """Calibration runs the copy in eval mode, one backward per batch: LeViT's cached biases must not carry the
     first batch's graph into the second."""
     model = build("levit")
-    x = torch.randn(16, 3, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     config = IsomorphicPruningConfig(pruning_ratio=0.5, calibration_batch_size=4, num_calibration_batches=4)
     pruner = IsomorphicPruner(model)
     pruned = pruner.prune(config, calibration_dataset=x)

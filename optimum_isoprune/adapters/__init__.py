@@ -11,7 +11,7 @@ from .beit import BeitAdapter
 from .clip import ClipAdapter
 from .dinov2 import Dinov2Adapter
 from .io import ModelIO
-from .levit import LevitAdapter
+from .levit import LevitAdapter, LevitTimmAdapter
 from .nearest import nearest_family
 from .swin import SwinTimmAdapter, SwinTransformersAdapter, Swinv2TimmAdapter, Swinv2TransformersAdapter
 from .timm_models import TimmAdapter
@@ -32,6 +32,7 @@ ADAPTERS: list[type[ModelAdapter]] = [
     BeitTimmAdapter,
     EvaTimmAdapter,
     LevitAdapter,
+    LevitTimmAdapter,
     *BACKBONE_ADAPTERS,
 ]
 

@@ -1,4 +1,5 @@
-"""LeViT adapter (transformers `LevitForImageClassification`, `LevitForImageClassificationWithTeacher`).
+"""LeViT adapters (transformers `LevitForImageClassification`, `LevitForImageClassificationWithTeacher`; timm
+`levit_*`, not the `levit_conv_*` form: the same network, other names).
 
 What LeViT adds to a ViT, and where that knowledge lives here:
 - queries, keys and values come from one Linear + BatchNorm1d (`queries_keys_values`) laid out head by head, each head
@@ -25,6 +26,7 @@ What LeViT adds to a ViT, and where that knowledge lives here:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -35,7 +37,8 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Attention, AttentionLayout
+from .base import Attention, AttentionLayout, _get
+from .timm_models import TimmAdapter
 from .transformers_models import TransformersAdapter
 
 LEVIT_ATTENTION = AttentionLayout(
@@ -55,11 +58,87 @@ LEVIT_SUBSAMPLE_ATTENTION = AttentionLayout(
     head_rows=("attention_biases",),
 )
 
+# timm's: the same network with other names (`LinearNorm` = Linear + BatchNorm1d as `linear` / `bn`)
+TIMM_LEVIT_ATTENTION = AttentionLayout(
+    projections=("qkv.linear",),
+    output="proj.ln.linear",
+    num_heads_attr="num_heads",
+    head_dim_attr=None,
+    inner_dim_attr="val_attn_dim",
+    head_rows=("attention_biases",),
+)
+TIMM_LEVIT_SUBSAMPLE_ATTENTION = dataclasses.replace(TIMM_LEVIT_ATTENTION, projections=("kv.linear", "q.ln.linear"))
+
 LEVIT_MODEL_TYPES = {"levit": "LevitForImageClassification, LevitForImageClassificationWithTeacher"}
+# timm's `levit_*` models are `LevitDistilled`; `distilled=False` builds `Levit`
+LEVIT_TIMM_CLASSES = {"timm.models.levit.Levit": "levit_*", "timm.models.levit.LevitDistilled": "levit_*"}
+
+
+@dataclass(frozen=True)
+class _Names:
+    """Where one library keeps a LeViT attention's parts (paths from the attention module)."""
+
+    classes: tuple[str, str]  # the attention and the subsampling attention class names
+    sources: tuple[str, str]  # the Linear + BatchNorm holding q / k / v rows, and the subsample's keys / values
+    norm: str  # the BatchNorm1d's name inside it
+    queries: str  # the subsample's queries (Linear + BatchNorm)
+    queries_down: str  # the subsample's token subsample
+    projection: str  # the output projection (Linear + BatchNorm), after the activation
+    activation: str
+    heads: str  # head count attribute
+    rows_attr: str | None  # attribute caching heads x rows per head (transformers)
+    keys_attr: str | None  # attribute caching heads x key dim (timm)
+    layouts: tuple[AttentionLayout, AttentionLayout]
+
+    def value_dim(self, module: nn.Module) -> int:
+        return int(getattr(module, "val_dim", None) or module.attention_ratio * module.key_dim)
+
+    def queries_count(self, module: nn.Module) -> int:
+        return int(module.attention_bias_idxs.shape[0])
+
+
+TRANSFORMERS_NAMES = _Names(
+    classes=("LevitAttention", "LevitAttentionSubsample"),
+    sources=("queries_keys_values", "keys_values"),
+    norm="batch_norm",
+    queries="queries",
+    queries_down="queries_subsample",
+    projection="projection",
+    activation="activation",
+    heads="num_attention_heads",
+    rows_attr="out_dim_keys_values",
+    keys_attr=None,
+    layouts=(LEVIT_ATTENTION, LEVIT_SUBSAMPLE_ATTENTION),
+)
+TIMM_NAMES = _Names(
+    classes=("Attention", "AttentionDownsample"),
+    sources=("qkv", "kv"),
+    norm="bn",
+    queries="q.ln",
+    queries_down="q.down",
+    projection="proj.ln",
+    activation="proj.act",
+    heads="num_heads",
+    rows_attr=None,
+    keys_attr="key_attn_dim",
+    layouts=(TIMM_LEVIT_ATTENTION, TIMM_LEVIT_SUBSAMPLE_ATTENTION),
+)
 
 
 def _is_subsample(module: nn.Module) -> bool:
-    return hasattr(module, "keys_values")
+    return type(module).__name__ in (TRANSFORMERS_NAMES.classes[1], TIMM_NAMES.classes[1])
+
+
+def _names(module: nn.Module) -> _Names:
+    return TIMM_NAMES if type(module).__module__.startswith("timm.") else TRANSFORMERS_NAMES
+
+
+def _source(module: nn.Module) -> nn.Module:
+    return module.get_submodule(_names(module).sources[int(_is_subsample(module))])
+
+
+def _norm(pair: nn.Module) -> nn.BatchNorm1d:
+    return getattr(pair, "batch_norm", None) or pair.bn
 
 
 class LevitHeads(Attention):
@@ -82,12 +161,16 @@ class LevitHeads(Attention):
 
     def matmul_macs(self, tokens: int, keys: int, removed_rows: int = 0) -> int:
         """QK^T at key_dim, AV at the value dim; the subsample's queries are its subsampled tokens."""
-        queries = int(self.module.len_points_) if _is_subsample(self.module) else tokens
+        queries = _names(self.module).queries_count(self.module) if _is_subsample(self.module) else tokens
         return queries * keys * self.heads_left(removed_rows) * (self.key_dim + self.head_dim)
 
     def set_shape(self, num_heads: int, head_dim: int, kept_heads: Sequence[int] | None = None) -> None:
         super().set_shape(num_heads, head_dim, kept_heads)
-        self.module.out_dim_keys_values = num_heads * self.rows_per_head
+        names = _names(self.module)
+        if names.rows_attr:
+            setattr(self.module, names.rows_attr, num_heads * self.rows_per_head)
+        if names.keys_attr:
+            setattr(self.module, names.keys_attr, num_heads * self.key_dim)
         self.module.attention_bias_cache = {}
 
 
@@ -100,6 +183,11 @@ class _Values:
     value_dim: int
     offset: int  # where a head's values start among its rows
     queries: nn.Module | None  # the subsample's queries (Linear + BatchNorm1d), pruned with the heads
+
+    @property
+    def queries_norm(self) -> nn.BatchNorm1d:
+        return _norm(self.queries)
+
     traced: bool = True
 
     @property
@@ -155,7 +243,7 @@ class LevitValuesPruner(tp.pruner.function.BasePruningFunc):
         if info.queries is not None:
             query_rows = _head_rows(heads, info.key_dim).tolist()
             tp.prune_linear_out_channels(info.queries.linear, query_rows)
-            tp.prune_batchnorm_out_channels(info.queries.batch_norm, query_rows)
+            tp.prune_batchnorm_out_channels(info.queries_norm, query_rows)
         return layer
 
     def prune_in_channels(self, layer: _TracedValues, idxs: Sequence[int]) -> nn.Module:
@@ -196,7 +284,7 @@ class LevitValuesPruner(tp.pruner.function.BasePruningFunc):
             query_rows, query_roots = rows_and_roots(info.key_dim)
             found += [
                 (info.queries.linear, True, query_rows, query_roots),
-                (info.queries.batch_norm, True, query_rows, query_roots),
+                (info.queries_norm, True, query_rows, query_roots),
             ]
         return found
 
@@ -204,34 +292,36 @@ class LevitValuesPruner(tp.pruner.function.BasePruningFunc):
 def _traced_attention_forward(self: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
     """LeViT's attention (plain or subsampling) as torch-pruning traces it: the attention weights are constants to
     autograd (the same values), the values come from `_TracedValues`."""
+    names = _names(self)
     batch, tokens, _ = hidden_state.shape
-    heads, key_dim = self.num_attention_heads, self.key_dim
-    value_dim = self.attention_ratio * key_dim
+    heads, key_dim, value_dim = getattr(self, names.heads), self.key_dim, names.value_dim(self)
     subsample = _is_subsample(self)
-    source = self.keys_values if subsample else self.queries_keys_values
+    source = _source(self)
+    norm = _norm(source)
     with torch.no_grad():
         rows = F.batch_norm(
             F.linear(hidden_state, source.linear.weight).flatten(0, 1),
-            source.batch_norm.running_mean,
-            source.batch_norm.running_var,
-            source.batch_norm.weight,
-            source.batch_norm.bias,
+            norm.running_mean,
+            norm.running_var,
+            norm.weight,
+            norm.bias,
             False,
             0.0,
-            source.batch_norm.eps,
+            norm.eps,
         ).view(batch, tokens, heads, -1)
         if subsample:
             key = rows[..., :key_dim]
             # counted as a Linear call (its rows go with the heads), kept off the traced graph
-            query = self.queries.linear(self.queries_subsample(hidden_state))
-            query = self.queries.batch_norm(query.flatten(0, 1)).view(batch, -1, heads, key_dim)
+            queries = self.get_submodule(names.queries)
+            query = queries.linear(self.get_submodule(names.queries_down)(hidden_state))
+            query = _norm(queries)(query.flatten(0, 1)).view(batch, -1, heads, key_dim)
         else:
             query, key = rows[..., :key_dim], rows[..., key_dim : 2 * key_dim]
         scores = query.transpose(1, 2) @ key.permute(0, 2, 3, 1) * self.scale
         weights = (scores + self.attention_biases[:, self.attention_bias_idxs]).softmax(dim=-1)
     value = source.linear(hidden_state).view(batch, tokens, heads, value_dim).permute(0, 2, 1, 3)
     hidden = (weights @ value).transpose(1, 2).reshape(batch, -1, heads * value_dim)
-    return self.projection(self.activation(hidden))
+    return self.get_submodule(names.projection)(self.get_submodule(names.activation)(hidden))
 
 
 def _uncached_attention_biases(self: nn.Module, device: torch.device) -> torch.Tensor:
@@ -244,36 +334,31 @@ def _levit_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, m)
         for name, m in model.named_modules()
-        if type(m).__name__ in ("LevitAttention", "LevitAttentionSubsample")
+        if type(m).__name__ in _names(m).classes and hasattr(m, "attention_biases")
     ]
 
 
-class LevitAdapter(TransformersAdapter):
-    """transformers LeViT classifiers (with or without the distillation head): whole heads (with their attention
-    biases), MLP hidden channels and the patch embedding's inner channels; stage widths are kept."""
-
-    attention_layouts = (LEVIT_ATTENTION, LEVIT_SUBSAMPLE_ATTENTION)
-    classifier_names = ("classifier", "classifier_distill")
-    model_types = LEVIT_MODEL_TYPES
+class _LevitMixin:
+    """What both libraries' LeViT adapters share: attentions, pruners, kept stage widths, traced forms."""
 
     def attentions(self, model: nn.Module) -> list[Attention]:
         found = []
         for name, module in _levit_attentions(model):
-            layout = LEVIT_SUBSAMPLE_ATTENTION if _is_subsample(module) else LEVIT_ATTENTION
-            heads = int(module.num_attention_heads)
-            attention = LevitHeads(name, module, layout, heads, int(module.projection.linear.in_features) // heads)
+            layout = _names(module).layouts[int(_is_subsample(module))]
+            heads = int(getattr(module, layout.num_heads_attr))
+            attention = LevitHeads(name, module, layout, heads, _get(module, layout.output).in_features // heads)
             attention.keep_head_dims = True
             found.append(attention)
         return found
 
     def classifiers(self, model: nn.Module) -> list[nn.Module]:
-        """The heads, and every layer writing a stage's residual stream (kept whole: residual groups are skipped)."""
-        writers = [m.linear for name, m in model.named_modules() if name.endswith(("projection", "linear_down"))]
-        embeddings = model.base_model.patch_embeddings
-        last = max(
-            (m for m in embeddings.modules() if isinstance(m, nn.Conv2d)), key=lambda c: c.out_channels, default=None
-        )
-        return [*super().classifiers(model), *writers, *([last] if last is not None else [])]
+        """The heads, and every layer writing a stage's residual stream (kept whole: residual groups are skipped):
+        the output projections, the MLPs' second layers and the patch embedding's last conv."""
+        writers = [a.output for a in self.attentions(model)] + [
+            m.linear for name, m in model.named_modules() if name.endswith(("linear_down", "mlp.ln2"))
+        ]
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        return [*super().classifiers(model), *writers, *convs[-1:]]  # type: ignore[misc]
 
     def copy_model(self, model: nn.Module) -> nn.Module:
         """A copy with empty attention-bias caches: an eval forward with autograd on caches a tensor that is not a
@@ -281,20 +366,20 @@ class LevitAdapter(TransformersAdapter):
         return copy.deepcopy(model, memo={id(m.attention_bias_cache): {} for _, m in _levit_attentions(model)})
 
     def graph_options(self, model: nn.Module) -> dict[str, Any]:
-        return {**super().graph_options(model), "customized_pruners": {_TracedValues: LevitValuesPruner()}}
+        return {**super().graph_options(model), "customized_pruners": {_TracedValues: LevitValuesPruner()}}  # type: ignore[misc]
 
     def make_traceable(self, model: nn.Module) -> None:
         for _, module in _levit_attentions(model):
-            subsample = _is_subsample(module)
-            source = module.keys_values if subsample else module.queries_keys_values
+            names, subsample = _names(module), _is_subsample(module)
+            source = _source(module)
             key_dim = int(module.key_dim)
             source.linear.__class__ = _TracedValues
             source.linear.__dict__["_levit"] = _Values(
-                batch_norm=source.batch_norm,
+                batch_norm=_norm(source),
                 key_dim=key_dim,
-                value_dim=int(module.attention_ratio * key_dim),
+                value_dim=names.value_dim(module),
                 offset=key_dim if subsample else 2 * key_dim,
-                queries=module.queries if subsample else None,
+                queries=module.get_submodule(names.queries) if subsample else None,
             )
             module.attention_bias_cache = {}
             module.forward = types.MethodType(_traced_attention_forward, module)
@@ -317,6 +402,32 @@ class LevitAdapter(TransformersAdapter):
             module.attention_bias_cache = {}
 
 
+class LevitAdapter(_LevitMixin, TransformersAdapter):
+    """transformers LeViT classifiers (with or without the distillation head): whole heads (with their attention
+    biases), MLP hidden channels and the patch embedding's inner channels; stage widths are kept."""
+
+    attention_layouts = TRANSFORMERS_NAMES.layouts
+    classifier_names = ("classifier", "classifier_distill")
+    model_types = LEVIT_MODEL_TYPES
+
+
+class LevitTimmAdapter(_LevitMixin, TimmAdapter):
+    """timm `levit_*` (`Levit`, `LevitDistilled`; not the `levit_conv_*` form): what `LevitAdapter` prunes."""
+
+    attention_layouts = TIMM_NAMES.layouts
+    timm_classes = LEVIT_TIMM_CLASSES
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return super().supports(model) and not getattr(model, "use_conv", False)
+
+    def make_traceable(self, model: nn.Module) -> None:
+        _LevitMixin.make_traceable(self, model)
+
+    def restore(self, model: nn.Module, reference: nn.Module) -> None:
+        _LevitMixin.restore(self, model, reference)
+
+
 def _values_linears(module: nn.Module) -> list[nn.Linear]:
-    source = module.keys_values if _is_subsample(module) else module.queries_keys_values
-    return [source.linear] if isinstance(source.linear, _TracedValues) else []
+    linear = _source(module).linear
+    return [linear] if isinstance(linear, _TracedValues) else []
