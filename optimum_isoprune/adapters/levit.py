@@ -21,6 +21,9 @@ What LeViT adds to a ViT, and where that knowledge lives here:
 - eval mode caches the gathered attention biases per device, with their autograd graph: the copy being pruned
   gathers them on every call until surgery is done (calibration runs it in eval mode, one backward per batch), and
   the cache is cleared whenever heads change; the copy is made without the user's caches (`copy_model`).
+
+Names above are transformers'; timm's (`qkv`, `kv`, `q.ln`, `proj.ln`, `num_heads`, `val_dim`, ...) are the other row
+of the `_Names` table, the only per-library knowledge here.
 """
 
 from __future__ import annotations
