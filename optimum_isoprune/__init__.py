@@ -23,6 +23,8 @@ _LAZY = {
     "DistillationTrainingArguments": "distillation",
     "BudgetError": "errors",
     "CalibrationDataError": "errors",
+    "ConfigurationError": "errors",
+    "ModelStateError": "errors",
     "IsoPruneError": "errors",
     "UnsupportedModelError": "errors",
     "NonFiniteError": "errors",
@@ -58,7 +60,15 @@ if TYPE_CHECKING:
     from .counting import count_macs, count_params
     from .data import collate_fn, load_fashion_mnist, load_image_dataset, prepare_dataset
     from .distillation import DistillationTrainer, DistillationTrainingArguments
-    from .errors import BudgetError, CalibrationDataError, IsoPruneError, NonFiniteError, UnsupportedModelError
+    from .errors import (
+        BudgetError,
+        CalibrationDataError,
+        ConfigurationError,
+        IsoPruneError,
+        ModelStateError,
+        NonFiniteError,
+        UnsupportedModelError,
+    )
     from .card import create_model_card, plot_layer_widths, save_model_card
     from .hub import HubPublishError, push_to_hub
     from .latency import compare_latency, measure_latency
@@ -97,12 +107,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError",
     "CalibrationDataError",
+    "ConfigurationError",
     "ClassAmount",
     "DistillationTrainer",
     "DistillationTrainingArguments",
     "HubPublishError",
     "InvalidOnnxModelError",
     "IsoPruneError",
+    "ModelStateError",
     "IsomorphicPruner",
     "IsomorphicPruningConfig",
     "LayerWidth",

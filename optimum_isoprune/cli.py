@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from ._startup import restore_default_handler
-from .errors import IsoPruneError
+from .errors import ConfigurationError, IsoPruneError
 from .training_defaults import DISTILLATION_TYPES, TRAINING_DEFAULTS
 
 logger = logging.getLogger("optimum_isoprune.cli")
@@ -690,7 +690,12 @@ def config_from_args(args: argparse.Namespace, **target: float) -> Any:
     from .configuration import IsomorphicPruningConfig
 
     given = {f.name: getattr(args, f.name) for f in fields(IsomorphicPruningConfig) if f.name not in _TARGET_FIELDS}
-    return IsomorphicPruningConfig(**target, **{k: v for k, v in given.items() if v is not None})
+    try:
+        return IsomorphicPruningConfig(**target, **{k: v for k, v in given.items() if v is not None})
+    except ConfigurationError as err:  # an option's value: bad usage, said in the option's words
+        raise CLIError(
+            f"invalid option value: {str(err).replace('IsomorphicPruningConfig.', '')}", exit_code=2
+        ) from err
 
 
 def build_parser() -> argparse.ArgumentParser:

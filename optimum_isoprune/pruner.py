@@ -22,7 +22,7 @@ from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .distributed import all_reduce_gradients, check_same_model_on_all_ranks, shard
-from .errors import BudgetError, CalibrationDataError
+from .errors import BudgetError, CalibrationDataError, ConfigurationError, ModelStateError
 from .guards import check_finite_parameters, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import IsomorphicClass, PrunableGroup, build_classes, collect_groups
@@ -126,7 +126,7 @@ class IsomorphicPruner:
                 f"prune() takes an IsomorphicPruningConfig or its fields as keywords, got {config!r:.60}; "
                 "e.g. pruner.prune(pruning_ratio=0.5)."
             )
-        config = config or IsomorphicPruningConfig(**config_kwargs)
+        config = config or IsomorphicPruningConfig.from_dict(config_kwargs)  # a misspelt field is named
         self._check_model()
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -355,15 +355,15 @@ class IsomorphicPruner:
     def _check_model(self) -> None:
         params = list(self.model.parameters())
         if not params:
-            raise ValueError("The model has no parameters to prune.")
+            raise ModelStateError("The model has no parameters to prune.")
         if any(p.is_meta for p in params):
-            raise ValueError(
+            raise ModelStateError(
                 "The model is on the meta device (weights not loaded); load real weights first, "
                 "e.g. from_pretrained(..., device_map=None)."
             )
         dtypes = {p.dtype for p in params}
         if dtypes != {torch.float32}:
-            raise ValueError(
+            raise ModelStateError(
                 f"The model has parameters of dtype {sorted(map(str, dtypes))}; prune in float32 "
                 "(model.float()) and cast the pruned model afterwards."
             )
@@ -448,7 +448,9 @@ class IsomorphicPruner:
         for wanted in config.ignored_modules:
             matches = [m for n, m in names.items() if n == wanted or n.endswith("." + wanted)]
             if not matches:
-                raise ValueError(f"ignored_modules entry {wanted!r} matches no module of {type(model).__name__}.")
+                raise ConfigurationError(
+                    f"ignored_modules entry {wanted!r} matches no module of {type(model).__name__}."
+                )
             ignored += [sub for m in matches for sub in m.modules()]
         return ignored
 

@@ -369,6 +369,14 @@ def test_errors_are_one_line_without_traceback(argv, code, words, capsys, tmp_pa
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [["--seed", str(2**70)], ["--seed", "-5"], ["--reconstruction-damping", "nan"]])
+def test_a_bad_config_option_is_a_one_line_usage_error(option, vit_dir, tmp_path, capsys):
+    # these reached torch / datasets before ("Overflow when unpacking long long") and exited 1
+    assert main(["prune", vit_dir, "--prune-ratio", "0.5", "--output", str(tmp_path / "o"), *option]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("optimum-isoprune")]
+    assert len(err) == 1 and "invalid option value" in err[0] and option[0][2:].replace("-", "_") in err[0], err
+
+
 def test_debug_shows_the_traceback(capsys):
     assert main(["--debug", "push", "/no/such/folder", "me/x"]) == 1
     assert "Traceback" in capsys.readouterr().err

@@ -13,8 +13,10 @@ from models import IMAGE_SIZE, build, logits
 from optimum_isoprune import (
     BudgetError,
     CalibrationDataError,
+    ConfigurationError,
     IsomorphicPruner,
     IsomorphicPruningConfig,
+    ModelStateError,
     UnsupportedModelError,
     count_macs,
 )
@@ -125,7 +127,7 @@ def _state(model):
         (dict(pruning_ratio=0.5), torch.randn(4, 3, 64, 64), CalibrationDataError, "expected"),
         (dict(pruning_ratio=0.5), torch.randn(4, 64, 64), CalibrationDataError, r"\(N, C, H, W\)"),
         (dict(pruning_ratio=0.5), [1, 2, 3], CalibrationDataError, "Unsupported calibration data"),
-        (dict(pruning_ratio=0.5, ignored_modules=["no_such_layer"]), None, ValueError, "no_such_layer"),
+        (dict(pruning_ratio=0.5, ignored_modules=["no_such_layer"]), None, ConfigurationError, "no_such_layer"),
     ],
 )
 def test_bad_input_is_rejected_and_the_model_kept(config, data, error, message):
@@ -138,11 +140,11 @@ def test_bad_input_is_rejected_and_the_model_kept(config, data, error, message):
 
 
 def test_half_precision_and_meta_models_are_rejected():
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ModelStateError, match="float32"):
         IsomorphicPruner(build("vit").half()).prune(pruning_ratio=0.5)
     with torch.device("meta"):
         meta = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    with pytest.raises(ValueError, match="meta device"):
+    with pytest.raises(ModelStateError, match="meta device"):
         IsomorphicPruner(meta).prune(pruning_ratio=0.5)
 
 
