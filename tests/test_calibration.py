@@ -43,3 +43,46 @@ def test_bad_calibration_data_says_what_is_wrong():
         list(calibration_batches(broken, batch_size=2, max_batches=10, seed=0))
     with pytest.raises(CalibrationDataError, match=r"expected \(batch, 3, 2, 2\)"):
         check_batch((IMAGES, None), num_channels=3, image_size=2)
+
+
+def test_lists_arrays_and_processor_outputs_give_the_same_images():
+    expected = list(calibration_batches(IMAGES, batch_size=2, max_batches=10, seed=0))
+    forms = [
+        list(IMAGES),  # a list of (C, H, W) tensors
+        IMAGES.numpy(),
+        {"pixel_values": IMAGES, "labels": LABELS},  # an image processor's BatchFeature is such a mapping
+        [{"pixel_values": x, "labels": int(y)} for x, y in zip(IMAGES, LABELS)],
+    ]
+    for data in forms:
+        got = list(calibration_batches(data, batch_size=2, max_batches=10, seed=0))
+        assert [x.shape for x, _ in got] == [x.shape for x, _ in expected]
+        torch.testing.assert_close(torch.cat([x for x, _ in got]), IMAGES)
+        if isinstance(data, dict) or isinstance(data[0], dict):
+            assert torch.cat([y for _, y in got]).tolist() == LABELS.tolist()
+    with pytest.raises(CalibrationDataError, match="differ in shape"):
+        calibration_batches([IMAGES[0], IMAGES[0, :, :1]], batch_size=2, max_batches=1, seed=0)
+    with pytest.raises(CalibrationDataError, match="5 calibration images but 4 labels"):
+        calibration_batches({"pixel_values": IMAGES, "labels": LABELS[:4]}, batch_size=2, max_batches=1, seed=0)
+    with pytest.raises(CalibrationDataError, match="it is empty"):
+        calibration_batches([], batch_size=2, max_batches=1, seed=0)
+
+
+def test_integer_pixels_are_refused_not_fed_raw():
+    # uint8 0..255 images went through as floats: importance ranked on inputs the model never sees
+    raw = torch.randint(0, 255, (4, 3, 2, 2), dtype=torch.uint8)
+    for data in (raw, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(raw), batch_size=2)):
+        with pytest.raises(CalibrationDataError, match="are torch.uint8, not normalised floats.*image processor"):
+            list(calibration_batches(data, batch_size=2, max_batches=2, seed=0))
+    floats = list(calibration_batches(IMAGES.double(), batch_size=2, max_batches=1, seed=0))
+    assert floats[0][0].dtype == torch.float32
+
+
+def test_a_dataloader_that_cannot_collate_says_what_to_pass():
+    from PIL import Image
+
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (2, 2)) for _ in range(4)], "label": [0, 1, 0, 1]}
+    ).cast_column("image", datasets.Image())
+    loader = torch.utils.data.DataLoader(rows, batch_size=2)  # default_collate cannot stack PIL images
+    with pytest.raises(CalibrationDataError, match="could not build a batch.*Pass the dataset itself"):
+        list(calibration_batches(loader, batch_size=2, max_batches=1, seed=0))
