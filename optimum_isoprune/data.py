@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, load_dataset
 
 from .adapters import adapter_for
 from .adapters.io import processor_normalization
@@ -39,6 +39,7 @@ FASHION_MNIST_STD = (0.3530,)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INDEX_COLUMN = "idx"
+LABEL_COLUMNS = ("label", "labels", "fine_label")  # as Hub image datasets name them (CIFAR-100: fine_label)
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_MAGIC = {3: 2051, 1: 2049}  # IDX magic numbers of uint8 tensors with 3 dims (images) and 1 dim (labels)
 
@@ -214,13 +215,14 @@ class ImageClassificationTransform:
 
 
 def prepare_dataset(
-    dataset: Dataset,
+    dataset: Dataset | IterableDataset,
     train: bool = False,
     model: torch.nn.Module | None = None,
     image_processor: Any = None,
     **transform_kwargs: Any,
 ) -> Dataset:
-    """Attach an `ImageClassificationTransform` lazily (`with_transform`); `train=True` turns on random flips.
+    """Attach an `ImageClassificationTransform` lazily (`with_transform`; an `IterableDataset` is mapped as it
+    streams); `train=True` turns on random flips.
 
     With `model`, image size, channel count, mean and std default to what the model expects: its image
     processor (`image_processor=`, or the one saved beside the model), else timm's pretrained config. The
@@ -245,7 +247,10 @@ def prepare_dataset(
                 "defaults. If the model was trained otherwise, pass prepare_dataset(..., image_processor=) or mean=, std=."
             )
     transform_kwargs.setdefault("random_flip", train)
-    return dataset.with_transform(ImageClassificationTransform(**transform_kwargs))
+    transform = ImageClassificationTransform(**transform_kwargs)
+    if isinstance(dataset, IterableDataset):  # a stream has no lazy transform: rows are mapped as they are read
+        return dataset.map(transform, batched=True, remove_columns=dataset.column_names)
+    return dataset.with_transform(transform)
 
 
 def _normalization(model: torch.nn.Module | None, image_processor: Any) -> tuple[list[float], list[float]] | None:
@@ -329,15 +334,25 @@ def _short(names: Sequence[str] | None, limit: int = 12) -> str:
 
 
 def ensure_prepared(dataset: Any, model: torch.nn.Module, train: bool = False) -> Any:
-    """`dataset` itself when it already gives `pixel_values`, else `prepare_dataset(dataset, train, model=model)`."""
-    if (
-        isinstance(dataset, Dataset)
-        and dataset_transform(dataset) is None
-        and isinstance(dataset.features.get("image"), Image)  # decoded images, not arrays of another layout
-        and "pixel_values" not in dataset.column_names
-    ):
-        return prepare_dataset(dataset, train=train, model=model)
-    return dataset
+    """`dataset` itself when it already gives `pixel_values`, else `prepare_dataset(dataset, train, model=model)` on
+    its one Image column (`image`, `img`, ...) and its label column (`LABEL_COLUMNS`)."""
+    columns = raw_image_columns(dataset)
+    if columns is None:
+        return dataset
+    image_column, label_column = columns
+    return prepare_dataset(dataset, train=train, model=model, image_column=image_column, label_column=label_column)
+
+
+def raw_image_columns(dataset: Any) -> tuple[str, str] | None:
+    """(image column, label column) of a `Dataset` / `IterableDataset` of decoded images with no `pixel_values` and
+    no transform yet, else None. The image column is its one `Image` feature (not arrays of another layout)."""
+    features = getattr(dataset, "features", None)
+    if not isinstance(dataset, (Dataset, IterableDataset)) or not features or dataset_transform(dataset) is not None:
+        return None
+    images = [name for name, feature in features.items() if isinstance(feature, Image)]
+    if len(images) != 1 or "pixel_values" in features:
+        return None
+    return images[0], next((name for name in LABEL_COLUMNS if name in features), LABEL_COLUMNS[0])
 
 
 def dataset_transform(dataset: Any) -> Any:
