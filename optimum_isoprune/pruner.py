@@ -89,6 +89,7 @@ class IsomorphicPruner:
     """
 
     def __init__(self, model: nn.Module, base_model_name_or_path: str | None = None):
+        model = _uncompiled(model)
         self.adapter: ModelAdapter = get_adapter(model)
         self.model = model
         self.base_model_name_or_path = base_model_name_or_path or self.adapter.base_model_name()
@@ -495,6 +496,18 @@ class IsomorphicPruner:
         if config.budget_policy == "allocate":
             ratios_at = Allocation(budget, metric, pinned).ratios_at
         return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned)), None
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The eager module under `torch.compile` (same parameters): the pruner traces and copies that one, and the pruned
+    copy comes back uncompiled (compile it again)."""
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        logger.info(
+            "Pruning the module under torch.compile (%s); compile the pruned model again.", type(original).__name__
+        )
+        return original
+    return model
 
 
 @contextmanager

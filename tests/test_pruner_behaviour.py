@@ -148,6 +148,18 @@ def test_half_precision_and_meta_models_are_rejected():
         IsomorphicPruner(meta).prune(pruning_ratio=0.5)
 
 
+def test_a_compiled_model_is_pruned_as_its_eager_module():
+    # torch.compile's OptimizedModule was refused as an unsupported architecture
+    model = build("vit")
+    before = _state(model)
+    config = IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude")
+    pruned = IsomorphicPruner(torch.compile(model)).prune(config)
+    expected = IsomorphicPruner(build("vit")).prune(config)
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(logits(pruned, x), logits(expected, x))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_unsupported_model_names_itself_and_the_supported_list():
     with pytest.raises(UnsupportedModelError, match=r"Sequential.*Supported: transformers: ViT"):
         IsomorphicPruner(nn.Sequential(nn.Linear(4, 4)))
