@@ -404,9 +404,18 @@ class IsomorphicPruner:
             # Bare parameters (cls token, position embeddings, layer scales) are pruned on their last
             # dimension, the channel one in every supported family; the support-matrix tests check it.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
-                model, example, forward_fn=adapter.forward, verbose=False, **adapter.graph_options(model)
-            )
+            try:
+                graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
+                    model, example, forward_fn=adapter.forward, verbose=False, **adapter.graph_options(model)
+                )
+            except Exception as error:
+                if image_size == adapter.image_size():
+                    raise
+                raise ConfigurationError(
+                    f"The model does not run on {image_size} px images (image_size={image_size}; it was built for "
+                    f"{adapter.image_size()} px): {str(error).splitlines()[0]} Leave image_size unset, or resize the "
+                    "images to the model's size."
+                ) from error
             adapter.adjust_graph(graph, model)
         adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))

@@ -128,6 +128,8 @@ def _state(model):
         (dict(pruning_ratio=0.5), torch.randn(4, 64, 64), CalibrationDataError, r"\(N, C, H, W\)"),
         (dict(pruning_ratio=0.5), [1, 2, 3], CalibrationDataError, "Unsupported calibration data"),
         (dict(pruning_ratio=0.5, ignored_modules=["no_such_layer"]), None, ConfigurationError, "no_such_layer"),
+        # a ViT built for 32 px: the model's own "Input image size (64*64) doesn't match model" came through
+        (dict(pruning_ratio=0.5, image_size=64), None, ConfigurationError, "does not run on 64 px images.*unset"),
     ],
 )
 def test_bad_input_is_rejected_and_the_model_kept(config, data, error, message):
