@@ -41,7 +41,7 @@ def _from_mapping(row: Mapping) -> Batch:
 def _rows_to_batches(rows: Iterator[Mapping], batch_size: int) -> Iterator[Batch]:
     while chunk := list(itertools.islice(rows, batch_size)):
         pixels, labels = zip(*(_from_mapping(r) for r in chunk))
-        yield torch.stack(pixels), None if labels[0] is None else torch.stack(labels).view(-1)
+        yield torch.stack(pixels), None if labels[0] is None else torch.stack(labels)
 
 
 def _split(pixels: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> Iterator[Batch]:
@@ -50,9 +50,9 @@ def _split(pixels: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -
         raise CalibrationDataError(f"Calibration images must be (N, C, H, W), got shape {tuple(pixels.shape)}.")
     if pixels.shape[0] == 0:
         raise CalibrationDataError(f"The calibration data holds no images (shape {tuple(pixels.shape)}).")
-    if labels is not None and labels.numel() != pixels.shape[0]:
-        raise CalibrationDataError(f"{pixels.shape[0]} calibration images but {labels.numel()} labels.")
-    label_chunks = labels.reshape(-1).split(batch_size) if labels is not None else itertools.repeat(None)
+    if labels is not None and (labels.dim() == 0 or len(labels) != len(pixels)):
+        raise CalibrationDataError(f"{len(pixels)} calibration images but labels of shape {tuple(labels.shape)}.")
+    label_chunks = labels.split(batch_size) if labels is not None else itertools.repeat(None)
     return zip(pixels.split(batch_size), label_chunks)
 
 
@@ -123,9 +123,24 @@ def _checked(batches: Iterator[Batch]) -> Iterator[Batch]:
             "Importance scores from them would be meaningless; clean or drop those images.",
         )
         if labels is not None:
+            labels = _class_indices(labels, len(pixels), where)
             check_labels(labels, None, where, CalibrationDataError)
             labels = labels.long()
         yield pixels.float(), labels
+
+
+def _class_indices(labels: torch.Tensor, count: int, where: str) -> torch.Tensor:
+    """One label per image: (N,) as given, (N, 1) flattened, one-hot (N, K) rows turned into their class index."""
+    if labels.numel() == count:
+        return labels.reshape(-1)
+    if labels.dim() == 2 and len(labels) == count:
+        hot = labels == 1
+        if bool(((labels == 0) | hot).all()) and bool((hot.sum(1) == 1).all()):
+            return hot.int().argmax(1)
+    raise CalibrationDataError(
+        f"Labels {where} have shape {tuple(labels.shape)} for {count} images: give one class index per image "
+        "(soft or multi-label targets cannot rank channels by the classification loss)."
+    )
 
 
 def _from_loader_item(item: Any) -> Batch:

@@ -61,7 +61,7 @@ def test_lists_arrays_and_processor_outputs_give_the_same_images():
             assert torch.cat([y for _, y in got]).tolist() == LABELS.tolist()
     with pytest.raises(CalibrationDataError, match="differ in shape"):
         calibration_batches([IMAGES[0], IMAGES[0, :, :1]], batch_size=2, max_batches=1, seed=0)
-    with pytest.raises(CalibrationDataError, match="5 calibration images but 4 labels"):
+    with pytest.raises(CalibrationDataError, match=r"5 calibration images but labels of shape \(4,\)"):
         calibration_batches({"pixel_values": IMAGES, "labels": LABELS[:4]}, batch_size=2, max_batches=1, seed=0)
     with pytest.raises(CalibrationDataError, match="it is empty"):
         calibration_batches([], batch_size=2, max_batches=1, seed=0)
@@ -86,3 +86,18 @@ def test_a_dataloader_that_cannot_collate_says_what_to_pass():
     loader = torch.utils.data.DataLoader(rows, batch_size=2)  # default_collate cannot stack PIL images
     with pytest.raises(CalibrationDataError, match="could not build a batch.*Pass the dataset itself"):
         list(calibration_batches(loader, batch_size=2, max_batches=1, seed=0))
+
+
+def test_one_hot_and_column_labels_become_class_indices():
+    # (N, 1) and one-hot labels reached cross_entropy ("multi-target not supported", "Expected floating point type")
+    one_hot = torch.nn.functional.one_hot(LABELS, 3)
+    for labels in (LABELS.view(-1, 1), one_hot, one_hot.float()):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(IMAGES, labels), batch_size=2)
+        got = list(calibration_batches(loader, batch_size=2, max_batches=10, seed=0))
+        assert torch.cat([y for _, y in got]).tolist() == LABELS.tolist()
+    rows = [{"pixel_values": x, "labels": y} for x, y in zip(IMAGES, one_hot)]  # were flattened to 3 labels an image
+    assert torch.cat([y for _, y in calibration_batches(rows, 2, 10, 0)]).tolist() == LABELS.tolist()
+    two_hot = one_hot.clone()
+    two_hot[0] = 1
+    with pytest.raises(CalibrationDataError, match=r"shape \(2, 3\) for 2 images: give one class index per image"):
+        list(calibration_batches({"pixel_values": IMAGES, "labels": two_hot}, batch_size=2, max_batches=1, seed=0))
