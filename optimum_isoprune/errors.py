@@ -22,7 +22,11 @@ class BudgetError(IsoPruneError, ValueError):
     """A MACs / params target that no pruning amount can reach."""
 
 
-class CalibrationDataError(IsoPruneError, ValueError):
+class DataError(IsoPruneError, ValueError):
+    """A dataset the model cannot use as given: unreadable files, missing columns, labels that are not its classes."""
+
+
+class CalibrationDataError(DataError):
     """Calibration data in a form the pruner cannot use."""
 
 

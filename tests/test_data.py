@@ -156,3 +156,21 @@ def test_raw_images_under_hub_column_names_are_prepared(image_column, label_colu
     assert all(tuple(torch.as_tensor(row["pixel_values"]).shape) == (3, 16, 16) for row in got)
     with_pixels = Dataset.from_dict({"pixel_values": np.zeros((2, 3, 16, 16), "float32")})
     assert ensure_prepared(with_pixels, model) is with_pixels
+
+
+def test_text_labels_say_how_to_encode_them():
+    # int('cat') failed inside the transform with "invalid literal for int() with base 10"
+    from datasets import Dataset, Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from optimum_isoprune import DataError
+
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                                                patch_size=8, intermediate_size=64, num_labels=2))  # fmt: skip
+    images = [PILImage.new("RGB", (16, 16)) for _ in range(2)]
+    rows = Dataset.from_dict({"image": images, "label": ["cat", "dog"]}).cast_column("image", Image())
+    with pytest.raises(DataError, match=r"class names \(text\).*class_encode_column\('label'\)"):
+        prepare_dataset(rows, model=model)  # said before any work
+    with pytest.raises(DataError, match="class_encode_column"):
+        prepare_dataset(rows)[0]  # without a model: when the row is read
+    assert prepare_dataset(rows.class_encode_column("label"), model=model)[1]["labels"] == 1
