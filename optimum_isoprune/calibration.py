@@ -65,6 +65,15 @@ def calibration_batches(data: Any, batch_size: int, max_batches: int, seed: int)
         data = torch.stack(list(data))
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
+    splits = isinstance(data, Mapping) and data and all(map(_is_hub_dataset, data.values()))
+    if splits:  # a DatasetDict: load_dataset(name) without split=
+        raise CalibrationDataError(
+            f"The calibration data is a dict of splits {sorted(data)}: pass one, e.g. data['train']."
+        )
+    if isinstance(data, torch.utils.data.Dataset) and not _is_hub_dataset(data):  # e.g. TensorDataset, torchvision
+        data = torch.utils.data.DataLoader(
+            data, batch_size, shuffle=_sized(data), generator=torch.Generator().manual_seed(seed)
+        )
     if isinstance(data, torch.Tensor):
         batches = _split(data, None, batch_size)
     elif isinstance(data, Mapping):
@@ -73,7 +82,7 @@ def calibration_batches(data: Any, batch_size: int, max_batches: int, seed: int)
         batches = _rows_to_batches(iter(data), batch_size)
     elif isinstance(data, torch.utils.data.DataLoader):
         batches = (_from_loader_item(item) for item in _loaded(data))
-    elif hasattr(data, "features") and hasattr(data, "shuffle"):  # datasets.Dataset / IterableDataset
+    elif _is_hub_dataset(data):
         batches = _rows_to_batches(iter(data.shuffle(seed=seed)), batch_size)
     else:
         empty = " (it is empty)" if isinstance(data, (list, tuple)) and not data else ""
@@ -83,6 +92,15 @@ def calibration_batches(data: Any, batch_size: int, max_batches: int, seed: int)
 
 def _all(items: Iterable, kind: type) -> bool:
     return all(isinstance(item, kind) for item in items)
+
+
+def _is_hub_dataset(data: Any) -> bool:
+    """A `datasets.Dataset` / `IterableDataset` (without importing `datasets`)."""
+    return hasattr(data, "features") and hasattr(data, "shuffle")
+
+
+def _sized(data: torch.utils.data.Dataset) -> bool:
+    return not isinstance(data, torch.utils.data.IterableDataset)
 
 
 def _loaded(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
@@ -97,9 +115,9 @@ def _loaded(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
             if "collate" not in str(error):
                 raise
             raise CalibrationDataError(
-                f"The calibration DataLoader could not build a batch ({str(error).splitlines()[0]}). Pass the "
-                "dataset itself (raw image / label rows are prepared for the model), or give the DataLoader a "
-                "collate_fn that returns 'pixel_values' tensors."
+                f"The calibration data could not be batched ({str(error).splitlines()[0]}). Give the images as "
+                "tensors (e.g. through the model's image processor), or pass a datasets.Dataset with an Image "
+                "column itself (it is prepared for the model)."
             ) from error
 
 

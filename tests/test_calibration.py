@@ -84,8 +84,21 @@ def test_a_dataloader_that_cannot_collate_says_what_to_pass():
         {"image": [Image.new("RGB", (2, 2)) for _ in range(4)], "label": [0, 1, 0, 1]}
     ).cast_column("image", datasets.Image())
     loader = torch.utils.data.DataLoader(rows, batch_size=2)  # default_collate cannot stack PIL images
-    with pytest.raises(CalibrationDataError, match="could not build a batch.*Pass the dataset itself"):
+    with pytest.raises(CalibrationDataError, match="could not be batched.*Image column itself"):
         list(calibration_batches(loader, batch_size=2, max_batches=1, seed=0))
+
+
+def test_a_torch_dataset_is_batched_and_a_dict_of_splits_names_them():
+    # a TensorDataset was "Unsupported"; load_dataset(name) without split= read as rows without 'pixel_values'
+    got = list(calibration_batches(torch.utils.data.TensorDataset(IMAGES, LABELS), batch_size=2, max_batches=9, seed=0))
+    assert [len(x) for x, _ in got] == [2, 2, 1]
+    order = torch.cat([y for _, y in got])
+    assert sorted(order.tolist()) == sorted(LABELS.tolist())
+    again = list(calibration_batches(torch.utils.data.TensorDataset(IMAGES, LABELS), 2, 9, seed=0))
+    assert torch.equal(torch.cat([y for _, y in again]), order)  # shuffled with the seed
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"pixel_values": IMAGES.numpy()})})
+    with pytest.raises(CalibrationDataError, match=r"dict of splits \['train'\]: pass one"):
+        calibration_batches(splits, batch_size=2, max_batches=1, seed=0)
 
 
 def test_one_hot_and_column_labels_become_class_indices():
