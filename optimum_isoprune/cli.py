@@ -265,10 +265,24 @@ def _first_line(err: BaseException) -> str:
 # -------------------------------------------------------------------------------------------- commands
 
 
+def _count_macs(pruner: Any, image_size: int | None) -> float:
+    """The model's MACs at --image-size; a size the model cannot run at is a usage error."""
+    from .counting import count_macs
+    from .guards import image_size_error
+
+    native = pruner.adapter.image_size()
+    try:
+        return count_macs(pruner.model, image_size=image_size)
+    except Exception as error:
+        if image_size in (None, native):
+            raise
+        raise CLIError(str(image_size_error(image_size, native, error)), exit_code=2) from error
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .card import RANDOM_WEIGHTS_NOTE
     from .checkpoint import check_writable, is_pruned_checkpoint
-    from .counting import count_macs, count_params
+    from .counting import count_params
     from .pruner import IsomorphicPruner, load_image_processor
 
     check_writable(args.output)  # before loading and pruning, not after
@@ -282,7 +296,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         name, (value, share) = (
             ("MACs", args.target_macs) if args.target_macs is not None else ("params", args.target_params)
         )
-        total = count_macs(model, image_size=args.image_size) if name == "MACs" else count_params(model)
+        total = _count_macs(pruner, args.image_size) if name == "MACs" else count_params(model)
         target["target_macs" if name == "MACs" else "target_params"] = goal = value * total if share else value
         if goal >= total:
             raise CLIError(
@@ -977,11 +991,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except CLIError as err:
+    except (CLIError, ConfigurationError) as err:  # a bad option value (e.g. --ignore naming no module): usage
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
-        return err.exit_code
+        print(f"{PROG} {args.command}: error: {_first_line(err)}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
     except Exception as err:  # every other failure: one line, the traceback only with --debug
         if args.debug:
             traceback.print_exc()

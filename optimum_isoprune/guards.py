@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .errors import NonFiniteError
+from .errors import ConfigurationError, NonFiniteError
 
 F = TypeVar("F", bound=Callable[..., Any])
 IGNORE_INDEX = -100
@@ -55,6 +55,15 @@ def check_finite_parameters(model: nn.Module, what: str) -> None:
         )
 
 
+def image_size_error(image_size: int, native: int | None, error: Exception) -> ConfigurationError:
+    """The error for a model that failed to run at a configured `image_size` other than its own (`native`)."""
+    return ConfigurationError(
+        f"The model does not run on {image_size} px images (image_size={image_size}; it was built for {native} px): "
+        f"{str(error).splitlines()[0] if str(error) else type(error).__name__} Leave image_size unset, or resize the "
+        "images to the model's size."
+    )
+
+
 def check_labels(
     labels: torch.Tensor,
     num_classes: int | None,
@@ -97,5 +106,6 @@ __all__ = [
     "check_finite_parameters",
     "check_labels",
     "count_non_finite",
+    "image_size_error",
     "NonFiniteError",
 ]

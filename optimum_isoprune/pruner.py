@@ -23,7 +23,7 @@ from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .distributed import all_reduce_gradients, check_same_model_on_all_ranks, shard
 from .errors import BudgetError, CalibrationDataError, ConfigurationError, ModelStateError
-from .guards import check_finite_parameters, keeps_global_rng
+from .guards import check_finite_parameters, image_size_error, keeps_global_rng
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import IsomorphicClass, PrunableGroup, build_classes, collect_groups
 from .latency_model import LatencyModel, Timer, build_latency_model
@@ -411,11 +411,7 @@ class IsomorphicPruner:
             except Exception as error:
                 if image_size == adapter.image_size():
                     raise
-                raise ConfigurationError(
-                    f"The model does not run on {image_size} px images (image_size={image_size}; it was built for "
-                    f"{adapter.image_size()} px): {str(error).splitlines()[0]} Leave image_size unset, or resize the "
-                    "images to the model's size."
-                ) from error
+                raise image_size_error(image_size, adapter.image_size(), error) from error
             adapter.adjust_graph(graph, model)
         adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))
