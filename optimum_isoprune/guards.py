@@ -28,6 +28,18 @@ def keeps_global_rng(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def with_autograd(function: F) -> F:
+    """Run `function` with autograd on, also when the caller is under `torch.no_grad()` or `torch.inference_mode()`
+    (tracing the dependency graph and Taylor importance need gradients)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def count_non_finite(tensor: torch.Tensor) -> int:
     if not tensor.is_floating_point():
         return 0
@@ -102,6 +114,7 @@ def check_labels(
 
 __all__ = [
     "keeps_global_rng",
+    "with_autograd",
     "require_finite",
     "check_finite_parameters",
     "check_labels",

@@ -23,7 +23,7 @@ from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .distributed import all_reduce_gradients, check_same_model_on_all_ranks, shard
 from .errors import BudgetError, CalibrationDataError, ConfigurationError, ModelStateError
-from .guards import check_finite_parameters, image_size_error, keeps_global_rng
+from .guards import check_finite_parameters, image_size_error, keeps_global_rng, with_autograd
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import IsomorphicClass, PrunableGroup, build_classes, collect_groups
 from .latency_model import LatencyModel, Timer, build_latency_model
@@ -113,6 +113,7 @@ class IsomorphicPruner:
         return self._report
 
     @keeps_global_rng  # the seed below must not reset the caller's random numbers
+    @with_autograd  # a caller under torch.no_grad() still gets its model traced and ranked
     def prune(
         self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None, **config_kwargs: Any
     ) -> nn.Module:

@@ -162,6 +162,18 @@ def test_a_compiled_model_is_pruned_as_its_eager_module():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_pruning_under_no_grad_works_as_outside(context):
+    # torch-pruning's tracer stopped with "Dependency graph relies on autograd for tracing" (an AssertionError)
+    config = IsomorphicPruningConfig(pruning_ratio=0.5, num_calibration_batches=1, calibration_batch_size=4)
+    expected = IsomorphicPruner(build("vit")).prune(config, _calibration(4))
+    with context():
+        pruned = IsomorphicPruner(build("vit")).prune(config, _calibration(4))
+        assert not torch.is_grad_enabled()
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(logits(pruned, x), logits(expected, x))
+
+
 def test_unsupported_model_names_itself_and_the_supported_list():
     with pytest.raises(UnsupportedModelError, match=r"Sequential.*Supported: transformers: ViT"):
         IsomorphicPruner(nn.Sequential(nn.Linear(4, 4)))
