@@ -49,7 +49,7 @@ def load_model(name_or_path: str | os.PathLike, random_weights: bool = False, **
         return load_pruned_model(name, **kwargs)
     if random_weights:
         if not name.startswith("timm/"):
-            raise ValueError(f"random_weights works with timm/<name> models only, not {name!r}.")
+            raise ConfigurationError(f"random_weights works with timm/<name> models only, not {name!r}.")
         import timm
 
         return timm.create_model(name[len("timm/") :].split(".")[0], pretrained=False, **kwargs)

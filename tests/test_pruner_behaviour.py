@@ -193,6 +193,8 @@ def test_from_pretrained_loads_a_local_directory(tmp_path):
     assert pruner.base_model_name_or_path == str(tmp_path)
     pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.25, importance="magnitude"))
     assert pruner.report.base_model == str(tmp_path)
+    with pytest.raises(ConfigurationError, match="random_weights works with timm/<name> models only"):
+        IsomorphicPruner.from_pretrained(tmp_path, random_weights=True)
 
 
 # The paper's Table 2 shapes (random weights, magnitude importance; MACs counted with attention).
