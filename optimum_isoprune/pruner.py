@@ -22,7 +22,7 @@ from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .distributed import all_reduce_gradients, check_same_model_on_all_ranks, shard
-from .errors import BudgetError, CalibrationDataError, ConfigurationError, ModelStateError
+from .errors import BudgetError, CalibrationDataError, ConfigurationError, ModelStateError, UnsupportedModelError
 from .guards import check_finite_parameters, image_size_error, keeps_global_rng, with_autograd
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import IsomorphicClass, PrunableGroup, build_classes, collect_groups
@@ -89,6 +89,11 @@ class IsomorphicPruner:
     """
 
     def __init__(self, model: nn.Module, base_model_name_or_path: str | None = None):
+        if isinstance(model, (str, os.PathLike)):
+            raise UnsupportedModelError(
+                f"IsomorphicPruner takes a loaded model, got the name {str(model)!r}; load it with "
+                f"IsomorphicPruner.from_pretrained({str(model)!r})."
+            )
         model = _uncompiled(model)
         self.adapter: ModelAdapter = get_adapter(model)
         self.model = model
