@@ -127,9 +127,11 @@ class IsomorphicPruner:
         Pass an `IsomorphicPruningConfig`, or its fields as keyword arguments (`prune(target_macs=1.2e9)`).
         """
         if config is not None and config_kwargs:
-            raise TypeError(f"Pass either a config or its fields, not both (got config and {sorted(config_kwargs)}).")
+            raise ConfigurationError(
+                f"Pass either a config or its fields, not both (got config and {sorted(config_kwargs)})."
+            )
         if config is not None and not isinstance(config, IsomorphicPruningConfig):
-            raise TypeError(
+            raise ConfigurationError(
                 f"prune() takes an IsomorphicPruningConfig or its fields as keywords, got {config!r:.60}; "
                 "e.g. pruner.prune(pruning_ratio=0.5)."
             )

@@ -177,6 +177,10 @@ def test_pruning_under_no_grad_works_as_outside(context):
 def test_unsupported_model_names_itself_and_the_supported_list():
     with pytest.raises(UnsupportedModelError, match=r"Sequential.*Supported: transformers: ViT"):
         IsomorphicPruner(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ConfigurationError, match="not both"):  # a TypeError, and now an IsoPruneError too
+        IsomorphicPruner(build("vit")).prune(IsomorphicPruningConfig(pruning_ratio=0.5), pruning_ratio=0.5)
+    with pytest.raises(ConfigurationError, match=r"takes an IsomorphicPruningConfig or its fields.*got 0\.5"):
+        IsomorphicPruner(build("vit")).prune(0.5)
     with pytest.raises(UnsupportedModelError, match=r"got the name 'org/vit'.*IsomorphicPruner.from_pretrained"):
         IsomorphicPruner("org/vit")  # was "Expected a torch.nn.Module, got str."
 
