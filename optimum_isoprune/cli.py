@@ -327,7 +327,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         limit = config.num_calibration_batches * config.calibration_batch_size * 4
         dataset = load_split(args.calibration_dataset, args.calibration_split, limit=limit, data_dir=args.data_dir)
         calibration = prepare_for(model, dataset, processor)
-    pruner.prune(config, calibration_dataset=calibration)
+    try:
+        pruner.prune(config, calibration_dataset=calibration)
+    except ConfigurationError as err:  # an option's value the model cannot take (--ignore, --image-size): usage
+        raise CLIError(_first_line(err), exit_code=2) from err
     pruner.save_pretrained(args.output, image_processor=processor)
     print(pruner.report.summary())
     print(f"Saved the pruned model to {args.output}")
@@ -991,11 +994,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ConfigurationError) as err:  # a bad option value (e.g. --ignore naming no module): usage
+    except CLIError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {_first_line(err)}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except Exception as err:  # every other failure: one line, the traceback only with --debug
         if args.debug:
             traceback.print_exc()
