@@ -15,8 +15,9 @@ from .guards import check_labels, require_finite
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
 FORMS = (
-    "a datasets.Dataset or IterableDataset with 'pixel_values' (and 'labels'), a torch DataLoader, a tensor or array (N, C, H, W), a list of (C, H, W) tensors or of row dicts, or a dict / "
-    "BatchFeature of batched 'pixel_values' (an image processor's output)"
+    "a datasets.Dataset or IterableDataset with 'pixel_values' (and 'labels'), a torch DataLoader or Dataset, a "
+    "tensor or array (N, C, H, W), a list of (C, H, W) tensors or of row dicts, or a dict / BatchFeature of batched "
+    "'pixel_values' (an image processor's output)"
 )
 
 
@@ -65,14 +66,14 @@ def calibration_batches(data: Any, batch_size: int, max_batches: int, seed: int)
         data = torch.stack(list(data))
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
-    splits = isinstance(data, Mapping) and data and all(map(_is_hub_dataset, data.values()))
-    if splits:  # a DatasetDict: load_dataset(name) without split=
+    if isinstance(data, Mapping) and data and all(map(_is_hub_dataset, data.values())):  # a DatasetDict
         raise CalibrationDataError(
             f"The calibration data is a dict of splits {sorted(data)}: pass one, e.g. data['train']."
         )
     if isinstance(data, torch.utils.data.Dataset) and not _is_hub_dataset(data):  # e.g. TensorDataset, torchvision
+        shuffle = not isinstance(data, torch.utils.data.IterableDataset)
         data = torch.utils.data.DataLoader(
-            data, batch_size, shuffle=_sized(data), generator=torch.Generator().manual_seed(seed)
+            data, batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed)
         )
     if isinstance(data, torch.Tensor):
         batches = _split(data, None, batch_size)
@@ -97,10 +98,6 @@ def _all(items: Iterable, kind: type) -> bool:
 def _is_hub_dataset(data: Any) -> bool:
     """A `datasets.Dataset` / `IterableDataset` (without importing `datasets`)."""
     return hasattr(data, "features") and hasattr(data, "shuffle")
-
-
-def _sized(data: torch.utils.data.Dataset) -> bool:
-    return not isinstance(data, torch.utils.data.IterableDataset)
 
 
 def _loaded(loader: torch.utils.data.DataLoader) -> Iterator[Any]:

@@ -224,7 +224,7 @@ def prepare_dataset(
     model: torch.nn.Module | None = None,
     image_processor: Any = None,
     **transform_kwargs: Any,
-) -> Dataset:
+) -> Dataset | IterableDataset:
     """Attach an `ImageClassificationTransform` lazily (`with_transform`; an `IterableDataset` is mapped as it
     streams); `train=True` turns on random flips.
 
