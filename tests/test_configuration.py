@@ -48,3 +48,13 @@ def test_allocate_policy_warns_that_it_is_deprecated_and_still_loads(tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.warns(FutureWarning, match="'allocate' is deprecated"):
         assert IsomorphicPruningConfig.from_pretrained(tmp_path) == config
+
+
+def test_a_damaged_file_is_named(tmp_path):
+    # json's own error gave a line and column but not the file
+    (tmp_path / "pruning_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"pruning_config.json is not valid JSON \(Expecting property name"):
+        IsomorphicPruningConfig.from_pretrained(tmp_path)
+    (tmp_path / "pruning_config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigurationError, match="takes a mapping"):
+        IsomorphicPruningConfig.from_pretrained(tmp_path)
