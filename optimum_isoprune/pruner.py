@@ -165,6 +165,12 @@ class IsomorphicPruner:
                 )
                 logger.info("Taylor importance from %d calibration batches.", count)
             scores = channel_scores(groups, criterion, config.seed)
+            if criterion == "taylor" and not any(bool(s.any()) for s in scores.values()):
+                logger.warning(
+                    "Taylor importance is zero for every channel: the calibration loss has no gradient (a "
+                    "single-output head's cross-entropy is always 0). Ranking by magnitude instead."
+                )
+                scores = channel_scores(groups, "magnitude", config.seed)
             model.zero_grad(set_to_none=True)
 
         rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]

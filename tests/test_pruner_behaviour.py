@@ -114,6 +114,23 @@ def test_taylor_without_data_falls_back_to_magnitude(caplog):
 # -- bad input: a clear error, and the original model is never modified ----------------------------
 
 
+def test_taylor_without_any_gradient_ranks_by_magnitude(caplog):
+    # a single-output head: cross-entropy is always 0, every Taylor score was 0 and the ranking arbitrary
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from models import VIT_KWARGS
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**dict(VIT_KWARGS, num_labels=1)))
+    config = dict(pruning_ratio=0.5, reconstruction="none", num_calibration_batches=1, calibration_batch_size=4)
+    images = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    taylor = IsomorphicPruner(model).prune(IsomorphicPruningConfig(importance="taylor", **config), images)
+    assert "Taylor importance is zero for every channel" in caplog.text
+    magnitude = IsomorphicPruner(model).prune(IsomorphicPruningConfig(importance="magnitude", **config))
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(logits(taylor, x), logits(magnitude, x))
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
