@@ -153,8 +153,8 @@ def _class_indices(labels: torch.Tensor, count: int, where: str) -> torch.Tensor
         if bool(((labels == 0) | hot).all()) and bool((hot.sum(1) == 1).all()):
             return hot.int().argmax(1)
     raise CalibrationDataError(
-        f"Labels {where} have shape {tuple(labels.shape)} for {count} images: give one class index per image "
-        "(soft or multi-label targets cannot rank channels by the classification loss)."
+        f"Labels {where} have shape {tuple(labels.shape)} for {count} images: give one class index per image, "
+        "or no labels (the model's own predictions are then used); soft or multi-label targets are not read."
     )
 
 
