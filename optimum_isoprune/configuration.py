@@ -177,7 +177,7 @@ class IsomorphicPruningConfig(JsonFile):
         default_factory=list,
         metadata={"help": "Names (or name suffixes) of modules whose output channels must stay whole."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed for data order and random importance."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order and random importance, in [0, 2**32)."})
     image_size: int | None = field(
         default=None, metadata={"help": "Input resolution; taken from the model config when omitted."}
     )
