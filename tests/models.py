@@ -191,6 +191,21 @@ VARIANT_BUILDERS = {
     "dinov2_registers": lambda: Dinov2WithRegistersForImageClassification(
         Dinov2WithRegistersConfig(num_register_tokens=2, **DINOV2_KWARGS)
     ),
+    # q / k norms over the head dim (timm's qk_norm): head dims kept, heads pruned
+    "timm_vit_qk_norm": lambda: timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, qk_norm=True, **TIMM_VIT_KWARGS
+    ),
+    "timm_wrapper_qk_norm": lambda: TimmWrapperForImageClassification(
+        TimmWrapperConfig(
+            architecture="vit_tiny_patch16_224",
+            num_labels=10,
+            model_args={**{k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"}, "qk_norm": True},
+            pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "num_classes": 10},
+        )
+    ),
+    "timm_eva02_qk_norm": lambda: timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, qk_norm=True, **TIMM_VIT_KWARGS
+    ),
     "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
         RegNetConfig(
             embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10

@@ -1,18 +1,21 @@
 """Adapters for timm models (vit / deit / deit3 incl. distilled, convnext, resnet, efficientnet, mobilenetv3, regnety).
 
 Squeeze-and-excitation (efficientnet, mobilenetv3, regnety), depthwise convolutions and layer scale need no
-code here: torch-pruning couples them through the graph. Grouped convolutions (regnety) are ranked by offset
+code here: torch-pruning couples them through the graph. A q/k norm (`qk_norm=True`: one norm over the head dim,
+shared by every head) is kept out of the traced graph, which would map it to the heads' concatenation, and its
+attention keeps its head dims whole (heads are still pruned). Grouped convolutions (regnety) are ranked by offset
 across conv groups in `isomorphic.py`, so every conv group keeps the same width.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import AttentionLayout, ModelAdapter
+from .base import Attention, AttentionLayout, ModelAdapter
 
 TIMM_ATTENTION = AttentionLayout(
     projections=("qkv",),
@@ -51,6 +54,12 @@ def _feature_layer(model: nn.Module) -> nn.Module:
     if isinstance(patch_embed, nn.Conv2d):
         return patch_embed
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+
+
+def qk_norms(attention: nn.Module) -> list[nn.Module]:
+    """A timm attention's q / k norms over the head dim (`qk_norm=True`), where it has them."""
+    norms = (getattr(attention, name, None) for name in ("q_norm", "k_norm"))
+    return [n for n in norms if isinstance(n, nn.Module) and not isinstance(n, nn.Identity)]
 
 
 class TimmAdapter(ModelAdapter):
@@ -101,6 +110,18 @@ class TimmAdapter(ModelAdapter):
             # (adapters/backbones.py): whatever is coupled to the layer producing the features stays whole.
             found.append(_feature_layer(model))
         return found
+
+    def attentions(self, model: nn.Module) -> list[Attention]:
+        found = super().attentions(model)
+        for attention in found:
+            attention.keep_head_dims = attention.keep_head_dims or bool(qk_norms(attention.module))
+        return found
+
+    def graph_options(self, model: nn.Module) -> dict[str, Any]:
+        """q / k norms stay out of the graph: their channels are one head's dims, which their attention keeps."""
+        options = super().graph_options(model)
+        norms = [n for a in self.attentions(model) for n in qk_norms(a.module)]
+        return {**options, "ignored_layers": [*options.get("ignored_layers", []), *norms]} if norms else options
 
     def make_traceable(self, model: nn.Module) -> None:
         for attention in self.attentions(model):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import AttentionLayout, ModelAdapter
+from .base import Attention, AttentionLayout, ModelAdapter
 from .io import vision_config
 from .timm_models import TIMM_ATTENTION, TimmAdapter
 
@@ -122,6 +124,12 @@ class TimmWrapperAdapter(TransformersAdapter):
 
     def classifiers(self, model: nn.Module) -> list[nn.Module]:
         return self._timm().classifiers(model.timm_model)
+
+    def attentions(self, model: nn.Module) -> list[Attention]:
+        return self._timm().attentions(model)
+
+    def graph_options(self, model: nn.Module) -> dict[str, Any]:
+        return self._timm().graph_options(model)
 
     def make_traceable(self, model: nn.Module) -> None:
         self._timm().make_traceable(model.timm_model)
