@@ -1,0 +1,41 @@
+"""Configurations of supported classes that the pruner refuses, with what is missing and what to do instead."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+from transformers import SwinConfig, SwinForImageClassification, ViTConfig, ViTForImageClassification
+
+from models import IMAGE_SIZE, TIMM_VIT_KWARGS, VIT_KWARGS
+from optimum_isoprune import IsomorphicPruner, UnsupportedModelError
+
+
+def _timm_vit(**kwargs):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TIMM_VIT_KWARGS, **kwargs})
+
+
+def test_attention_pooling_head_is_refused_with_the_way_around_it():
+    mapped = _timm_vit(global_pool="map")
+    with pytest.raises(UnsupportedModelError, match=r"attention-pooling head \(timm global_pool='map'\)"):
+        IsomorphicPruner(mapped)
+    # What the message says to do: the same network without attn_pool loads every other weight and is pruned.
+    pooled = _timm_vit(global_pool="avg", fc_norm=False)
+    result = pooled.load_state_dict(mapped.state_dict(), strict=False)
+    assert not result.missing_keys and all(k.startswith("attn_pool.") for k in result.unexpected_keys)
+    IsomorphicPruner(pooled)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _timm_vit(img_size=(IMAGE_SIZE, 48)),
+        lambda: ViTForImageClassification(ViTConfig(**{**VIT_KWARGS, "image_size": (IMAGE_SIZE, 48)})),
+        lambda: SwinForImageClassification(
+            SwinConfig(image_size=(IMAGE_SIZE, 48), patch_size=2, embed_dim=16, depths=[2], num_heads=[2])
+        ),
+    ],
+    ids=["timm_vit", "vit", "swin"],
+)
+def test_non_square_input_is_refused(build):
+    with pytest.raises(UnsupportedModelError, match=rf"takes {IMAGE_SIZE}x48 images; .* square image size"):
+        IsomorphicPruner(build())
