@@ -206,6 +206,10 @@ VARIANT_BUILDERS = {
     "timm_eva02_qk_norm": lambda: timm.create_model(
         "eva02_tiny_patch14_224", pretrained=False, qk_norm=True, **TIMM_VIT_KWARGS
     ),
+    # RmsNorm: not an nn.LayerNorm, its normalized_shape follows its pruned weight
+    "timm_vit_rmsnorm": lambda: timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, norm_layer="rmsnorm", **TIMM_VIT_KWARGS
+    ),
     "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
         RegNetConfig(
             embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10

@@ -39,11 +39,12 @@ def variant_gap(model: nn.Module) -> str | None:
     instead; None when nothing is missing."""
     timm_model = getattr(model, "timm_model", model)
     if isinstance(getattr(timm_model, "attn_pool", None), nn.Module):
+        pool = getattr(timm_model, "global_pool", "map")
         return (
-            "has an attention-pooling head (timm global_pool='map'), which is not pruned yet: it reshapes its heads to "
-            "the residual width and would need its own attention layout. Build the model with global_pool='avg', "
-            "fc_norm=False (its final norm stays where it was), load the trained weights with "
-            "load_state_dict(state_dict, strict=False) (only attn_pool.* is left out), and finetune the head."
+            f"has an attention-pooling head (timm global_pool={pool!r}), which is not pruned yet (its attention needs "
+            "a layout of its own). Build the model with global_pool='avg', fc_norm=False (its final norm stays where "
+            "it was), load the trained weights with load_state_dict(state_dict, strict=False) (only attn_pool.* is "
+            "left out), and finetune the head."
         )
     size, _ = ModelIO(model).input_spec()
     if isinstance(size, tuple):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Attention, AttentionLayout, ModelAdapter
+from .base import Attention, AttentionLayout, ModelAdapter, sync_norm_shapes
 
 TIMM_ATTENTION = AttentionLayout(
     projections=("qkv",),
@@ -130,6 +130,9 @@ class TimmAdapter(ModelAdapter):
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         for pruned, original in zip(self.attentions(model), self.attentions(reference)):
             pruned.module.fused_attn = original.module.fused_attn
+
+    def finalize(self, model: nn.Module) -> None:
+        sync_norm_shapes(model)  # norm_layer="rmsnorm"
 
     def base_model_name(self) -> str | None:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}

@@ -136,3 +136,6 @@ class TimmWrapperAdapter(TransformersAdapter):
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         self._timm().restore(model.timm_model, reference.timm_model)
+
+    def finalize(self, model: nn.Module) -> None:
+        self._timm().finalize(model.timm_model)
