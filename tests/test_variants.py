@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import timm
-from transformers import SwinConfig, SwinForImageClassification, ViTConfig, ViTForImageClassification
+from timm.models import vision_transformer
+from transformers import (
+    SwinConfig,
+    SwinForImageClassification,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from models import IMAGE_SIZE, TIMM_VIT_KWARGS, VIT_KWARGS
 from optimum_isoprune import IsomorphicPruner, UnsupportedModelError
@@ -23,6 +31,29 @@ def test_attention_pooling_head_is_refused_with_the_way_around_it():
     result = pooled.load_state_dict(mapped.state_dict(), strict=False)
     assert not result.missing_keys and all(k.startswith("attn_pool.") for k in result.unexpected_keys)
     IsomorphicPruner(pooled)
+
+
+def test_wrapped_attention_pooling_head_is_refused():
+    config = TimmWrapperConfig(
+        architecture="vit_tiny_patch16_224",
+        num_labels=10,
+        model_args={**{k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"}, "global_pool": "map"},
+    )
+    with pytest.raises(UnsupportedModelError, match="TimmWrapperForImageClassification has an attention-pooling head"):
+        IsomorphicPruner(TimmWrapperForImageClassification(config))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(block_fn=vision_transformer.ParallelScalingBlock), "built from ParallelScalingBlock blocks"),
+        (dict(attn_layer="diff"), r"differential attention \(attn_layer='diff'\)"),
+    ],
+    ids=["parallel_scaling", "diff"],
+)
+def test_unmapped_vit_layers_are_refused(kwargs, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        IsomorphicPruner(_timm_vit(**kwargs))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from .beit import BeitAdapter
 from .clip import ClipAdapter
 from .dinov2 import Dinov2Adapter
 from .io import ModelIO
-from .nearest import nearest_family, variant_gap
+from .nearest import nearest_family
 from .swin import SwinTimmAdapter, SwinTransformersAdapter, Swinv2TimmAdapter, Swinv2TransformersAdapter
 from .timm_models import TimmAdapter
 from .timm_vits import BeitTimmAdapter, EvaTimmAdapter
@@ -40,7 +40,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         raise TypeError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
     for adapter_cls in ADAPTERS:
         if adapter_cls.supports(model):
-            gap = variant_gap(model)
+            gap = adapter_cls.variant_gap(model)
             if gap is not None:
                 raise UnsupportedModelError(f"{type(model).__name__} {gap}")
             return adapter_cls(model)

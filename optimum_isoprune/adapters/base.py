@@ -229,6 +229,18 @@ class ModelAdapter(ModelIO):
     def describe_supported(cls) -> str:
         raise NotImplementedError
 
+    @classmethod
+    def variant_gap(cls, model: nn.Module) -> str | None:
+        """Why a model this adapter `supports` is refused all the same (a configuration the pruner does not handle),
+        and what to do instead; None when nothing is missing."""
+        size, _ = ModelIO(model).input_spec()
+        if isinstance(size, tuple):
+            return (
+                f"takes {size[0]}x{size[1]} images; the pruner traces, calibrates and counts MACs on square images "
+                f"only. Build or configure the model with a square image size (e.g. {size[0]}) to prune it."
+            )
+        return None
+
     @property
     def architecture(self) -> str:
         return type(self.model).__name__

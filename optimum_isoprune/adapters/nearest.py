@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from .io import ModelIO
-
 _TIMM_VIT = "timm vit_* / deit3_* (VisionTransformer)"
 _HF_VIT = "transformers ViTForImageClassification"
 _NEEDS_CLASS = "a pruned checkpoint class in optimum_isoprune/modeling that records its per-layer widths"
@@ -32,27 +30,6 @@ UNWRAPPED_ONLY: dict[str, str] = {
     "timm.models.eva.Eva": "timm eva02_*",
     "timm.models.swin_transformer_v2.SwinTransformerV2": "timm swinv2_*",
 }
-
-
-def variant_gap(model: nn.Module) -> str | None:
-    """Why a model of a supported class is still refused (a configuration the pruner does not handle) and what to do
-    instead; None when nothing is missing."""
-    timm_model = getattr(model, "timm_model", model)
-    if isinstance(getattr(timm_model, "attn_pool", None), nn.Module):
-        pool = getattr(timm_model, "global_pool", "map")
-        return (
-            f"has an attention-pooling head (timm global_pool={pool!r}), which is not pruned yet (its attention needs "
-            "a layout of its own). Build the model with global_pool='avg', fc_norm=False (its final norm stays where "
-            "it was), load the trained weights with load_state_dict(state_dict, strict=False) (only attn_pool.* is "
-            "left out), and finetune the head."
-        )
-    size, _ = ModelIO(model).input_spec()
-    if isinstance(size, tuple):
-        return (
-            f"takes {size[0]}x{size[1]} images; the pruner traces, calibrates and counts MACs on square images only. "
-            f"Build or configure the model with a square image size (e.g. {size[0]}) to prune it."
-        )
-    return None
 
 
 def _key(model: nn.Module) -> str:

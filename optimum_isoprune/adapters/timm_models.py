@@ -43,6 +43,10 @@ SUPPORTED_TIMM_CLASSES = {
 }
 
 
+# timm VisionTransformer blocks (block_fn) whose attention and MLP layers the pruner maps.
+_VIT_BLOCKS = {"Block", "ResPostBlock", "ParallelThingsBlock"}
+
+
 def _qualname(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__name__}"
 
@@ -75,6 +79,30 @@ class TimmAdapter(ModelAdapter):
     @classmethod
     def describe_supported(cls) -> str:
         return "timm: " + ", ".join(cls.timm_classes.values())
+
+    @classmethod
+    def variant_gap(cls, model: nn.Module) -> str | None:
+        """timm options of a supported class whose layers no adapter maps yet: an attention-pooling head, blocks
+        that fuse or split their projections differently (`block_fn`), differential attention."""
+        if isinstance(getattr(model, "attn_pool", None), nn.Module):
+            return (
+                f"has an attention-pooling head (timm global_pool={getattr(model, 'global_pool', 'map')!r}), which is "
+                "not pruned yet (its attention needs a layout of its own). Build the model with global_pool='avg', "
+                "fc_norm=False (its final norm stays where it was), load the trained weights with "
+                "load_state_dict(state_dict, strict=False) (only attn_pool.* is left out), and finetune the head."
+            )
+        blocks = {type(b).__name__ for b in getattr(model, "blocks", ())}
+        if _qualname(model) == "timm.models.vision_transformer.VisionTransformer" and blocks - _VIT_BLOCKS:
+            return (
+                f"is built from {', '.join(sorted(blocks - _VIT_BLOCKS))} blocks (block_fn), whose fused attention "
+                f"and MLP projections the pruner does not map yet; supported: {', '.join(sorted(_VIT_BLOCKS))}."
+            )
+        if any(type(m).__name__ == "DiffAttention" for m in model.modules()):
+            return (
+                "uses differential attention (attn_layer='diff'), whose paired heads and per-head-dim lambdas the "
+                "pruner does not map yet; build the model with the default attention (attn_layer='attn')."
+            )
+        return super().variant_gap(model)
 
     def _input_size(self) -> tuple[int, int, int]:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}

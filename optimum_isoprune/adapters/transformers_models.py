@@ -113,6 +113,10 @@ class TimmWrapperAdapter(TransformersAdapter):
     def describe_supported(cls) -> str:
         return "TimmWrapperForImageClassification around a supported timm model"
 
+    @classmethod
+    def variant_gap(cls, model: nn.Module) -> str | None:
+        return TimmAdapter.variant_gap(model.timm_model) or super().variant_gap(model)
+
     def _timm(self) -> TimmAdapter:
         return TimmAdapter(self.model.timm_model)
 
