@@ -210,6 +210,10 @@ VARIANT_BUILDERS = {
     "timm_vit_rmsnorm": lambda: timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, norm_layer="rmsnorm", **TIMM_VIT_KWARGS
     ),
+    # timm's DINOv2 giant layout: a packed SwiGLU MLP (one fc1 holding gate and value) and layer scale
+    "timm_vit_swiglu_packed": lambda: timm.create_model(
+        "vit_giant_patch14_dinov2", pretrained=False, **{**TIMM_VIT_KWARGS, "mlp_ratio": 4.0}
+    ),
     "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
         RegNetConfig(
             embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10

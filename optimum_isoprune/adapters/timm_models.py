@@ -3,7 +3,8 @@
 Squeeze-and-excitation (efficientnet, mobilenetv3, regnety), depthwise convolutions and layer scale need no
 code here: torch-pruning couples them through the graph. A q/k norm (`qk_norm=True`: one norm over the head dim,
 shared by every head) is kept out of the traced graph, which would map it to the heads' concatenation, and its
-attention keeps its head dims whole (heads are still pruned). Grouped convolutions (regnety) are ranked by offset
+attention keeps its head dims whole (heads are still pruned). A packed SwiGLU MLP (`mlp_layer=SwiGLUPacked`,
+vit_giant_patch14_dinov2) runs as its two halves while pruned, as EVA-02's (`timm_vits.py`). Grouped convolutions (regnety) are ranked by offset
 across conv groups in `isomorphic.py`, so every conv group keeps the same width.
 """
 
@@ -151,16 +152,32 @@ class TimmAdapter(ModelAdapter):
         norms = [n for a in self.attentions(model) for n in qk_norms(a.module)]
         return {**options, "ignored_layers": [*options.get("ignored_layers", []), *norms]} if norms else options
 
-    def make_traceable(self, model: nn.Module) -> None:
-        for attention in self.attentions(model):
-            attention.module.fused_attn = False
-
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         for pruned, original in zip(self.attentions(model), self.attentions(reference)):
             pruned.module.fused_attn = original.module.fused_attn
 
+    def make_traceable(self, model: nn.Module) -> None:
+        for attention in self.attentions(model):
+            attention.module.fused_attn = False
+        from .timm_vits import _split_packed_glu
+
+        for mlp in self._packed_glus(model):
+            _split_packed_glu(mlp)
+
     def finalize(self, model: nn.Module) -> None:
         sync_norm_shapes(model)  # norm_layer="rmsnorm"
+        from .timm_vits import _pack_glu
+
+        for mlp in self._packed_glus(model):
+            _pack_glu(mlp)
+
+    @staticmethod
+    def _packed_glus(model: nn.Module) -> list[nn.Module]:
+        """Packed SwiGLU MLPs of the families in `SUPPORTED_TIMM_CLASSES` (the adapters of other families, EVA-02's,
+        split their own); timm_vits.py imports this module, so its helpers are imported where they are used."""
+        from .timm_vits import _packed_glus
+
+        return _packed_glus(model) if _qualname(model) in SUPPORTED_TIMM_CLASSES else []
 
     def base_model_name(self) -> str | None:
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
