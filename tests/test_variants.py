@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import timm
+from timm.layers import SwiGLU
 from timm.models import vision_transformer
 from transformers import (
     SwinConfig,
@@ -15,7 +16,7 @@ from transformers import (
 )
 
 from models import IMAGE_SIZE, TIMM_VIT_KWARGS, VIT_KWARGS
-from optimum_isoprune import IsomorphicPruner, UnsupportedModelError
+from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, UnsupportedModelError, save_pruned_model
 
 
 def _timm_vit(**kwargs):
@@ -70,3 +71,12 @@ def test_unmapped_vit_layers_are_refused(kwargs, message):
 def test_non_square_input_is_refused(build):
     with pytest.raises(UnsupportedModelError, match=rf"takes {IMAGE_SIZE}x48 images; .* square image size"):
         IsomorphicPruner(build())
+
+
+def test_timm_class_arguments_are_refused_at_save_before_writing(tmp_path):
+    """A class passed to timm.create_model (mlp_layer=SwiGLU) prunes, but config.json cannot name it for the reload."""
+    pruner = IsomorphicPruner(_timm_vit(mlp_layer=SwiGLU))
+    pruned = pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.25, importance="magnitude"))
+    with pytest.raises(UnsupportedModelError, match=r"built with mlp_layer=SwiGLU, which .* config.json cannot record"):
+        save_pruned_model(pruned, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
