@@ -214,6 +214,8 @@ VARIANT_BUILDERS = {
     "timm_vit_swiglu_packed": lambda: timm.create_model(
         "vit_giant_patch14_dinov2", pretrained=False, **{**TIMM_VIT_KWARGS, "mlp_ratio": 4.0}
     ),
+    # GroupNorm: every norm group keeps the same number of channels, as a grouped conv's groups do
+    "timm_efficientnet_gn": lambda: _timm_cnn("efficientnet_b0_gn", 64),
     "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
         RegNetConfig(
             embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10
