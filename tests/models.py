@@ -216,6 +216,14 @@ VARIANT_BUILDERS = {
     ),
     # GroupNorm: every norm group keeps the same number of channels, as a grouped conv's groups do
     "timm_efficientnet_gn": lambda: _timm_cnn("efficientnet_b0_gn", 64),
+    # efficient channel attention (ecaresnet*): a 1-channel Conv1d along the channel axis
+    "timm_resnet_eca": lambda: timm.create_model(
+        "resnet18",
+        pretrained=False,
+        num_classes=10,
+        block_args=dict(attn_layer="eca"),
+        pretrained_cfg_overlay=dict(input_size=(3, IMAGE_SIZE, IMAGE_SIZE)),
+    ),
     "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
         RegNetConfig(
             embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10

@@ -61,6 +61,12 @@ def _feature_layer(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
 
 
+def channel_convs(model: nn.Module) -> list[nn.Module]:
+    """1-channel Conv1d layers that slide along the channel axis (efficient channel attention, `ecaresnet*`): they
+    hold no per-channel weights, so they stay out of the traced graph, which would read them as 1-channel layers."""
+    return [m for m in model.modules() if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1]
+
+
 def qk_norms(attention: nn.Module) -> list[nn.Module]:
     """A timm attention's q / k norms over the head dim (`qk_norm=True`), where it has them."""
     norms = (getattr(attention, name, None) for name in ("q_norm", "k_norm"))
@@ -147,10 +153,11 @@ class TimmAdapter(ModelAdapter):
         return found
 
     def graph_options(self, model: nn.Module) -> dict[str, Any]:
-        """q / k norms stay out of the graph: their channels are one head's dims, which their attention keeps."""
+        """q / k norms stay out of the graph (their channels are one head's dims, which their attention keeps), and so do
+        convolutions along the channel axis."""
         options = super().graph_options(model)
-        norms = [n for a in self.attentions(model) for n in qk_norms(a.module)]
-        return {**options, "ignored_layers": [*options.get("ignored_layers", []), *norms]} if norms else options
+        ignored = [n for a in self.attentions(model) for n in qk_norms(a.module)] + channel_convs(model)
+        return {**options, "ignored_layers": [*options.get("ignored_layers", []), *ignored]} if ignored else options
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         for pruned, original in zip(self.attentions(model), self.attentions(reference)):
