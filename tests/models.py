@@ -224,6 +224,8 @@ VARIANT_BUILDERS = {
         block_args=dict(attn_layer="eca"),
         pretrained_cfg_overlay=dict(input_size=(3, IMAGE_SIZE, IMAGE_SIZE)),
     ),
+    # anti-aliased downsampling (BlurPool2d): one fixed filter per channel, a buffer torch-pruning never slices
+    "timm_resnet_blur": lambda: _timm_cnn("resnetblur18", IMAGE_SIZE),
     "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
         RegNetConfig(
             embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10

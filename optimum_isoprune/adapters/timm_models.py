@@ -67,6 +67,19 @@ def channel_convs(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1]
 
 
+def _blur_pools(model: nn.Module) -> list[nn.Module]:
+    """timm's BlurPool2d layers (`resnetblur*`, aa_layer='blurpc'): a fixed binomial filter per channel."""
+    return [m for m in model.modules() if type(m).__name__ == "BlurPool2d" and hasattr(m, "filt")]
+
+
+def _blur_any_width(blur: nn.Module) -> None:
+    """Make a BlurPool2d expand its one filter to whatever width it is given (timm's `channels=None` form: the same
+    values), so it follows the pruned width of the layer before it."""
+    blur.channels = None
+    blur.filt = torch.empty_like(blur.filt[:1])
+    blur._init_buffers()
+
+
 def qk_norms(attention: nn.Module) -> list[nn.Module]:
     """A timm attention's q / k norms over the head dim (`qk_norm=True`), where it has them."""
     norms = (getattr(attention, name, None) for name in ("q_norm", "k_norm"))
@@ -170,6 +183,8 @@ class TimmAdapter(ModelAdapter):
 
         for mlp in self._packed_glus(model):
             _split_packed_glu(mlp)
+        for blur in _blur_pools(model):
+            _blur_any_width(blur)
 
     def finalize(self, model: nn.Module) -> None:
         sync_norm_shapes(model)  # norm_layer="rmsnorm"
@@ -177,6 +192,11 @@ class TimmAdapter(ModelAdapter):
 
         for mlp in self._packed_glus(model):
             _pack_glu(mlp)
+
+    def resized(self, model: nn.Module) -> None:
+        """A rebuilt pruned checkpoint's BlurPool2d takes any width again (its filter is not saved)."""
+        for blur in _blur_pools(model):
+            _blur_any_width(blur)
 
     @staticmethod
     def _packed_glus(model: nn.Module) -> list[nn.Module]:
