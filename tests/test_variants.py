@@ -57,6 +57,12 @@ def test_unmapped_vit_layers_are_refused(kwargs, message):
         IsomorphicPruner(_timm_vit(**kwargs))
 
 
+@pytest.mark.parametrize("name", ["skresnet18", "resnest14d"])
+def test_split_attention_resnets_are_refused(name):
+    with pytest.raises(UnsupportedModelError, match=r"\(skresnet\*, resnest\*\): one conv's outputs hold every branch"):
+        IsomorphicPruner(timm.create_model(name, pretrained=False, num_classes=10))
+
+
 @pytest.mark.parametrize(
     "build",
     [

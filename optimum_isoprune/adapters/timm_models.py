@@ -48,6 +48,10 @@ SUPPORTED_TIMM_CLASSES = {
 _VIT_BLOCKS = {"Block", "ResPostBlock", "ParallelThingsBlock"}
 
 
+# timm attentions over parallel conv branches (selective kernel, ResNeSt's split attention).
+_SPLIT_ATTENTIONS = {"SelectiveKernel", "SplitAttn"}
+
+
 def _qualname(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__name__}"
 
@@ -116,6 +120,13 @@ class TimmAdapter(ModelAdapter):
             return (
                 f"is built from {', '.join(sorted(blocks - _VIT_BLOCKS))} blocks (block_fn), whose fused attention "
                 f"and MLP projections the pruner does not map yet; supported: {', '.join(sorted(_VIT_BLOCKS))}."
+            )
+        split = sorted({type(m).__name__ for m in model.modules()} & _SPLIT_ATTENTIONS)
+        if split:
+            return (
+                f"uses {', '.join(split)} (skresnet*, resnest*): one conv's outputs hold every branch's channels "
+                "(branches x channels), which the pruner does not map yet; prune a resnet*, seresnet* or "
+                "ecaresnet* instead."
             )
         if any(type(m).__name__ == "DiffAttention" for m in model.modules()):
             return (
