@@ -63,6 +63,11 @@ def test_split_attention_resnets_are_refused(name):
         IsomorphicPruner(timm.create_model(name, pretrained=False, num_classes=10))
 
 
+def test_mixed_kernel_convs_are_refused():
+    with pytest.raises(UnsupportedModelError, match=r"uses MixedConv2d \(mixnet_\*\)"):
+        IsomorphicPruner(timm.create_model("mixnet_s", pretrained=False, num_classes=10))
+
+
 @pytest.mark.parametrize(
     "build",
     [

@@ -128,6 +128,11 @@ class TimmAdapter(ModelAdapter):
                 "(branches x channels), which the pruner does not map yet; prune a resnet*, seresnet* or "
                 "ecaresnet* instead."
             )
+        if any(type(m).__name__ == "MixedConv2d" for m in model.modules()):
+            return (
+                "uses MixedConv2d (mixnet_*): its channels are split into chunks of fixed widths, one kernel size each, "
+                "which the pruner does not resize yet; prune an efficientnet_* or mobilenetv3_* instead."
+            )
         if any(type(m).__name__ == "DiffAttention" for m in model.modules()):
             return (
                 "uses differential attention (attn_layer='diff'), whose paired heads and per-head-dim lambdas the "
