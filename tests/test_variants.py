@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import timm
+import torch
 from timm.layers import SwiGLU
 from timm.models import vision_transformer
 from transformers import (
@@ -16,7 +17,13 @@ from transformers import (
 )
 
 from models import IMAGE_SIZE, TIMM_VIT_KWARGS, VIT_KWARGS
-from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig, UnsupportedModelError, save_pruned_model
+from optimum_isoprune import (
+    IsomorphicPruner,
+    IsomorphicPruningConfig,
+    UnsupportedModelError,
+    load_pruned_model,
+    save_pruned_model,
+)
 
 
 def _timm_vit(**kwargs):
@@ -91,3 +98,16 @@ def test_timm_class_arguments_are_refused_at_save_before_writing(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"built with mlp_layer=SwiGLU, which .* config.json cannot record"):
         save_pruned_model(pruned, tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+def test_wrapped_blur_pool_reloads_at_its_pruned_width(tmp_path):
+    """A BlurPool2d is saved in timm's fixed-width form at the width it is given (a transformers reload runs no hook)."""
+    config = TimmWrapperConfig(
+        architecture="resnetblur18", num_labels=10, pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE]}
+    )
+    pruned = IsomorphicPruner(TimmWrapperForImageClassification(config).eval()).prune(
+        IsomorphicPruningConfig(pruning_ratio=0.3, importance="magnitude")
+    )
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    save_pruned_model(pruned, tmp_path)
+    assert torch.equal(load_pruned_model(tmp_path).eval()(x).logits, pruned.eval()(x).logits)

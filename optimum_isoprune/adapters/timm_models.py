@@ -71,17 +71,40 @@ def channel_convs(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1]
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _blur_pools(model: nn.Module) -> list[nn.Module]:
     """timm's BlurPool2d layers (`resnetblur*`, aa_layer='blurpc'): a fixed binomial filter per channel."""
     return [m for m in model.modules() if type(m).__name__ == "BlurPool2d" and hasattr(m, "filt")]
 
 
-def _blur_any_width(blur: nn.Module) -> None:
-    """Make a BlurPool2d expand its one filter to whatever width it is given (timm's `channels=None` form: the same
-    values), so it follows the pruned width of the layer before it."""
-    blur.channels = None
-    blur.filt = torch.empty_like(blur.filt[:1])
+def _set_blur_width(blur: nn.Module, channels: int | None) -> None:
+    """Give a BlurPool2d `channels` copies of its fixed filter, or one it expands to any width (`None`, timm's form
+    for an unknown width): the same values either way."""
+    blur.channels = channels
+    blur.filt = torch.empty((channels or 1, *blur.filt.shape[1:]), dtype=blur.filt.dtype, device=blur.filt.device)
     blur._init_buffers()
+
+
+def _input_widths(model: nn.Module, modules: list[nn.Module], example: torch.Tensor) -> list[int]:
+    """The channel count each of `modules` receives when `model` (in eval mode) runs on `example`."""
+    widths: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        widths.setdefault(module, args[0].shape[1])
+
+    hooks = [m.register_forward_pre_hook(record) for m in modules]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return [widths[m] for m in modules]
 
 
 def qk_norms(attention: nn.Module) -> list[nn.Module]:
@@ -200,7 +223,7 @@ class TimmAdapter(ModelAdapter):
         for mlp in self._packed_glus(model):
             _split_packed_glu(mlp)
         for blur in _blur_pools(model):
-            _blur_any_width(blur)
+            _set_blur_width(blur, None)
 
     def finalize(self, model: nn.Module) -> None:
         sync_norm_shapes(model)  # norm_layer="rmsnorm"
@@ -208,11 +231,11 @@ class TimmAdapter(ModelAdapter):
 
         for mlp in self._packed_glus(model):
             _pack_glu(mlp)
-
-    def resized(self, model: nn.Module) -> None:
-        """A rebuilt pruned checkpoint's BlurPool2d takes any width again (its filter is not saved)."""
-        for blur in _blur_pools(model):
-            _blur_any_width(blur)
+        blurs = _blur_pools(model)
+        if blurs:  # back to timm's fixed-width form, at the widths they are now given (saved as stock modules)
+            example = torch.zeros(1, self.num_channels(), self.image_size(), self.image_size(), device=_device(model))
+            for blur, width in zip(blurs, _input_widths(model, blurs, example)):
+                _set_blur_width(blur, width)
 
     @staticmethod
     def _packed_glus(model: nn.Module) -> list[nn.Module]:

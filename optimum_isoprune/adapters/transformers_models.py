@@ -143,6 +143,3 @@ class TimmWrapperAdapter(TransformersAdapter):
 
     def finalize(self, model: nn.Module) -> None:
         self._timm().finalize(model.timm_model)
-
-    def resized(self, model: nn.Module) -> None:
-        self._timm().resized(model.timm_model)
