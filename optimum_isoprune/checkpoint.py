@@ -132,10 +132,10 @@ def _check_json_model_args(name: str, model_args: dict[str, Any]) -> None:
             unsaved.append(f"{key}={getattr(value, '__name__', value)}")
     if unsaved:
         raise UnsupportedModelError(
-            f"{name} was built with {', '.join(unsaved)}, which a checkpoint's config.json cannot record (timm takes "
-            "an object there, not a name), so it could not be rebuilt on load. Build it from a timm architecture name "
-            "whose defaults set them (e.g. vit_giant_patch14_dinov2 for a packed SwiGLU MLP), or keep this pruned model "
-            "with torch.save(model, path). Nothing was written."
+            f"{name} was built with {', '.join(unsaved)}, which a checkpoint's config.json cannot record (timm "
+            "takes an object there, not a name), so it could not be rebuilt on load. Build it from a timm architecture "
+            "name whose defaults set them (e.g. vit_giant_patch14_dinov2 for a packed SwiGLU MLP), or keep this "
+            "pruned model with torch.save(model, path). Nothing was written."
         )
 
 

@@ -101,7 +101,7 @@ def test_timm_class_arguments_are_refused_at_save_before_writing(tmp_path):
 
 
 def test_wrapped_blur_pool_reloads_at_its_pruned_width(tmp_path):
-    """A BlurPool2d is saved in timm's fixed-width form at the width it is given (a transformers reload runs no hook)."""
+    """BlurPool2d is saved in timm's fixed-width form at the width it is given (a transformers reload runs no hook)."""
     config = TimmWrapperConfig(
         architecture="resnetblur18", num_labels=10, pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE]}
     )

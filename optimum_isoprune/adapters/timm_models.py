@@ -1,11 +1,16 @@
 """Adapters for timm models (vit / deit / deit3 incl. distilled, convnext, resnet, efficientnet, mobilenetv3, regnety).
 
 Squeeze-and-excitation (efficientnet, mobilenetv3, regnety), depthwise convolutions and layer scale need no
-code here: torch-pruning couples them through the graph. A q/k norm (`qk_norm=True`: one norm over the head dim,
-shared by every head) is kept out of the traced graph, which would map it to the heads' concatenation, and its
-attention keeps its head dims whole (heads are still pruned). A packed SwiGLU MLP (`mlp_layer=SwiGLUPacked`,
-vit_giant_patch14_dinov2) runs as its two halves while pruned, as EVA-02's (`timm_vits.py`). Grouped convolutions (regnety) are ranked by offset
-across conv groups in `isomorphic.py`, so every conv group keeps the same width.
+code here: torch-pruning couples them through the graph. Grouped convolutions (regnety) and GroupNorm are ranked by
+offset across their groups in `isomorphic.py`, so every group keeps the same width. What this module adds:
+- a q/k norm (`qk_norm=True`: one norm over the head dim, shared by every head) and efficient channel attention's
+  Conv1d along the channel axis (`ecaresnet*`) are kept out of the traced graph, which would map them to the full
+  width; a q/k-normed attention keeps its head dims whole (heads are still pruned);
+- a packed SwiGLU MLP (`mlp_layer=SwiGLUPacked`, vit_giant_patch14_dinov2) runs as its two halves while pruned, as
+  EVA-02's (`timm_vits.py`); RmsNorm's `normalized_shape` and BlurPool2d's per-channel filter (`resnetblur*`, a
+  buffer) follow the pruned width in `finalize`;
+- `variant_gap` refuses the options no adapter maps yet (attention-pooling head, other ViT blocks, differential
+  attention, selective-kernel / split attention, MixedConv2d), saying what to build instead.
 """
 
 from __future__ import annotations
@@ -153,8 +158,8 @@ class TimmAdapter(ModelAdapter):
             )
         if any(type(m).__name__ == "MixedConv2d" for m in model.modules()):
             return (
-                "uses MixedConv2d (mixnet_*): its channels are split into chunks of fixed widths, one kernel size each, "
-                "which the pruner does not resize yet; prune an efficientnet_* or mobilenetv3_* instead."
+                "uses MixedConv2d (mixnet_*): its channels are split into chunks of fixed widths, one kernel size "
+                "each, which the pruner does not resize yet; prune an efficientnet_* or mobilenetv3_* instead."
             )
         if any(type(m).__name__ == "DiffAttention" for m in model.modules()):
             return (
@@ -205,8 +210,8 @@ class TimmAdapter(ModelAdapter):
         return found
 
     def graph_options(self, model: nn.Module) -> dict[str, Any]:
-        """q / k norms stay out of the graph (their channels are one head's dims, which their attention keeps), and so do
-        convolutions along the channel axis."""
+        """q / k norms stay out of the graph (their channels are one head's dims, which their attention keeps), and
+        so do convolutions along the channel axis."""
         options = super().graph_options(model)
         ignored = [n for a in self.attentions(model) for n in qk_norms(a.module)] + channel_convs(model)
         return {**options, "ignored_layers": [*options.get("ignored_layers", []), *ignored]} if ignored else options
