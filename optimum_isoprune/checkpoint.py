@@ -134,8 +134,8 @@ def _check_json_model_args(name: str, model_args: dict[str, Any]) -> None:
         raise UnsupportedModelError(
             f"{name} was built with {', '.join(unsaved)}, which a checkpoint's config.json cannot record (timm "
             "takes an object there, not a name), so it could not be rebuilt on load. Build it from a timm architecture "
-            "name whose defaults set them (e.g. vit_giant_patch14_dinov2 for a packed SwiGLU MLP), or keep this "
-            "pruned model with torch.save(model, path). Nothing was written."
+            "name whose defaults set them (e.g. vit_giant_patch14_dinov2 for a packed SwiGLU MLP) and prune that; the "
+            "pruned model in memory still runs and exports (export_onnx). Nothing was written."
         )
 
 
