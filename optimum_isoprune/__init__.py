@@ -23,6 +23,9 @@ _LAZY = {
     "DistillationTrainingArguments": "distillation",
     "BudgetError": "errors",
     "CalibrationDataError": "errors",
+    "ConfigurationError": "errors",
+    "DataError": "errors",
+    "ModelStateError": "errors",
     "IsoPruneError": "errors",
     "UnsupportedModelError": "errors",
     "NonFiniteError": "errors",
@@ -58,7 +61,16 @@ if TYPE_CHECKING:
     from .counting import count_macs, count_params
     from .data import collate_fn, load_fashion_mnist, load_image_dataset, prepare_dataset
     from .distillation import DistillationTrainer, DistillationTrainingArguments
-    from .errors import BudgetError, CalibrationDataError, IsoPruneError, NonFiniteError, UnsupportedModelError
+    from .errors import (
+        BudgetError,
+        CalibrationDataError,
+        ConfigurationError,
+        DataError,
+        IsoPruneError,
+        ModelStateError,
+        NonFiniteError,
+        UnsupportedModelError,
+    )
     from .card import create_model_card, plot_layer_widths, save_model_card
     from .hub import HubPublishError, push_to_hub
     from .latency import compare_latency, measure_latency
@@ -97,12 +109,15 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError",
     "CalibrationDataError",
+    "ConfigurationError",
+    "DataError",
     "ClassAmount",
     "DistillationTrainer",
     "DistillationTrainingArguments",
     "HubPublishError",
     "InvalidOnnxModelError",
     "IsoPruneError",
+    "ModelStateError",
     "IsomorphicPruner",
     "IsomorphicPruningConfig",
     "LayerWidth",

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers.utils import CONFIG_NAME
 
 from .configuration import PRUNING_CONFIG_NAME, IsomorphicPruningConfig
-from .errors import NonFiniteError
+from .errors import NonFiniteError, UnsupportedModelError
 from .modeling import FAMILIES, PrunedCheckpointError, PrunedModelMixin, to_pruned_model
 from .modeling.convert import TIMM_MANIFEST_ATTRIBUTE, rebuild_timm_model
 from .modeling.modeling_pruned import (
@@ -110,6 +110,7 @@ def _write_timm_checkpoint(model: nn.Module, directory: str) -> None:
     from timm.models._hub import save_config_for_hf
 
     manifest = getattr(model, TIMM_MANIFEST_ATTRIBUTE)
+    _check_json_model_args(type(model).__name__, manifest["model_args"])
     save_config_for_hf(
         model,
         os.path.join(directory, CONFIG_NAME),
@@ -119,6 +120,23 @@ def _write_timm_checkpoint(model: nn.Module, directory: str) -> None:
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, os.path.join(directory, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
     record_checksums(os.path.join(directory, CONFIG_NAME), [os.path.join(directory, SAFE_WEIGHTS_NAME)])
+
+
+def _check_json_model_args(name: str, model_args: dict[str, Any]) -> None:
+    """Refuse, before writing, timm constructor arguments config.json cannot hold (a class passed as mlp_layer=)."""
+    unsaved = []
+    for key, value in model_args.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            unsaved.append(f"{key}={getattr(value, '__name__', value)}")
+    if unsaved:
+        raise UnsupportedModelError(
+            f"{name} was built with {', '.join(unsaved)}, which a checkpoint's config.json cannot record (timm "
+            "takes an object there, not a name), so it could not be rebuilt on load. Build it from a timm architecture "
+            "name whose defaults set them (e.g. vit_giant_patch14_dinov2 for a packed SwiGLU MLP) and prune that; the "
+            "pruned model in memory still runs and exports (export_onnx). Nothing was written."
+        )
 
 
 def check_writable(directory: str | os.PathLike) -> None:

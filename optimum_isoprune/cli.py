@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from ._startup import restore_default_handler
-from .errors import IsoPruneError
+from .errors import ConfigurationError, IsoPruneError
 from .training_defaults import DISTILLATION_TYPES, TRAINING_DEFAULTS
 
 logger = logging.getLogger("optimum_isoprune.cli")
@@ -265,10 +265,24 @@ def _first_line(err: BaseException) -> str:
 # -------------------------------------------------------------------------------------------- commands
 
 
+def _count_macs(pruner: Any, image_size: int | None) -> float:
+    """The model's MACs at --image-size; a size the model cannot run at is a usage error."""
+    from .counting import count_macs
+    from .guards import image_size_error
+
+    native = pruner.adapter.image_size()
+    try:
+        return count_macs(pruner.model, image_size=image_size)
+    except Exception as error:
+        if image_size in (None, native):
+            raise
+        raise CLIError(str(image_size_error(image_size, native, error)), exit_code=2) from error
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .card import RANDOM_WEIGHTS_NOTE
     from .checkpoint import check_writable, is_pruned_checkpoint
-    from .counting import count_macs, count_params
+    from .counting import count_params
     from .pruner import IsomorphicPruner, load_image_processor
 
     check_writable(args.output)  # before loading and pruning, not after
@@ -282,7 +296,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         name, (value, share) = (
             ("MACs", args.target_macs) if args.target_macs is not None else ("params", args.target_params)
         )
-        total = count_macs(model, image_size=args.image_size) if name == "MACs" else count_params(model)
+        total = _count_macs(pruner, args.image_size) if name == "MACs" else count_params(model)
         target["target_macs" if name == "MACs" else "target_params"] = goal = value * total if share else value
         if goal >= total:
             raise CLIError(
@@ -313,7 +327,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         limit = config.num_calibration_batches * config.calibration_batch_size * 4
         dataset = load_split(args.calibration_dataset, args.calibration_split, limit=limit, data_dir=args.data_dir)
         calibration = prepare_for(model, dataset, processor)
-    pruner.prune(config, calibration_dataset=calibration)
+    try:
+        pruner.prune(config, calibration_dataset=calibration)
+    except ConfigurationError as err:  # an option's value the model cannot take (--ignore, --image-size): usage
+        raise CLIError(_first_line(err), exit_code=2) from err
     pruner.save_pretrained(args.output, image_processor=processor)
     print(pruner.report.summary())
     print(f"Saved the pruned model to {args.output}")
@@ -690,7 +707,12 @@ def config_from_args(args: argparse.Namespace, **target: float) -> Any:
     from .configuration import IsomorphicPruningConfig
 
     given = {f.name: getattr(args, f.name) for f in fields(IsomorphicPruningConfig) if f.name not in _TARGET_FIELDS}
-    return IsomorphicPruningConfig(**target, **{k: v for k, v in given.items() if v is not None})
+    try:
+        return IsomorphicPruningConfig(**target, **{k: v for k, v in given.items() if v is not None})
+    except ConfigurationError as err:  # an option's value: bad usage, said in the option's words
+        raise CLIError(
+            f"invalid option value: {str(err).replace('IsomorphicPruningConfig.', '')}", exit_code=2
+        ) from err
 
 
 def build_parser() -> argparse.ArgumentParser:

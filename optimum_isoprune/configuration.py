@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from .errors import ConfigurationError
 from .serialization import JsonFile
 
 PRUNING_CONFIG_NAME = "pruning_config.json"
@@ -18,6 +21,7 @@ BUDGET_POLICY_CHOICES = ("shared", "allocate", "search")
 RECONSTRUCTION_CHOICES = ("none", "bias", "least_squares")
 LATENCY_DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 TARGETS = ("target_macs", "target_params", "target_latency", "pruning_ratio")
+SEED_LIMIT = 2**32  # numpy's and `transformers.set_seed`'s range; torch and datasets take it too
 
 
 @dataclass
@@ -173,7 +177,7 @@ class IsomorphicPruningConfig(JsonFile):
         default_factory=list,
         metadata={"help": "Names (or name suffixes) of modules whose output channels must stay whole."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed for data order and random importance."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order and random importance, in [0, 2**32)."})
     image_size: int | None = field(
         default=None, metadata={"help": "Input resolution; taken from the model config when omitted."}
     )
@@ -183,18 +187,18 @@ class IsomorphicPruningConfig(JsonFile):
             _check_type(f.name, getattr(self, f.name), str(f.type))
         given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Set exactly one of {', '.join(TARGETS)} (got {given or 'none'}); "
                 "e.g. IsomorphicPruningConfig(target_macs=1.2e9)."
             )
         for name in ("target_macs", "target_params", "target_latency"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+                raise ConfigurationError(f"{name} must be a positive number, got {value!r}.")
         for name in ("pruning_ratio", "head_pruning_ratio", "head_dim_pruning_ratio"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+                raise ConfigurationError(f"{name} must be in [0, 1), got {value!r}.")
         for f in fields(self):
             if "choices" in f.metadata:
                 _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
@@ -207,11 +211,11 @@ class IsomorphicPruningConfig(JsonFile):
                 stacklevel=3,
             )
         if self.latency_device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.latency_device):
-            raise ValueError(
+            raise ConfigurationError(
                 f"latency_device must be 'cpu', 'cuda', 'cuda:<index>' or 'mps', got {self.latency_device!r}."
             )
         if not self.reconstruction_damping >= 0:
-            raise ValueError(f"reconstruction_damping must be >= 0, got {self.reconstruction_damping!r}.")
+            raise ConfigurationError(f"reconstruction_damping must be >= 0, got {self.reconstruction_damping!r}.")
         for name in (
             "round_to",
             "min_heads",
@@ -224,34 +228,47 @@ class IsomorphicPruningConfig(JsonFile):
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
         if self.search_finalists is not None and (
             not isinstance(self.search_finalists, int) or self.search_finalists < 0
         ):
-            raise ValueError(f"search_finalists must be None or a non-negative integer, got {self.search_finalists!r}.")
+            raise ConfigurationError(
+                f"search_finalists must be None or a non-negative integer, got {self.search_finalists!r}."
+            )
         if self.latency_threads is not None and self.latency_threads < 1:
-            raise ValueError(f"latency_threads must be a positive integer, got {self.latency_threads!r}.")
+            raise ConfigurationError(f"latency_threads must be a positive integer, got {self.latency_threads!r}.")
         if self.latency_grid_points < 2:
-            raise ValueError(f"latency_grid_points must be at least 2, got {self.latency_grid_points!r}.")
+            raise ConfigurationError(f"latency_grid_points must be at least 2, got {self.latency_grid_points!r}.")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigurationError(f"seed must be in [0, 2**32), got {self.seed!r}.")
         if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size must be positive, got {self.image_size!r}.")
+            raise ConfigurationError(f"image_size must be positive, got {self.image_size!r}.")
         self.ignored_modules = list(self.ignored_modules)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "IsomorphicPruningConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> "IsomorphicPruningConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(
+                f"IsomorphicPruningConfig.from_dict takes a mapping of field names to values, got "
+                f"{type(data).__name__}; e.g. from_dict({{'pruning_ratio': 0.5}})."
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown IsomorphicPruningConfig fields {unknown}; known fields: {sorted(known)}.")
+            close = {name: difflib.get_close_matches(str(name), known, n=1) for name in unknown}
+            hints = "".join(f" {name!r}: did you mean {match[0]!r}?" for name, match in close.items() if match)
+            raise ConfigurationError(
+                f"Unknown IsomorphicPruningConfig fields {unknown}.{hints} Known fields: {sorted(known)}."
+            )
         return cls(**data)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")
+        raise ConfigurationError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -276,7 +293,7 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
             "str": "a string",
             "list[str]": "a list of module names, e.g. ['classifier']",
         }[kind]
-        raise TypeError(
+        raise ConfigurationError(
             f"IsomorphicPruningConfig.{name} must be {expected}{' or None' if optional else ''}, "
             f"got {value!r:.60} ({type(value).__name__})."
         )

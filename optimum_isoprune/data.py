@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value, load_dataset
 
 from .adapters import adapter_for
 from .adapters.io import processor_normalization
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ FASHION_MNIST_STD = (0.3530,)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INDEX_COLUMN = "idx"
+LABEL_COLUMNS = ("label", "labels", "fine_label")  # as Hub image datasets name them (CIFAR-100: fine_label)
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_MAGIC = {3: 2051, 1: 2049}  # IDX magic numbers of uint8 tensors with 3 dims (images) and 1 dim (labels)
 
@@ -49,7 +51,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
         data = handle.read()
     magic = int.from_bytes(data[0:4], "big")
     if magic != _IDX_MAGIC[ndim]:
-        raise ValueError(f"{path} is not a uint8 IDX file with {ndim} dimension(s) (magic number {magic}).")
+        raise DataError(f"{path} is not a uint8 IDX file with {ndim} dimension(s) (magic number {magic}).")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
@@ -63,7 +65,7 @@ def load_fashion_mnist(
     `data_dir` defaults to Debian's `/usr/share/datasets/fashion-mnist`; `limit` keeps the first examples only.
     """
     if split not in _SPLIT_PREFIX:
-        raise ValueError(
+        raise DataError(
             f"split={split!r} is not a Fashion-MNIST split; use 'train' (60,000 images) or 'test' (10,000)."
         )
     if limit is not None and limit <= 0:
@@ -82,7 +84,7 @@ def load_fashion_mnist(
     images = _read_idx(images_path, 3)
     labels = _read_idx(labels_path, 1)
     if len(images) != len(labels):
-        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels.")
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels.")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
@@ -116,7 +118,7 @@ def load_image_dataset(
         dataset = load_dataset(str(name_or_dir), split=split, **load_kwargs)
     for column, wanted in ((image_column, "image"), (label_column, "label")):
         if column not in dataset.column_names:
-            raise ValueError(
+            raise DataError(
                 f"{name_or_dir!r} split {split!r} has no column {column!r} (columns: {dataset.column_names}); "
                 f"pass {'image' if wanted == 'image' else 'label'}_column= the right name."
             )
@@ -131,7 +133,7 @@ def add_index_column(dataset: Dataset, name: str = INDEX_COLUMN) -> Dataset:
     Call it before `prepare_dataset` (a transform set on a dataset is kept by `add_column`).
     """
     if name in dataset.column_names:
-        raise ValueError(f"The dataset already has a column named {name!r}; pass another name=.")
+        raise DataError(f"The dataset already has a column named {name!r}; pass another name=.")
     return dataset.add_column(name, list(range(len(dataset))))
 
 
@@ -207,20 +209,24 @@ class ImageClassificationTransform:
             )
         out: dict[str, list] = {"pixel_values": [self.image_to_tensor(image) for image in batch[self.image_column]]}
         if self.label_column in batch:
-            out["labels"] = [int(label) for label in batch[self.label_column]]
+            labels = batch[self.label_column]
+            if any(isinstance(label, str) for label in labels):
+                raise DataError(_text_labels(self.label_column))
+            out["labels"] = [int(label) for label in labels]
         if self.index_column in batch:
             out[self.index_column] = [int(i) for i in batch[self.index_column]]
         return out
 
 
 def prepare_dataset(
-    dataset: Dataset,
+    dataset: Dataset | IterableDataset,
     train: bool = False,
     model: torch.nn.Module | None = None,
     image_processor: Any = None,
     **transform_kwargs: Any,
-) -> Dataset:
-    """Attach an `ImageClassificationTransform` lazily (`with_transform`); `train=True` turns on random flips.
+) -> Dataset | IterableDataset:
+    """Attach an `ImageClassificationTransform` lazily (`with_transform`; an `IterableDataset` is mapped as it
+    streams); `train=True` turns on random flips.
 
     With `model`, image size, channel count, mean and std default to what the model expects: its image
     processor (`image_processor=`, or the one saved beside the model), else timm's pretrained config. The
@@ -245,7 +251,10 @@ def prepare_dataset(
                 "defaults. If the model was trained otherwise, pass prepare_dataset(..., image_processor=) or mean=, std=."
             )
     transform_kwargs.setdefault("random_flip", train)
-    return dataset.with_transform(ImageClassificationTransform(**transform_kwargs))
+    transform = ImageClassificationTransform(**transform_kwargs)
+    if isinstance(dataset, IterableDataset):  # a stream has no lazy transform: rows are mapped as they are read
+        return dataset.map(transform, batched=True, remove_columns=dataset.column_names)
+    return dataset.with_transform(transform)
 
 
 def _normalization(model: torch.nn.Module | None, image_processor: Any) -> tuple[list[float], list[float]] | None:
@@ -277,17 +286,19 @@ def check_labels(dataset: Any, model: torch.nn.Module, label_column: str = "labe
     """
     features = getattr(dataset, "features", None)
     feature = features.get(label_column) if features is not None and hasattr(features, "get") else None
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        raise DataError(_text_labels(label_column))
     if not isinstance(feature, ClassLabel):
         return
     data_names = list(feature.names)
     num_labels = adapter_for(model).num_labels()
     if data_names and {n.lower() for n in data_names} <= _SPLIT_NAMES:
-        raise ValueError(
+        raise DataError(
             f"The dataset's labels are {data_names}, the names of split folders: the image folder has no class "
             "subfolders. Lay it out as <dir>/<split>/<class name>/<image>, e.g. data/train/cat/1.png."
         )
     if num_labels is not None and len(data_names) > num_labels:
-        raise ValueError(
+        raise DataError(
             f"The dataset has {len(data_names)} classes ({_short(data_names)}) but the model predicts {num_labels}; "
             "use the dataset the model was trained for, or a model with a head for these classes."
         )
@@ -308,7 +319,7 @@ def check_labels(dataset: Any, model: torch.nn.Module, label_column: str = "labe
     if data_norm == model_norm:
         return
     if sorted(data_norm) == sorted(model_norm):
-        raise ValueError(
+        raise DataError(
             f"The dataset's classes {_short(data_names)} are the model's {_short(model_names)} in another order; "
             "label i must be the model's class i. Rename the folders so that their alphabetical order is the model's "
             "order (e.g. 0_cat, 1_dog), or relabel the dataset (dataset.align_labels_with_mapping(model.config.label2id, "
@@ -322,6 +333,14 @@ def check_labels(dataset: Any, model: torch.nn.Module, label_column: str = "labe
     )
 
 
+def _text_labels(column: str) -> str:
+    return (
+        f"The {column!r} column holds class names (text), not class indices: encode it first, e.g. "
+        f"dataset.class_encode_column({column!r}) (classes in alphabetical order), then check that label i is the "
+        "model's class i."
+    )
+
+
 def _short(names: Sequence[str] | None, limit: int = 12) -> str:
     names = list(names or [])
     text = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
@@ -329,15 +348,25 @@ def _short(names: Sequence[str] | None, limit: int = 12) -> str:
 
 
 def ensure_prepared(dataset: Any, model: torch.nn.Module, train: bool = False) -> Any:
-    """`dataset` itself when it already gives `pixel_values`, else `prepare_dataset(dataset, train, model=model)`."""
-    if (
-        isinstance(dataset, Dataset)
-        and dataset_transform(dataset) is None
-        and isinstance(dataset.features.get("image"), Image)  # decoded images, not arrays of another layout
-        and "pixel_values" not in dataset.column_names
-    ):
-        return prepare_dataset(dataset, train=train, model=model)
-    return dataset
+    """`dataset` itself when it already gives `pixel_values`, else `prepare_dataset(dataset, train, model=model)` on
+    its one Image column (`image`, `img`, ...) and its label column (`LABEL_COLUMNS`)."""
+    columns = raw_image_columns(dataset)
+    if columns is None:
+        return dataset
+    image_column, label_column = columns
+    return prepare_dataset(dataset, train=train, model=model, image_column=image_column, label_column=label_column)
+
+
+def raw_image_columns(dataset: Any) -> tuple[str, str] | None:
+    """(image column, label column) of a `Dataset` / `IterableDataset` of decoded images with no `pixel_values` and
+    no transform yet, else None. The image column is its one `Image` feature (not arrays of another layout)."""
+    features = getattr(dataset, "features", None)
+    if not isinstance(dataset, (Dataset, IterableDataset)) or not features or dataset_transform(dataset) is not None:
+        return None
+    images = [name for name, feature in features.items() if isinstance(feature, Image)]
+    if len(images) != 1 or "pixel_values" in features:
+        return None
+    return images[0], next((name for name in LABEL_COLUMNS if name in features), LABEL_COLUMNS[0])
 
 
 def dataset_transform(dataset: Any) -> Any:
@@ -349,7 +378,7 @@ def dataset_transform(dataset: Any) -> Any:
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack transformed examples into a batch: `pixel_values` (B, C, H, W), `labels` and index as int64 tensors."""
     if not examples:
-        raise ValueError("collate_fn got an empty list of examples.")
+        raise DataError("collate_fn got an empty list of examples.")
     batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
     for key in examples[0]:
         if key != "pixel_values":

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .errors import NonFiniteError
+from .errors import ConfigurationError, NonFiniteError
 
 F = TypeVar("F", bound=Callable[..., Any])
 IGNORE_INDEX = -100
@@ -23,6 +23,18 @@ def keeps_global_rng(function: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def with_autograd(function: F) -> F:
+    """Run `function` with autograd on, also when the caller is under `torch.no_grad()` or `torch.inference_mode()`
+    (tracing the dependency graph and Taylor importance need gradients)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -53,6 +65,15 @@ def check_finite_parameters(model: nn.Module, what: str) -> None:
             f"{what} has {len(bad)} parameter(s) holding NaN/inf values: {listed}. Fix or reload the weights first; "
             "importance scores and distillation would be meaningless."
         )
+
+
+def image_size_error(image_size: int, native: int | None, error: Exception) -> ConfigurationError:
+    """The error for a model that failed to run at a configured `image_size` other than its own (`native`)."""
+    return ConfigurationError(
+        f"The model does not run on {image_size} px images (image_size={image_size}; it was built for {native} px): "
+        f"{str(error).splitlines()[0] if str(error) else type(error).__name__} Leave image_size unset, or resize the "
+        "images to the model's size."
+    )
 
 
 def check_labels(
@@ -93,9 +114,11 @@ def check_labels(
 
 __all__ = [
     "keeps_global_rng",
+    "with_autograd",
     "require_finite",
     "check_finite_parameters",
     "check_labels",
     "count_non_finite",
+    "image_size_error",
     "NonFiniteError",
 ]

@@ -7,6 +7,7 @@ way, with the same width. Only isomorphic groups are ranked against each other.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -126,10 +127,10 @@ def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup
             producers += int(layer_is_out and isinstance(layer, (nn.Linear, nn.Conv2d)))
             if _conv_groups(layer) > 1 and not np.array_equal(layer_idxs, root_idxs):
                 raise ValueError(
-                    f"{names.get(layer, layer)}: a grouped convolution whose channels are reordered "
+                    f"{names.get(layer, layer)}: a grouped convolution or GroupNorm whose channels are reordered "
                     "relative to its group's root cannot keep equal conv groups; not supported."
                 )
-            channel_groups = max(channel_groups, _conv_groups(layer))
+            channel_groups = math.lcm(channel_groups, _conv_groups(layer))
     root, root_fn = group[0].dep.target.module, group[0].dep.handler
     width = len(group[0].idxs)
     kind = "attention" if attention is not None else ("residual" if producers > 1 else "channels")
@@ -150,10 +151,13 @@ def _describe(graph, group, names, attention: Attention | None) -> PrunableGroup
 
 
 def _conv_groups(layer: nn.Module | nn.Parameter) -> int:
-    """The groups of a grouped (not depthwise) convolution, else 1; torch-pruning couples a depthwise conv's
-    input and output channel by channel, but slices a grouped conv's input assuming equal offsets per group."""
+    """The groups of a grouped (not depthwise) convolution or of a GroupNorm, else 1; torch-pruning couples a
+    depthwise conv's input and output channel by channel, but slices a grouped conv's input assuming equal offsets
+    per group, and a GroupNorm keeps its group count (each group must keep the same number of channels)."""
     if isinstance(layer, nn.Conv2d) and 1 < layer.groups < layer.in_channels:
         return layer.groups
+    if isinstance(layer, nn.GroupNorm) and 1 < layer.num_groups < layer.num_channels:
+        return layer.num_groups
     return 1
 
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .budget import ClassRanking, Plan
 from .counting import CostModel
+from .errors import ConfigurationError
 from .isomorphic import IsomorphicClass, PrunableGroup
 from .latency import describe_machine
 
@@ -805,9 +806,13 @@ def build_latency_model(
         cache_dir=config.latency_cache_dir,
     )
     device = settings.torch_device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"latency_device={settings.device!r} but CUDA is not available here; measure on the "
+    available = {
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }.get(device.type, True)
+    if not available:
+        raise ConfigurationError(
+            f"latency_device={settings.device!r} but that device is not available here; measure on the "
             "device you deploy to, or use latency_device='cpu'."
         )
     latency = LatencyModel.from_model(

@@ -21,8 +21,8 @@ from .calibration import calibration_batches, check_batch
 from .configuration import IsomorphicPruningConfig
 from .counting import CostModel, count_params
 from .distributed import all_reduce_gradients, check_same_model_on_all_ranks, shard
-from .errors import BudgetError, CalibrationDataError
-from .guards import check_finite_parameters, keeps_global_rng
+from .errors import BudgetError, CalibrationDataError, ConfigurationError, ModelStateError, UnsupportedModelError
+from .guards import check_finite_parameters, image_size_error, keeps_global_rng, with_autograd
 from .importance import accumulate_gradients, channel_scores
 from .isomorphic import IsomorphicClass, PrunableGroup, build_classes, collect_groups
 from .latency_model import LatencyModel, Timer, build_latency_model
@@ -48,7 +48,7 @@ def load_model(name_or_path: str | os.PathLike, random_weights: bool = False, **
         return load_pruned_model(name, **kwargs)
     if random_weights:
         if not name.startswith("timm/"):
-            raise ValueError(f"random_weights works with timm/<name> models only, not {name!r}.")
+            raise ConfigurationError(f"random_weights works with timm/<name> models only, not {name!r}.")
         import timm
 
         return timm.create_model(name[len("timm/") :].split(".")[0], pretrained=False, **kwargs)
@@ -88,6 +88,12 @@ class IsomorphicPruner:
     """
 
     def __init__(self, model: nn.Module, base_model_name_or_path: str | None = None):
+        if isinstance(model, (str, os.PathLike)):
+            raise UnsupportedModelError(
+                f"IsomorphicPruner takes a loaded model, got the name {str(model)!r}; load it with "
+                f"IsomorphicPruner.from_pretrained({str(model)!r})."
+            )
+        model = _uncompiled(model)
         self.adapter: ModelAdapter = get_adapter(model)
         self.model = model
         self.base_model_name_or_path = base_model_name_or_path or self.adapter.base_model_name()
@@ -111,6 +117,7 @@ class IsomorphicPruner:
         return self._report
 
     @keeps_global_rng  # the seed below must not reset the caller's random numbers
+    @with_autograd  # a caller under torch.no_grad() still gets its model traced and ranked
     def prune(
         self, config: IsomorphicPruningConfig | None = None, calibration_dataset: Any = None, **config_kwargs: Any
     ) -> nn.Module:
@@ -119,13 +126,15 @@ class IsomorphicPruner:
         Pass an `IsomorphicPruningConfig`, or its fields as keyword arguments (`prune(target_macs=1.2e9)`).
         """
         if config is not None and config_kwargs:
-            raise TypeError(f"Pass either a config or its fields, not both (got config and {sorted(config_kwargs)}).")
+            raise ConfigurationError(
+                f"Pass either a config or its fields, not both (got config and {sorted(config_kwargs)})."
+            )
         if config is not None and not isinstance(config, IsomorphicPruningConfig):
-            raise TypeError(
+            raise ConfigurationError(
                 f"prune() takes an IsomorphicPruningConfig or its fields as keywords, got {config!r:.60}; "
                 "e.g. pruner.prune(pruning_ratio=0.5)."
             )
-        config = config or IsomorphicPruningConfig(**config_kwargs)
+        config = config or IsomorphicPruningConfig.from_dict(config_kwargs)  # a misspelt field is named
         self._check_model()
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -155,6 +164,12 @@ class IsomorphicPruner:
                 )
                 logger.info("Taylor importance from %d calibration batches.", count)
             scores = channel_scores(groups, criterion, config.seed)
+            if criterion == "taylor" and not any(bool(s.any()) for s in scores.values()):
+                logger.warning(
+                    "Taylor importance is zero for every channel: the calibration loss has no gradient (a "
+                    "single-output head's cross-entropy is always 0). Ranking by magnitude instead."
+                )
+                scores = channel_scores(groups, "magnitude", config.seed)
             model.zero_grad(set_to_none=True)
 
         rankings = [ClassRanking.build(c, scores, config.round_to, config.min_heads) for c in classes]
@@ -354,15 +369,15 @@ class IsomorphicPruner:
     def _check_model(self) -> None:
         params = list(self.model.parameters())
         if not params:
-            raise ValueError("The model has no parameters to prune.")
+            raise ModelStateError("The model has no parameters to prune.")
         if any(p.is_meta for p in params):
-            raise ValueError(
+            raise ModelStateError(
                 "The model is on the meta device (weights not loaded); load real weights first, "
                 "e.g. from_pretrained(..., device_map=None)."
             )
         dtypes = {p.dtype for p in params}
         if dtypes != {torch.float32}:
-            raise ValueError(
+            raise ModelStateError(
                 f"The model has parameters of dtype {sorted(map(str, dtypes))}; prune in float32 "
                 "(model.float()) and cast the pruned model afterwards."
             )
@@ -402,9 +417,14 @@ class IsomorphicPruner:
             # Bare parameters (cls token, position embeddings, layer scales) are pruned on their last
             # dimension, the channel one in every supported family; the support-matrix tests check it.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
-                model, example, forward_fn=adapter.forward, verbose=False, **adapter.graph_options(model)
-            )
+            try:
+                graph = tp.DependencyGraph().build_dependency(  # its one traced forward pass also feeds `cost`
+                    model, example, forward_fn=adapter.forward, verbose=False, **adapter.graph_options(model)
+                )
+            except Exception as error:
+                if image_size == adapter.image_size():
+                    raise
+                raise image_size_error(image_size, adapter.image_size(), error) from error
             adapter.adjust_graph(graph, model)
         adapter.restore(model, self.model)  # the graph is traced: calibration may use fused attention again
         groups = collect_groups(graph, model, attentions, self._ignored(model, config))
@@ -447,7 +467,9 @@ class IsomorphicPruner:
         for wanted in config.ignored_modules:
             matches = [m for n, m in names.items() if n == wanted or n.endswith("." + wanted)]
             if not matches:
-                raise ValueError(f"ignored_modules entry {wanted!r} matches no module of {type(model).__name__}.")
+                raise ConfigurationError(
+                    f"ignored_modules entry {wanted!r} matches no module of {type(model).__name__}."
+                )
             ignored += [sub for m in matches for sub in m.modules()]
         return ignored
 
@@ -492,6 +514,18 @@ class IsomorphicPruner:
         if config.budget_policy == "allocate":
             ratios_at = Allocation(budget, metric, pinned).ratios_at
         return solve(budget, metric, target, ratios_at, name, pinned=frozenset(pinned)), None
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The eager module under `torch.compile` (same parameters): the pruner traces and copies that one, and the pruned
+    copy comes back uncompiled (compile it again)."""
+    original = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        logger.info(
+            "Pruning the module under torch.compile (%s); compile the pruned model again.", type(original).__name__
+        )
+        return original
+    return model
 
 
 @contextmanager

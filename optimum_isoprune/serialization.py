@@ -39,4 +39,8 @@ class JsonFile:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"No {cls.file_name} found at {path!s}.")
         with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file} is not valid JSON ({error}); save it again or restore it.") from error
+        return cls.from_dict(data)

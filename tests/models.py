@@ -202,6 +202,41 @@ VARIANT_BUILDERS = {
     # LeViT (tests/test_levit.py): whole heads, MLP hidden and patch-embedding channels; stage widths kept
     "levit": lambda: LevitForImageClassification(LevitConfig(num_labels=10, **LEVIT_KWARGS)),
     "levit_teacher": lambda: LevitForImageClassificationWithTeacher(LevitConfig(num_labels=10, **LEVIT_KWARGS)),
+    # q / k norms over the head dim (timm's qk_norm): head dims kept, heads pruned
+    "timm_vit_qk_norm": lambda: timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, qk_norm=True, **TIMM_VIT_KWARGS
+    ),
+    "timm_wrapper_qk_norm": lambda: TimmWrapperForImageClassification(
+        TimmWrapperConfig(
+            architecture="vit_tiny_patch16_224",
+            num_labels=10,
+            model_args={**{k: v for k, v in TIMM_VIT_KWARGS.items() if k != "num_classes"}, "qk_norm": True},
+            pretrained_cfg={"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "num_classes": 10},
+        )
+    ),
+    "timm_eva02_qk_norm": lambda: timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, qk_norm=True, **TIMM_VIT_KWARGS
+    ),
+    # RmsNorm: not an nn.LayerNorm, its normalized_shape follows its pruned weight
+    "timm_vit_rmsnorm": lambda: timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, norm_layer="rmsnorm", **TIMM_VIT_KWARGS
+    ),
+    # timm's DINOv2 giant layout: a packed SwiGLU MLP (one fc1 holding gate and value) and layer scale
+    "timm_vit_swiglu_packed": lambda: timm.create_model(
+        "vit_giant_patch14_dinov2", pretrained=False, **{**TIMM_VIT_KWARGS, "mlp_ratio": 4.0}
+    ),
+    # GroupNorm: every norm group keeps the same number of channels, as a grouped conv's groups do
+    "timm_efficientnet_gn": lambda: _timm_cnn("efficientnet_b0_gn", 64),
+    # efficient channel attention (ecaresnet*): a 1-channel Conv1d along the channel axis
+    "timm_resnet_eca": lambda: timm.create_model(
+        "resnet18",
+        pretrained=False,
+        num_classes=10,
+        block_args=dict(attn_layer="eca"),
+        pretrained_cfg_overlay=dict(input_size=(3, IMAGE_SIZE, IMAGE_SIZE)),
+    ),
+    # anti-aliased downsampling (BlurPool2d): one fixed filter per channel, a buffer torch-pruning never slices
+    "timm_resnet_blur": lambda: _timm_cnn("resnetblur18", IMAGE_SIZE),
     "regnet_x": lambda: RegNetForImageClassification(  # RegNet's X layers: no squeeze-and-excitation
         RegNetConfig(
             embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], groups_width=8, layer_type="x", num_labels=10

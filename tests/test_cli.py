@@ -369,6 +369,26 @@ def test_errors_are_one_line_without_traceback(argv, code, words, capsys, tmp_pa
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        (["--prune-ratio", "0.5", "--seed", str(2**70)], "invalid option value: seed"),  # crashed in torch before
+        (["--prune-ratio", "0.5", "--seed", "-5"], "invalid option value: seed"),  # crashed in datasets' shuffle
+        (["--prune-ratio", "0.5", "--reconstruction-damping", "nan"], "invalid option value: reconstruction_damping"),
+        (["--prune-ratio", "0.5", "--ignore", "no_such_layer"], "'no_such_layer' matches no module"),
+        (["--prune-ratio", "0.5", "--image-size", "64"], "does not run on 64 px images"),
+        (
+            ["--target-macs", "50%", "--image-size", "64"],
+            "does not run on 64 px images",
+        ),  # the model's own error before
+    ],
+)
+def test_a_bad_config_option_is_a_one_line_usage_error(option, words, vit_dir, tmp_path, capsys):
+    assert main(["prune", vit_dir, "--output", str(tmp_path / "o"), "--importance", "magnitude", *option]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("optimum-isoprune")]
+    assert len(err) == 1 and words in err[0], err
+
+
 def test_debug_shows_the_traceback(capsys):
     assert main(["--debug", "push", "/no/such/folder", "me/x"]) == 1
     assert "Traceback" in capsys.readouterr().err

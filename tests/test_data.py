@@ -13,6 +13,7 @@ from optimum_isoprune.data import (
     add_index_column,
     collate_fn,
     dataset_transform,
+    ensure_prepared,
     load_fashion_mnist,
     load_image_dataset,
     prepare_dataset,
@@ -133,3 +134,43 @@ def test_imagefolder_directory_loads_offline(tmp_path):
     assert prepared[0]["pixel_values"].shape == (1, 28, 28)
     with pytest.raises(ValueError, match="label_column"):
         load_image_dataset(tmp_path, split="train", label_column="fine_label")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("image_column, label_column", [("image", "labels"), ("img", "label"), ("img", "fine_label")])
+def test_raw_images_under_hub_column_names_are_prepared(image_column, label_column, streaming):
+    # CIFAR-10 names its columns img / label, CIFAR-100 img / fine_label: they were refused ("no 'pixel_values'"),
+    # and so was every streamed (IterableDataset) image dataset
+    from datasets import Dataset, Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model = ViTForImageClassification(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
+                  patch_size=8, num_labels=4)
+    )  # fmt: skip
+    images = [PILImage.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)) for i in range(4)]
+    rows = Dataset.from_dict({image_column: images, label_column: [3, 2, 1, 0]}).cast_column(image_column, Image())
+    prepared = ensure_prepared(rows.to_iterable_dataset() if streaming else rows, model)
+    got = list(prepared)
+    assert [int(row["labels"]) for row in got] == [3, 2, 1, 0]
+    assert all(tuple(torch.as_tensor(row["pixel_values"]).shape) == (3, 16, 16) for row in got)
+    with_pixels = Dataset.from_dict({"pixel_values": np.zeros((2, 3, 16, 16), "float32")})
+    assert ensure_prepared(with_pixels, model) is with_pixels
+
+
+def test_text_labels_say_how_to_encode_them():
+    # int('cat') failed inside the transform with "invalid literal for int() with base 10"
+    from datasets import Dataset, Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from optimum_isoprune import DataError
+
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                                                patch_size=8, intermediate_size=64, num_labels=2))  # fmt: skip
+    images = [PILImage.new("RGB", (16, 16)) for _ in range(2)]
+    rows = Dataset.from_dict({"image": images, "label": ["cat", "dog"]}).cast_column("image", Image())
+    with pytest.raises(DataError, match=r"class names \(text\).*class_encode_column\('label'\)"):
+        prepare_dataset(rows, model=model)  # said before any work
+    with pytest.raises(DataError, match="class_encode_column"):
+        prepare_dataset(rows)[0]  # without a model: when the row is read
+    assert prepare_dataset(rows.class_encode_column("label"), model=model)[1]["labels"] == 1

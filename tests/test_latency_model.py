@@ -14,7 +14,7 @@ from models import VIT_KWARGS, build
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
 from optimum_isoprune.cli import build_parser
 from optimum_isoprune.counting import count_macs
-from optimum_isoprune.errors import BudgetError
+from optimum_isoprune.errors import BudgetError, ConfigurationError
 from optimum_isoprune.hub import create_model_card
 
 
@@ -152,10 +152,14 @@ def test_bad_latency_config(kwargs, match):
         IsomorphicPruningConfig(**kwargs)
 
 
-def test_cuda_target_without_cuda_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency_model.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        prune("vit", FakeTimer(), tmp_path, target_latency=1.0, latency_device="cuda")
+@pytest.mark.parametrize("device, cuda_devices", [("cuda", 0), ("cuda:1", 1), ("mps", 0)])
+def test_a_latency_device_that_is_not_here_is_refused(device, cuda_devices, tmp_path, monkeypatch):
+    # 'mps' failed in torch ("not linked with support for mps devices"), 'cuda:1' on a one-GPU machine likewise
+    monkeypatch.setattr(latency_model.torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(latency_model.torch.cuda, "device_count", lambda: cuda_devices)
+    monkeypatch.setattr(latency_model.torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigurationError, match=f"latency_device='{device}' but that device is not available here"):
+        prune("vit", FakeTimer(), tmp_path, target_latency=1.0, latency_device=device)
 
 
 def test_config_round_trip_keeps_latency_fields():

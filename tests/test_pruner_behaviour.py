@@ -13,8 +13,10 @@ from models import IMAGE_SIZE, build, logits
 from optimum_isoprune import (
     BudgetError,
     CalibrationDataError,
+    ConfigurationError,
     IsomorphicPruner,
     IsomorphicPruningConfig,
+    ModelStateError,
     UnsupportedModelError,
     count_macs,
 )
@@ -112,6 +114,23 @@ def test_taylor_without_data_falls_back_to_magnitude(caplog):
 # -- bad input: a clear error, and the original model is never modified ----------------------------
 
 
+def test_taylor_without_any_gradient_ranks_by_magnitude(caplog):
+    # a single-output head: cross-entropy is always 0, every Taylor score was 0 and the ranking arbitrary
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from models import VIT_KWARGS
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**dict(VIT_KWARGS, num_labels=1)))
+    config = dict(pruning_ratio=0.5, reconstruction="none", num_calibration_batches=1, calibration_batch_size=4)
+    images = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    taylor = IsomorphicPruner(model).prune(IsomorphicPruningConfig(importance="taylor", **config), images)
+    assert "Taylor importance is zero for every channel" in caplog.text
+    magnitude = IsomorphicPruner(model).prune(IsomorphicPruningConfig(importance="magnitude", **config))
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(logits(taylor, x), logits(magnitude, x))
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -125,7 +144,9 @@ def _state(model):
         (dict(pruning_ratio=0.5), torch.randn(4, 3, 64, 64), CalibrationDataError, "expected"),
         (dict(pruning_ratio=0.5), torch.randn(4, 64, 64), CalibrationDataError, r"\(N, C, H, W\)"),
         (dict(pruning_ratio=0.5), [1, 2, 3], CalibrationDataError, "Unsupported calibration data"),
-        (dict(pruning_ratio=0.5, ignored_modules=["no_such_layer"]), None, ValueError, "no_such_layer"),
+        (dict(pruning_ratio=0.5, ignored_modules=["no_such_layer"]), None, ConfigurationError, "no_such_layer"),
+        # a ViT built for 32 px: the model's own "Input image size (64*64) doesn't match model" came through
+        (dict(pruning_ratio=0.5, image_size=64), None, ConfigurationError, "does not run on 64 px images.*unset"),
     ],
 )
 def test_bad_input_is_rejected_and_the_model_kept(config, data, error, message):
@@ -138,17 +159,47 @@ def test_bad_input_is_rejected_and_the_model_kept(config, data, error, message):
 
 
 def test_half_precision_and_meta_models_are_rejected():
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ModelStateError, match="float32"):
         IsomorphicPruner(build("vit").half()).prune(pruning_ratio=0.5)
     with torch.device("meta"):
         meta = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    with pytest.raises(ValueError, match="meta device"):
+    with pytest.raises(ModelStateError, match="meta device"):
         IsomorphicPruner(meta).prune(pruning_ratio=0.5)
+
+
+def test_a_compiled_model_is_pruned_as_its_eager_module():
+    # torch.compile's OptimizedModule was refused as an unsupported architecture
+    model = build("vit")
+    before = _state(model)
+    config = IsomorphicPruningConfig(pruning_ratio=0.5, importance="magnitude")
+    pruned = IsomorphicPruner(torch.compile(model)).prune(config)
+    expected = IsomorphicPruner(build("vit")).prune(config)
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(logits(pruned, x), logits(expected, x))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_pruning_under_no_grad_works_as_outside(context):
+    # torch-pruning's tracer stopped with "Dependency graph relies on autograd for tracing" (an AssertionError)
+    config = IsomorphicPruningConfig(pruning_ratio=0.5, num_calibration_batches=1, calibration_batch_size=4)
+    expected = IsomorphicPruner(build("vit")).prune(config, _calibration(4))
+    with context():
+        pruned = IsomorphicPruner(build("vit")).prune(config, _calibration(4))
+        assert not torch.is_grad_enabled()
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(logits(pruned, x), logits(expected, x))
 
 
 def test_unsupported_model_names_itself_and_the_supported_list():
     with pytest.raises(UnsupportedModelError, match=r"Sequential.*Supported: transformers: ViT"):
         IsomorphicPruner(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ConfigurationError, match="not both"):  # a TypeError, and now an IsoPruneError too
+        IsomorphicPruner(build("vit")).prune(IsomorphicPruningConfig(pruning_ratio=0.5), pruning_ratio=0.5)
+    with pytest.raises(ConfigurationError, match=r"takes an IsomorphicPruningConfig or its fields.*got 0\.5"):
+        IsomorphicPruner(build("vit")).prune(0.5)
+    with pytest.raises(UnsupportedModelError, match=r"got the name 'org/vit'.*IsomorphicPruner.from_pretrained"):
+        IsomorphicPruner("org/vit")  # was "Expected a torch.nn.Module, got str."
 
 
 def test_ignored_modules_keep_their_width():
@@ -165,6 +216,8 @@ def test_from_pretrained_loads_a_local_directory(tmp_path):
     assert pruner.base_model_name_or_path == str(tmp_path)
     pruner.prune(IsomorphicPruningConfig(pruning_ratio=0.25, importance="magnitude"))
     assert pruner.report.base_model == str(tmp_path)
+    with pytest.raises(ConfigurationError, match="random_weights works with timm/<name> models only"):
+        IsomorphicPruner.from_pretrained(tmp_path, random_weights=True)
 
 
 # The paper's Table 2 shapes (random weights, magnitude importance; MACs counted with attention).

@@ -43,6 +43,9 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         raise TypeError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
     for adapter_cls in ADAPTERS:
         if adapter_cls.supports(model):
+            gap = adapter_cls.variant_gap(model)
+            if gap is not None:
+                raise UnsupportedModelError(f"{type(model).__name__} {gap}")
             return adapter_cls(model)
     supported = "; ".join(a.describe_supported() for a in ADAPTERS)
     classifier = _classifier_of_backbone(model)

@@ -147,6 +147,15 @@ def detached_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor
     return type(self).forward(self, *args, **kwargs).detach()
 
 
+def sync_norm_shapes(model: nn.Module) -> None:
+    """Set `normalized_shape` from the weight of norms that torch-pruning slices as bare parameters (timm's RmsNorm,
+    SimpleNorm: not `nn.LayerNorm` subclasses), so they normalise over their pruned width."""
+    for module in model.modules():
+        shape, weight = getattr(module, "normalized_shape", None), getattr(module, "weight", None)
+        if isinstance(shape, tuple) and isinstance(weight, torch.Tensor) and weight.dim() == len(shape):
+            module.normalized_shape = tuple(weight.shape)
+
+
 def find_attentions(model: nn.Module, layouts: tuple[AttentionLayout, ...]) -> list[Attention]:
     """Find attention modules by role: a module that has all projections of a layout and its metadata."""
     found = []
@@ -229,6 +238,18 @@ class ModelAdapter(ModelIO):
     @classmethod
     def describe_supported(cls) -> str:
         raise NotImplementedError
+
+    @classmethod
+    def variant_gap(cls, model: nn.Module) -> str | None:
+        """Why a model this adapter `supports` is refused all the same (a configuration the pruner does not handle),
+        and what to do instead; None when nothing is missing."""
+        size, _ = ModelIO(model).input_spec()
+        if isinstance(size, tuple):
+            return (
+                f"takes {size[0]}x{size[1]} images; the pruner traces, calibrates and counts MACs on square images "
+                f"only. Build or configure the model with a square image size (e.g. {size[0]}) to prune it."
+            )
+        return None
 
     @property
     def architecture(self) -> str:

@@ -18,18 +18,16 @@ embeddings are bare parameters of the residual width that torch-pruning prunes w
   the residual width are pruned. The copy is traced without rope (it adds no coupling once head dims stay whole);
 - EVA-02's SwiGLU MLP: split `fc1_g` / `fc1_x` (with `norm` between, eva02_base / large) needs no code, the gate and
   value product couples each gate channel to its value channel in torch-pruning's graph; timm's packed `GluMlp`
-  (eva02_tiny / small: one fc1, chunked) runs as its two halves in the copy until `finalize`, for the same coupling.
+  (eva02_tiny / small: one fc1, chunked) runs as its two halves in the copy until `finalize` (`timm_glu.py`, as every
+  timm model's), for the same coupling.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 from typing import Any
 
-import torch
-from timm.layers import GluMlp
 from timm.models import eva
 from torch import nn
 
@@ -42,58 +40,6 @@ TIMM_BEIT_NO_TABLE = dataclasses.replace(TIMM_BEIT_ATTENTION, head_params=())
 # EVA keeps head_dim; its q / k / v are fused (eva02_*) or separate projections.
 TIMM_EVA_ATTENTION = dataclasses.replace(TIMM_ATTENTION, inner_dim_attr=None)
 TIMM_EVA_SPLIT_ATTENTION = dataclasses.replace(TIMM_EVA_ATTENTION, projections=("q_proj", "k_proj", "v_proj"))
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
-    """A Linear holding copies of `weight` and `bias` (never initialised: built on the meta device)."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
-    return layer
-
-
-def _replace_children(module: nn.Module, old: tuple[str, ...], new: dict[str, nn.Module]) -> None:
-    """Replace the children named `old` by `new`, where the first of them was (module order is kept)."""
-    children: dict[str, nn.Module | None] = {}
-    for name, child in module._modules.items():
-        if name == old[0]:
-            children.update(new)
-        elif name not in old:
-            children[name] = child
-    module._modules = children
-
-
-def _split_packed_glu(mlp: GluMlp) -> None:
-    """Carry a packed SwiGLU's fc1 as its two halves (`fc1_first`, `fc1_second`: the same rows) and run them as two
-    layers, as timm's SwiGLU does: their product then couples each gate channel to its value channel in
-    torch-pruning's graph (it cannot map the packed halves: a split downstream of the cls token is left unmapped)."""
-    fc1, grad = mlp.fc1, mlp.fc1.weight.requires_grad
-    bias = fc1.bias.chunk(2) if fc1.bias is not None else (None, None)
-    halves = {name: _linear(w, b, grad) for name, w, b in zip(("fc1_first", "fc1_second"), fc1.weight.chunk(2), bias)}
-    _replace_children(mlp, ("fc1",), halves)
-    mlp.forward = types.MethodType(_glu_by_halves, mlp)
-
-
-def _glu_by_halves(self: GluMlp, x: torch.Tensor) -> torch.Tensor:
-    """`GluMlp.forward` with fc1 run as its two halves (the same values)."""
-    x1, x2 = self.fc1_first(x), self.fc1_second(x)
-    x = x1 * self.act(x2) if self.gate_last else self.act(x1) * x2
-    return self.drop2(self.fc2(self.norm(self.drop1(x))))
-
-
-def _pack_glu(mlp: GluMlp) -> None:
-    """Undo `_split_packed_glu` on the pruned halves (both lost the same channels)."""
-    first, second = mlp.fc1_first, mlp.fc1_second
-    bias = torch.cat((first.bias, second.bias)) if first.bias is not None else None
-    fc1 = _linear(torch.cat((first.weight, second.weight)), bias, first.weight.requires_grad)
-    _replace_children(mlp, ("fc1_first", "fc1_second"), {"fc1": fc1})
-    mlp.__dict__.pop("forward")
-
-
-def _packed_glus(model: nn.Module) -> list[GluMlp]:
-    """timm's packed SwiGLU MLPs (one fc1 holding both halves)."""
-    return [m for m in model.modules() if isinstance(m, GluMlp)]
 
 
 class BeitTimmAdapter(TimmPrunedFormsAdapter):
@@ -139,17 +85,9 @@ class EvaTimmAdapter(TimmPrunedFormsAdapter):
 
     def make_traceable(self, model: nn.Module) -> None:
         """Trace without rotary embeddings (rope attentions keep their head dims, so rope adds no coupling, and
-        torch-pruning would read its concat of prefix and rotated tokens as a channel concat); packed SwiGLUs run
-        as their two halves until `finalize`."""
+        torch-pruning would read its concat of prefix and rotated tokens as a channel concat)."""
         super().make_traceable(model)
         model.rope = None
-        for mlp in _packed_glus(model):
-            _split_packed_glu(mlp)
-
-    def finalize(self, model: nn.Module) -> None:
-        super().finalize(model)
-        for mlp in _packed_glus(model):
-            _pack_glu(mlp)
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         super().restore(model, reference)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import AttentionLayout, ModelAdapter
+from .base import Attention, AttentionLayout, ModelAdapter
 from .io import vision_config
 from .timm_models import TIMM_ATTENTION, TimmAdapter
 
@@ -111,6 +113,10 @@ class TimmWrapperAdapter(TransformersAdapter):
     def describe_supported(cls) -> str:
         return "TimmWrapperForImageClassification around a supported timm model"
 
+    @classmethod
+    def variant_gap(cls, model: nn.Module) -> str | None:
+        return TimmAdapter.variant_gap(model.timm_model) or super().variant_gap(model)
+
     def _timm(self) -> TimmAdapter:
         return TimmAdapter(self.model.timm_model)
 
@@ -123,8 +129,17 @@ class TimmWrapperAdapter(TransformersAdapter):
     def classifiers(self, model: nn.Module) -> list[nn.Module]:
         return self._timm().classifiers(model.timm_model)
 
+    def attentions(self, model: nn.Module) -> list[Attention]:
+        return self._timm().attentions(model)
+
+    def graph_options(self, model: nn.Module) -> dict[str, Any]:
+        return self._timm().graph_options(model)
+
     def make_traceable(self, model: nn.Module) -> None:
         self._timm().make_traceable(model.timm_model)
 
     def restore(self, model: nn.Module, reference: nn.Module) -> None:
         self._timm().restore(model.timm_model, reference.timm_model)
+
+    def finalize(self, model: nn.Module) -> None:
+        self._timm().finalize(model.timm_model)
