@@ -7,7 +7,6 @@ and reads it back when training resumes, so a resumed run ends with the same ave
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from typing import Any
@@ -16,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
+
+from .adapters import adapter_for
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class EMACallback(TrainerCallback):
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     def _track(self, model: nn.Module) -> None:
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        ema = adapter_for(model).copy_model(model).eval().requires_grad_(False)
         if self.device is not None:
             ema.to(self.device)
         self.ema_model = ema

@@ -18,7 +18,6 @@ shape, batch size, dtype, threads, grid and library versions; any change measure
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import itertools
 import json
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import adapter_for
 from .budget import ClassRanking, Plan
 from .counting import CostModel
 from .errors import ConfigurationError
@@ -570,7 +570,7 @@ def time_model(
     param = next(model.parameters())
     target = model
     if param.device != settings.torch_device or param.dtype != settings.torch_dtype:
-        target = copy.deepcopy(model).to(device=settings.torch_device, dtype=settings.torch_dtype)
+        target = adapter_for(model).copy_model(model).to(device=settings.torch_device, dtype=settings.torch_dtype)
     was_training = target.training
     target.eval()
     x = torch.randn(settings.batch_size, *input_shape, generator=torch.Generator().manual_seed(0))

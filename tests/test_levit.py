@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from transformers import TrainerState
 
 from models import build, inputs, logits
 from optimum_isoprune import IsomorphicPruner, IsomorphicPruningConfig
@@ -127,6 +128,24 @@ def test_model_with_filled_bias_caches_is_pruned_and_left_as_it_is():
     assert torch.equal(logits(pruned, x), expected)
     for name, attention in _attentions(model).items():
         assert attention.attention_bias_cache.keys() == caches[name].keys()
+
+
+def test_ema_average_of_a_pruned_levit_with_filled_bias_caches():
+    """The EMA callback copies the student through its adapter: a pruned LeViT that ran an eval forward with autograd
+    on (filled caches, which `copy.deepcopy` refuses) still gets its average."""
+    from optimum_isoprune.ema import EMACallback
+
+    model = build("levit")
+    x = inputs(IsomorphicPruner(model))
+    pruned = IsomorphicPruner(model).prune(IsomorphicPruningConfig(pruning_ratio=0.3, importance="magnitude"))
+    logits(pruned.eval(), x)  # fills the caches
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(pruned)
+    callback = EMACallback(decay=0.9)
+    callback.on_train_begin(None, TrainerState(), None, model=pruned)
+    averaged, live = callback.ema_model.state_dict(), pruned.state_dict()
+    assert averaged.keys() == live.keys() and all(torch.equal(averaged[k], live[k]) for k in live)
+    assert logits(callback.ema_model, x).shape == (len(x), 10)
 
 
 def test_mlp_hidden_channels_are_pruned_and_stage_widths_kept():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -298,10 +297,6 @@ class ModelAdapter(ModelIO):
     def adjust_graph(self, graph: Any, model: nn.Module) -> None:
         """Correct torch-pruning's traced `DependencyGraph` where one of its heuristics is wrong for this
         architecture (called once, right after tracing)."""
-
-    def copy_model(self, model: nn.Module) -> nn.Module:
-        """The copy that is pruned (the user's model is never modified)."""
-        return copy.deepcopy(model)
 
     def make_traceable(self, model: nn.Module) -> None:
         """Switch the copy being pruned to code paths whose every matmul autograd can see."""

@@ -7,6 +7,7 @@ model's adapter, or a plain `ModelIO` for a classifier the pruner does not know 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -37,6 +38,11 @@ class ModelIO:
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def copy_model(self, model: nn.Module) -> nn.Module:
+        """A deep copy of `model` (the copy that is pruned, an EMA's average, a copy timed elsewhere); `model` is left
+        as it is. Adapters override it where a model holds what `copy.deepcopy` refuses (LeViT's bias caches)."""
+        return copy.deepcopy(model)
 
     def call(self, pixel_values: torch.Tensor, model: nn.Module | None = None) -> Any:
         """Run the model (transformers: `pixel_values=` keyword; timm: positional tensor); return its raw output.
