@@ -66,6 +66,7 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
     "timm swinv2_tiny_window8": _timm("swinv2_tiny_window8_256", img_size=SMALL),
     "timm beit_base_patch16": _timm("beit_base_patch16_224", img_size=SMALL),
     "timm eva02_small_patch14": _timm("eva02_small_patch14_224", SMALL_14, img_size=SMALL_14),
+    "timm levit_128s": _timm("levit_128s", img_size=SMALL),
     # transformers
     "DINOv2-S/14": _hf(
         tf.Dinov2ForImageClassification,
@@ -98,6 +99,17 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
         ),
     ),
     "RegNetY-040": _hf(tf.RegNetForImageClassification, lambda: tf.RegNetConfig(num_labels=1000)),
+    "LeViT-128S": _hf(
+        tf.LevitForImageClassification,
+        lambda: tf.LevitConfig(
+            image_size=SMALL,
+            hidden_sizes=[128, 256, 384],
+            num_attention_heads=[4, 6, 8],
+            depths=[2, 3, 4],
+            key_dim=[16, 16, 16],
+            num_labels=1000,
+        ),
+    ),
     "Swin V2-T": _hf(
         tf.Swinv2ForImageClassification, lambda: tf.Swinv2Config(image_size=SMALL, window_size=8, num_labels=1000)
     ),
