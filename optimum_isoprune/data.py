@@ -349,23 +349,33 @@ def _short(names: Sequence[str] | None, limit: int = 12) -> str:
 
 def ensure_prepared(dataset: Any, model: torch.nn.Module, train: bool = False) -> Any:
     """`dataset` itself when it already gives `pixel_values`, else `prepare_dataset(dataset, train, model=model)` on
-    its one Image column (`image`, `img`, ...) and its label column (`LABEL_COLUMNS`)."""
+    its one Image column (`image`, `img`, ...; decoded first if it was cast with `decode=False`) and its label column
+    (`LABEL_COLUMNS`)."""
     columns = raw_image_columns(dataset)
     if columns is None:
         return dataset
     image_column, label_column = columns
+    if not dataset.features[image_column].decode:
+        dataset = dataset.cast_column(image_column, Image(decode=True))
     return prepare_dataset(dataset, train=train, model=model, image_column=image_column, label_column=label_column)
 
 
 def raw_image_columns(dataset: Any) -> tuple[str, str] | None:
-    """(image column, label column) of a `Dataset` / `IterableDataset` of decoded images with no `pixel_values` and
-    no transform yet, else None. The image column is its one `Image` feature (not arrays of another layout)."""
+    """(image column, label column) of a `Dataset` / `IterableDataset` of images with no `pixel_values` and no
+    transform yet, else None. The image column is its one `Image` feature (not arrays of another layout); several
+    are refused, naming them."""
     features = getattr(dataset, "features", None)
     if not isinstance(dataset, (Dataset, IterableDataset)) or not features or dataset_transform(dataset) is not None:
         return None
     images = [name for name, feature in features.items() if isinstance(feature, Image)]
-    if len(images) != 1 or "pixel_values" in features:
+    if not images or "pixel_values" in features:
         return None
+    if len(images) > 1:
+        raise DataError(
+            f"The dataset has {len(images)} image columns {images}; keep the one the model classifies, e.g. "
+            f"dataset.remove_columns({images[1:]!r}), or map it to 'pixel_values' with prepare_dataset(dataset, "
+            f"model=model, image_column={images[0]!r})."
+        )
     return images[0], next((name for name in LABEL_COLUMNS if name in features), LABEL_COLUMNS[0])
 
 

@@ -158,6 +158,29 @@ def test_raw_images_under_hub_column_names_are_prepared(image_column, label_colu
     assert ensure_prepared(with_pixels, model) is with_pixels
 
 
+def test_undecoded_images_are_decoded_and_several_image_columns_are_refused():
+    # Image(decode=False) rows reached the transform as {"bytes", "path"} dicts; two Image columns fell through to
+    # "no 'pixel_values'"
+    from datasets import Dataset, Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from optimum_isoprune.errors import DataError
+
+    model = ViTForImageClassification(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
+                  patch_size=8, num_labels=4)
+    )  # fmt: skip
+    images = [PILImage.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)) for i in range(2)]
+    rows = Dataset.from_dict({"image": images, "label": [1, 0]}).cast_column("image", Image())
+    decoded = [row["pixel_values"] for row in ensure_prepared(rows, model)]
+    undecoded = ensure_prepared(rows.cast_column("image", Image(decode=False)), model)
+    assert all(torch.equal(torch.as_tensor(row["pixel_values"]), d) for row, d in zip(undecoded, decoded))
+    two = Dataset.from_dict({"image": images, "mask": images, "label": [1, 0]})
+    two = two.cast_column("image", Image()).cast_column("mask", Image())
+    with pytest.raises(DataError, match=r"2 image columns \['image', 'mask'\]"):
+        ensure_prepared(two, model)
+
+
 def test_text_labels_say_how_to_encode_them():
     # int('cat') failed inside the transform with "invalid literal for int() with base 10"
     from datasets import Dataset, Image
