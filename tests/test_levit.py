@@ -116,6 +116,19 @@ def test_removed_heads_are_the_heads_whose_output_is_zeroed(heads_only):
         torch.testing.assert_close(logits(pruned, pruner_input), logits(masked, pruner_input), rtol=1e-5, atol=1e-5)
 
 
+def test_checkpoint_summary_lists_every_attentions_heads(heads_only, tmp_path):
+    """config.json's readable summary names the heads of every attention, the subsampling ones included."""
+    import json
+
+    from optimum_isoprune import save_pruned_model
+
+    _, pruned = heads_only
+    save_pruned_model(pruned, tmp_path)
+    summary = json.loads((tmp_path / "config.json").read_text())
+    heads = [int(getattr(m, _parts(m)[-1])) for m in _attentions(pruned).values()]
+    assert summary["layer_num_heads"] == heads and len(heads) == 5
+
+
 def test_model_with_filled_bias_caches_is_pruned_and_left_as_it_is():
     """An eval forward with autograd on caches gathered biases that `copy.deepcopy` refuses; the pruner copies the
     model without them and leaves the user's caches alone."""

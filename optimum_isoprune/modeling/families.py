@@ -173,10 +173,14 @@ def _levit_widths(model: nn.Module) -> dict[str, Any]:
 
 
 def timm_widths(model: nn.Module) -> dict[str, Any]:
-    """Heads per timm attention block and hidden width per timm MLP, in module order."""
+    """Heads per timm attention (LeViT's subsampling ones, with `kv`, included) and hidden width per timm MLP (LeViT's
+    `ln1` / `ln2` MLPs included), in module order."""
+    attentions = [m for m in _modules_with(model, "num_heads") if hasattr(m, "qkv") or hasattr(m, "kv")]
+    hidden = [m.fc1 for m in _modules_with(model, "fc1", "fc2")]
+    hidden += [m.ln1.linear for m in _modules_with(model, "ln1", "ln2") if isinstance(m.ln1, nn.Module)]
     return {
-        "layer_num_heads": [int(m.num_heads) for m in _modules_with(model, "qkv", "num_heads")],
-        "layer_intermediate_sizes": [channels(m.fc1) for m in _modules_with(model, "fc1", "fc2")],
+        "layer_num_heads": [int(m.num_heads) for m in attentions],
+        "layer_intermediate_sizes": [channels(layer) for layer in hidden],
     }
 
 
