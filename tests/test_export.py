@@ -34,6 +34,10 @@ from optimum_isoprune.export import check_onnx_model, failing_op, onnx_session, 
 
 # Rows whose export takes more than ~10 s on two shared cores.
 SLOW_ROWS = {"mobilenet_v2", "hf_swin", "timm_swin", "timm_resnet", "hf_swinv2"}
+# Support-matrix rows beyond BUILDERS whose attention runs in a form of ours or is laid out per head (pruned forms,
+# LeViT): their pruned checkpoints are exported too. Every other matrix row exported within 1.3e-5 of PyTorch when
+# checked by hand (BENCHMARKS part 10 lists the families).
+EXPORTED_FAMILY_ROWS = ["levit", "timm_beit", "timm_eva02", "timm_levit", "timm_swinv2"]
 
 
 def _rows(slow: set[str]) -> list:
@@ -69,7 +73,9 @@ def test_export_matches_pytorch_on_every_row(name, tmp_path):
     assert not model.training
 
 
-@pytest.mark.parametrize("name", _rows(set(BUILDERS) - {"vit", "deit_teacher", "timm_convnext", "resnet"}))
+@pytest.mark.parametrize(
+    "name", _rows(set(BUILDERS) - {"vit", "deit_teacher", "timm_convnext", "resnet"}) + EXPORTED_FAMILY_ROWS
+)
 def test_pruned_checkpoint_folder_exports(name, tmp_path):
     model = build(name)
     pruner = IsomorphicPruner(model)
