@@ -186,12 +186,11 @@ class _Values:
     value_dim: int
     offset: int  # where a head's values start among its rows
     queries: nn.Module | None  # the subsample's queries (Linear + BatchNorm1d), pruned with the heads
+    traced: bool = True  # False after tracing (`restore`): the Linear runs as itself
 
     @property
     def queries_norm(self) -> nn.BatchNorm1d:
         return _norm(self.queries)
-
-    traced: bool = True
 
     @property
     def rows_per_head(self) -> int:
