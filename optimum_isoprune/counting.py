@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Attention
+from .guards import hooks_removed
 
 Removed = Mapping[tuple[int, bool], int]  # (id(layer or parameter), is_out_dim) -> channels removed
 
@@ -72,11 +73,8 @@ class CostModel:
             for m in model.modules()
             if isinstance(m, nn.MultiheadAttention)
         ]
-        try:
+        with hooks_removed(handles):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def _finish(self, model: nn.Module, attentions: list[Attention]) -> None:
         positions = {id(c.module): c.positions for c in self.layers}

@@ -1,13 +1,16 @@
-"""Checks shared by pruning and distillation: finite numbers, usable labels, and the caller's random state left alone."""
+"""Checks shared by pruning and distillation: finite numbers, usable labels, and the caller's random state and model
+hooks left alone."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import ConfigurationError, NonFiniteError
 
@@ -38,6 +41,16 @@ def with_autograd(function: F) -> F:
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def hooks_removed(handles: list[RemovableHandle]) -> Iterator[None]:
+    """Remove the hooks `handles` when the block ends, however it ends (a model is never left hooked)."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def count_non_finite(tensor: torch.Tensor) -> int:
@@ -115,6 +128,7 @@ def check_labels(
 __all__ = [
     "keeps_global_rng",
     "with_autograd",
+    "hooks_removed",
     "require_finite",
     "check_finite_parameters",
     "check_labels",

@@ -39,6 +39,7 @@ from .adapters import adapter_for
 from .budget import ClassRanking, Plan
 from .counting import CostModel
 from .errors import ConfigurationError
+from .guards import hooks_removed
 from .isomorphic import IsomorphicClass, PrunableGroup
 from .latency import describe_machine
 
@@ -626,12 +627,8 @@ class _Builder:
                 calls.append((module, tuple(inputs[0].shape), tuple(output.shape)))
 
         handles = [m.register_forward_hook(hook) for m in leaves]
-        try:
-            with torch.no_grad():
-                forward(model, example)
-        finally:
-            for h in handles:
-                h.remove()
+        with hooks_removed(handles), torch.no_grad():
+            forward(model, example)
         last: tuple[tuple[int, ...], int, tuple[int, bool], int] | None = None  # output shape, channel dim, key, full
         for module, shape_in, shape_out in calls:
             produced = self._leaf(module, shape_in, shape_out, last)

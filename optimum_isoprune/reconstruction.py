@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteError
+from .guards import hooks_removed
 from .layers import channels, mixes_channels
 
 logger = logging.getLogger(__name__)
@@ -238,12 +239,8 @@ def _reached_in_original(
         layer.original.register_forward_hook(lambda module, inputs, output, layer=layer: reached.add(layer))
         for layer in layers
     ]
-    try:
-        with torch.no_grad():
-            forward(original, probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_removed(handles), torch.no_grad():
+        forward(original, probe)
     return reached
 
 
@@ -264,12 +261,8 @@ def _levels(
         return hook
 
     handles = [layer.pruned.register_forward_hook(record(layer)) for layer in layers]
-    try:
-        with torch.no_grad():
-            forward(pruned, probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_removed(handles), torch.no_grad():
+        forward(pruned, probe)
     calls: dict[_Layer, int] = {}
     levels: list[list[_Layer]] = []
     last_input = None
@@ -298,15 +291,11 @@ def _original_outputs(
         return hook
 
     handles = [layer.original.register_forward_hook(keep(layer)) for layer in layers]
-    try:
-        with torch.no_grad():
-            for pixel_values, _ in batches:
-                for layer in layers:
-                    outputs[layer].append([])
-                forward(original, pixel_values)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_removed(handles), torch.no_grad():
+        for pixel_values, _ in batches:
+            for layer in layers:
+                outputs[layer].append([])
+            forward(original, pixel_values)
     return outputs
 
 
@@ -349,24 +338,20 @@ def _accumulate(
 
     handles = [] if outputs else [layer.original.register_forward_hook(keep_output(layer)) for layer in level]
     handles += [layer.pruned.register_forward_pre_hook(add_input(layer)) for layer in level]
-    try:
-        with torch.no_grad():
-            for index, (pixel_values, _) in enumerate(batches):
+    with hooks_removed(handles), torch.no_grad():
+        for index, (pixel_values, _) in enumerate(batches):
+            if outputs:
+                held.update({layer: list(outputs[layer][index]) for layer in level})
+            for model in (pruned,) if outputs else (original, pruned):
+                remaining.update({layer: calls[layer] for layer in level})
+                try:
+                    forward(model, pixel_values)
+                except _Stop:
+                    pass
+            for layer in level:
+                held[layer].clear()
                 if outputs:
-                    held.update({layer: list(outputs[layer][index]) for layer in level})
-                for model in (pruned,) if outputs else (original, pruned):
-                    remaining.update({layer: calls[layer] for layer in level})
-                    try:
-                        forward(model, pixel_values)
-                    except _Stop:
-                        pass
-                for layer in level:
-                    held[layer].clear()
-                    if outputs:
-                        outputs[layer][index] = []  # this level is done with them
-    finally:
-        for handle in handles:
-            handle.remove()
+                    outputs[layer][index] = []  # this level is done with them
     images = sum(len(x) for x, _ in batches)
     for layer in level:
         layer.rows_per_image = max(1, layer.stats.rows // images)

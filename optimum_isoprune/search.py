@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .budget import MAX_RATIO, Budget, ClassRanking, Plan, solve
 from .errors import NonFiniteError
+from .guards import hooks_removed
 from .isomorphic import IsomorphicClass, PrunableGroup
 from .layers import channels, mixes_channels
 from .objectives import divergence, reference
@@ -112,11 +113,8 @@ class ChannelMasks:
                 handles.append(layer.register_forward_hook(_scale_output(mask)))
             else:
                 handles.append(layer.register_forward_pre_hook(_scale_input(mask)))
-        try:
+        with hooks_removed(handles):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def _shape(mask: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
