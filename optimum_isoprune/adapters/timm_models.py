@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..guards import hooks_removed
 from ..modeling.timm_attention import fold_qkv_biases, pruned_forms, split_qkv_biases, use_pruned_forms
 from .base import Attention, AttentionLayout, ModelAdapter, sync_norm_shapes
 from .timm_glu import pack_glu, packed_glus, split_packed_glu
@@ -105,12 +106,10 @@ def _input_widths(model: nn.Module, modules: list[nn.Module], example: torch.Ten
     hooks = [m.register_forward_pre_hook(record) for m in modules]
     training = model.training
     try:
-        with torch.no_grad():
+        with hooks_removed(hooks), torch.no_grad():
             model.eval()(example)
     finally:
         model.train(training)
-        for hook in hooks:
-            hook.remove()
     return [widths[m] for m in modules]
 
 

@@ -97,6 +97,5 @@ class EvaTimmAdapter(TimmPrunedFormsAdapter):
         found = super().attentions(model)
         rope = getattr(self.model, "rope", None) is not None  # the traced copy runs without it (make_traceable)
         for attention in found:
-            qk_norm = not isinstance(attention.module.q_norm, nn.Identity)
-            attention.keep_head_dims = rope or qk_norm
+            attention.keep_head_dims = attention.keep_head_dims or rope  # a q/k norm already keeps them (TimmAdapter)
         return found
